@@ -1,0 +1,62 @@
+"""The latent KV cache of MLA: an explicit pytree passed into and out of the model.
+
+Letters: L layers, B batch, T cache length, R kv_lora_rank, P qk_rope_head_dim.
+
+Per token and layer the cache holds only ``c_kv`` (R values, post-norm) and the shared rope key ``k_rot``
+(P values, post-RoPE): 512 + 64 = 576 values for DeepSeek-V3, i.e. 70,272 bytes per token over 61 layers in BF16,
+against 128 heads x (192 + 128) = 40,960 values per layer for an expanded MHA cache of the same model
+(:func:`cache_bytes_per_token`, :func:`mha_cache_bytes_per_token`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from dsjax.configs import ModelConfig
+
+__all__ = ["LatentCache", "init_cache", "cache_bytes_per_token", "mha_cache_bytes_per_token"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LatentCache:
+    """Attributes:
+      c_kv: ``[L, B, T, R]`` normalised latents.
+      k_rot: ``[L, B, T, P]`` rotated rope keys.
+      segment_ids: ``[B, T]`` int32 document id of each cached token; 0 marks an empty slot or padding.
+    """
+
+    c_kv: jax.Array
+    k_rot: jax.Array
+    segment_ids: jax.Array
+
+    @property
+    def max_length(self) -> int:
+        return self.c_kv.shape[2]
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_length: int, dtype=None) -> LatentCache:
+    """An empty cache for ``cfg.num_hidden_layers`` layers (the MTP modules keep no cache here)."""
+    dtype = jnp.dtype(cfg.dtype if dtype is None else dtype)
+    n = cfg.num_hidden_layers
+    return LatentCache(
+        c_kv=jnp.zeros((n, batch_size, max_length, cfg.kv_lora_rank), dtype),
+        k_rot=jnp.zeros((n, batch_size, max_length, cfg.qk_rope_head_dim), dtype),
+        segment_ids=jnp.zeros((batch_size, max_length), jnp.int32),
+    )
+
+
+def cache_bytes_per_token(cfg: ModelConfig, dtype="bfloat16") -> int:
+    """Bytes of latent cache per token over all layers: ``L * (R + P) * itemsize`` (70,272 for V3 in BF16)."""
+    return cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * jnp.dtype(dtype).itemsize
+
+
+def mha_cache_bytes_per_token(cfg: ModelConfig, dtype="bfloat16", num_kv_heads: int | None = None) -> int:
+    """Bytes per token of an expanded K/V cache for the same model (what HF 4.x cached): keys of ``C+P`` and values
+    of ``V`` per head. ``num_kv_heads`` < heads gives the GQA equivalent."""
+    heads = cfg.num_attention_heads if num_kv_heads is None else num_kv_heads
+    per_layer = heads * (cfg.qk_head_dim + cfg.v_head_dim)
+    return cfg.num_hidden_layers * per_layer * jnp.dtype(dtype).itemsize

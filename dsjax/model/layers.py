@@ -1,0 +1,159 @@
+"""Building blocks: variable types, RMSNorm, linear layers, embeddings and the SwiGLU MLP.
+
+Letters used in shapes: B batch, T tokens, D hidden_size (embed), F intermediate size, V vocabulary,
+I/O the input/output feature groups of a :class:`Linear` (e.g. I = D, O = (N heads, H head dim)).
+
+Every parameter carries ``logical_axes`` metadata (one name per array axis); ``dsjax.sharding`` maps those names
+to mesh axes through a single rules table. Layers never mention mesh axes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsjax.configs import ModelConfig
+
+__all__ = [
+    "RoutingBias",
+    "FP8Scale",
+    "dtype_of",
+    "make_param",
+    "RMSNorm",
+    "Linear",
+    "Embed",
+    "MLP",
+]
+
+
+class RoutingBias(nnx.Variable):
+    """DeepSeek-V3's ``e_score_correction_bias``: a non-trainable float32 state updated outside autodiff.
+
+    It is not an ``nnx.Param``, so ``nnx.split(model, nnx.Param, ...)`` keeps it out of gradients and the
+    optimizer; the training step updates it with the auxiliary-loss-free rule.
+    """
+
+
+class FP8Scale(nnx.Variable):
+    """Block scales (``weight_scale_inv``) of a weight kept in FP8; non-trainable."""
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def make_param(rngs: nnx.Rngs | None, init, shape: Sequence[int], dtype, axes: Sequence[str | None],
+               var_type=nnx.Param) -> nnx.Variable:
+    """Creates a variable with ``logical_axes`` metadata. ``init(key, shape, dtype)`` or a constant for zeros/ones."""
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {axes} do not match shape {shape}")
+    if callable(init):
+        value = init(rngs.params(), tuple(shape), dtype)
+    else:
+        value = jnp.full(tuple(shape), init, dtype)
+    return var_type(value, logical_axes=tuple(axes))
+
+
+def _normal(std: float):
+    return jax.nn.initializers.normal(stddev=std)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in float32 like HF: ``w * cast(x32 * rsqrt(mean(x32^2) + eps), x.dtype)``."""
+
+    def __init__(self, size: int, *, eps: float, param_dtype, axis_name: str = "norm", rngs: nnx.Rngs | None = None):
+        self.eps = eps
+        self.weight = make_param(None, 1.0, (size,), param_dtype, (axis_name,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight.get_value().astype(x.dtype) * y.astype(x.dtype)
+
+
+class Linear(nnx.Module):
+    """A bias-optional linear map ``[..., *I] -> [..., *O]`` with a kernel of shape ``(*I, *O)``.
+
+    ``kernel`` is the transpose of the HF ``weight`` (``[out, in]``), reshaped to the feature groups, e.g. MLA's
+    ``q_b_proj`` has kernel ``(R_q, N, H)``. When the weight is kept in FP8 (``fp8=True``), ``kernel`` holds
+    float8_e4m3fn values and ``scale_inv`` the float32 block scales over the flattened ``(prod I, prod O)``
+    matrix; the kernel is dequantised on the fly (the FP8 GEMM kernels replace that in the FP8 path).
+    """
+
+    def __init__(self, in_features: Sequence[int] | int, out_features: Sequence[int] | int, *,
+                 in_axes: Sequence[str], out_axes: Sequence[str], param_dtype, dtype, rngs: nnx.Rngs,
+                 use_bias: bool = False, init_std: float = 0.02, fp8_block: tuple[int, int] | None = None):
+        self.in_features = (in_features,) if isinstance(in_features, int) else tuple(in_features)
+        self.out_features = (out_features,) if isinstance(out_features, int) else tuple(out_features)
+        self.dtype = dtype
+        self.fp8_block = fp8_block
+        shape = self.in_features + self.out_features
+        axes = tuple(in_axes) + tuple(out_axes)
+        if fp8_block is None:
+            self.kernel = make_param(rngs, _normal(init_std), shape, param_dtype, axes)
+            self.scale_inv = None
+        else:
+            self.kernel = make_param(None, 0.0, shape, jnp.float8_e4m3fn, axes)
+            rows = math.ceil(math.prod(self.in_features) / fp8_block[1])
+            cols = math.ceil(math.prod(self.out_features) / fp8_block[0])
+            self.scale_inv = make_param(None, 1.0, (rows, cols), jnp.float32, (None, None), var_type=FP8Scale)
+        self.bias = make_param(None, 0.0, self.out_features, param_dtype, tuple(out_axes)) if use_bias else None
+
+    def weight(self) -> jax.Array:
+        """The kernel in the compute dtype (dequantised when stored in FP8)."""
+        w = self.kernel.get_value()
+        if self.scale_inv is not None:
+            from pallas_kernels import weight_dequant
+
+            n_in, n_out = math.prod(self.in_features), math.prod(self.out_features)
+            # Block scales are defined on the HF [out, in] matrix; our kernel is its transpose.
+            w2 = weight_dequant(w.reshape(n_in, n_out).T, self.scale_inv.get_value().T, block_size=self.fp8_block,
+                                out_dtype=jnp.float32)
+            w = w2.T.reshape(w.shape)
+        return w.astype(self.dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in = len(self.in_features)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), self.weight(), (contract, ((), ())))
+        if self.bias is not None:
+            y = y + self.bias.get_value().astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding table ``[V, D]``; ``attend`` gives ``x @ table.T`` for tied output heads."""
+
+    def __init__(self, vocab_size: int, features: int, *, param_dtype, dtype, rngs: nnx.Rngs, init_std: float):
+        self.dtype = dtype
+        self.embedding = make_param(rngs, _normal(init_std), (vocab_size, features), param_dtype, ("vocab", "embed"))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding.get_value(), ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum("btd,vd->btv", x.astype(self.dtype), self.embedding.get_value().astype(self.dtype))
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward ``down(silu(gate(x)) * up(x))``: ``[B, T, D] -> [B, T, F] -> [B, T, D]``.
+
+    Used for the dense first layers (F = intermediate_size) and the shared experts
+    (F = moe_intermediate_size * n_shared_experts).
+    """
+
+    def __init__(self, cfg: ModelConfig, intermediate_size: int, *, rngs: nnx.Rngs, mlp_axis: str = "mlp",
+                 fp8_block: tuple[int, int] | None = None):
+        kw = dict(param_dtype=dtype_of(cfg.param_dtype), dtype=dtype_of(cfg.dtype), rngs=rngs,
+                  use_bias=cfg.mlp_bias, init_std=cfg.initializer_range, fp8_block=fp8_block)
+        d, f = cfg.hidden_size, intermediate_size
+        self.gate_proj = Linear(d, f, in_axes=("embed",), out_axes=(mlp_axis,), **kw)
+        self.up_proj = Linear(d, f, in_axes=("embed",), out_axes=(mlp_axis,), **kw)
+        self.down_proj = Linear(f, d, in_axes=(mlp_axis,), out_axes=("embed",), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

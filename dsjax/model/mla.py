@@ -1,0 +1,141 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3) with a naive (training/prefill) and an absorbed (decode) path.
+
+Letters: B batch, S query tokens, T key tokens, D hidden_size, N heads, R_q q_lora_rank, R kv_lora_rank,
+C qk_nope_head_dim, P qk_rope_head_dim, V v_head_dim.
+
+Algorithm (per layer):
+
+1. Query: ``q = q_b_proj(RMSNorm(q_a_proj(x)))`` (q-LoRA, V3/V2) or ``q = q_proj(x)`` (V2-Lite):
+   ``[B,S,D] -> [B,S,N,C+P]``, split into ``q_nope [B,S,N,C]`` and ``q_rot [B,S,N,P]``; RoPE on ``q_rot``.
+2. Latent: ``kv_a_proj_with_mqa(x) -> [B,T,R+P]``; ``c_kv = RMSNorm(first R)`` and ``k_rot = RoPE(last P)``:
+   one rope key per token shared by all heads. ``(c_kv, k_rot)`` -- R + P = 576 values for V3 -- is the only
+   per-token state a cache needs.
+3. Naive path: ``kv_b_proj(c_kv) -> [B,T,N,C+V]`` = ``k_nope | v``; ``K = [k_nope | bcast(k_rot)]``,
+   ``Q = [q_nope | q_rot]``; ``softmax(Q.K * scale + mask)`` in float32; ``O = P.V``; ``o_proj``.
+4. Absorbed path: with ``W_UK = kv_b_proj[:, :, :C]`` ``(R,N,C)`` and ``W_UV = kv_b_proj[:, :, C:]`` ``(R,N,V)``:
+   ``q_lat = q_nope . W_UK`` (``bsnc,rnc->bsnr``), scores ``q_lat . c_kv + q_rot . k_rot``, ``o_lat = P . c_kv``
+   (``bnst,btr->bsnr``), ``O = o_lat . W_UV`` (``bsnr,rnv->bsnv``). Same function, no K/V expansion: per decoded
+   token the cost is linear in R instead of N*(C+V).
+
+The softmax scale is ``cfg.softmax_scale`` (``(C+P)**-0.5`` times the YaRN ``mscale_all_dim`` correction squared).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsjax.configs import ModelConfig
+from dsjax.model.layers import Linear, RMSNorm, dtype_of
+from dsjax.model.rope import apply_rope
+
+__all__ = ["MLA", "MLAImpl"]
+
+MLAImpl = Literal["naive", "absorbed"]
+_MLA_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the RMSNorm default in HF and DeepSeek's code
+
+
+class MLA(nnx.Module):
+    """Multi-head Latent Attention. See the module docstring for the algorithm and shape letters."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, fp8_block: tuple[int, int] | None = None):
+        self.cfg = cfg
+        pd, dt = dtype_of(cfg.param_dtype), dtype_of(cfg.dtype)
+        kw = dict(param_dtype=pd, dtype=dt, rngs=rngs, init_std=cfg.initializer_range, fp8_block=fp8_block)
+        d, n = cfg.hidden_size, cfg.num_attention_heads
+        if cfg.q_lora_rank is None:
+            self.q_proj = Linear(d, (n, cfg.qk_head_dim), in_axes=("embed",), out_axes=("heads", "qk_head"), **kw)
+            self.q_a_proj = self.q_a_layernorm = self.q_b_proj = None
+        else:
+            self.q_proj = None
+            self.q_a_proj = Linear(d, cfg.q_lora_rank, in_axes=("embed",), out_axes=("q_lora",),
+                                   use_bias=cfg.attention_bias, **kw)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=_MLA_NORM_EPS, param_dtype=pd, axis_name="q_lora")
+            self.q_b_proj = Linear(cfg.q_lora_rank, (n, cfg.qk_head_dim), in_axes=("q_lora",),
+                                   out_axes=("heads", "qk_head"), **kw)
+        self.kv_a_proj_with_mqa = Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, in_axes=("embed",),
+                                         out_axes=("kv_lora_rope",), use_bias=cfg.attention_bias, **kw)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, eps=_MLA_NORM_EPS, param_dtype=pd, axis_name="kv_lora")
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, (n, cfg.qk_nope_head_dim + cfg.v_head_dim),
+                                in_axes=("kv_lora",), out_axes=("heads", "kv_head"), **kw)
+        self.o_proj = Linear((n, cfg.v_head_dim), d, in_axes=("heads", "v_head"), out_axes=("embed",),
+                             use_bias=cfg.attention_bias, **kw)
+
+    # ----------------------------------------------------------------- projections
+    def project_q(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``x [B,S,D] -> (q_nope [B,S,N,C], q_rot [B,S,N,P])`` with RoPE applied to ``q_rot``."""
+        if self.q_proj is not None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        c = self.cfg.qk_nope_head_dim
+        return q[..., :c], apply_rope(q[..., c:], cos, sin)
+
+    def project_latent(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``x [B,T,D] -> (c_kv [B,T,R] post-norm, k_rot [B,T,P] post-RoPE)``: the cacheable per-token state."""
+        kv = self.kv_a_proj_with_mqa(x)
+        r = self.cfg.kv_lora_rank
+        return self.kv_a_layernorm(kv[..., :r]), apply_rope(kv[..., r:], cos, sin)
+
+    def _w_uk_uv(self) -> tuple[jax.Array, jax.Array]:
+        w = self.kv_b_proj.weight()  # (R, N, C+V)
+        c = self.cfg.qk_nope_head_dim
+        return w[..., :c], w[..., c:]
+
+    # ----------------------------------------------------------------- attention cores
+    def _softmax(self, scores: jax.Array, mask: jax.Array | None, dtype) -> jax.Array:
+        scores = scores * self.cfg.softmax_scale
+        if mask is not None:
+            scores = jnp.where(mask[:, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        return jax.nn.softmax(scores, axis=-1).astype(dtype)
+
+    def attend_naive(self, q_nope, q_rot, c_kv, k_rot, mask) -> jax.Array:
+        """Expands K/V from the latent: returns ``O [B,S,N,V]``. ``mask [B,S,T]`` bool (True = attend)."""
+        kv = self.kv_b_proj(c_kv)  # [B,T,N,C+V]
+        c = self.cfg.qk_nope_head_dim
+        k_nope, v = kv[..., :c], kv[..., c:]
+        k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rot[:, :, None, :], k_nope.shape[:-1] + k_rot.shape[-1:])],
+                            axis=-1)
+        q = jnp.concatenate([q_nope, q_rot], axis=-1)
+        scores = jnp.einsum("bsnh,btnh->bnst", q, k, preferred_element_type=jnp.float32)
+        p = self._softmax(scores, mask, v.dtype)
+        return jnp.einsum("bnst,btnv->bsnv", p, v)
+
+    def attend_absorbed(self, q_nope, q_rot, c_kv, k_rot, mask) -> jax.Array:
+        """Attends directly over the latent (W_UK folded into q, W_UV after attention): ``O [B,S,N,V]``."""
+        w_uk, w_uv = self._w_uk_uv()
+        q_lat = jnp.einsum("bsnc,rnc->bsnr", q_nope, w_uk)
+        scores = jnp.einsum("bsnr,btr->bnst", q_lat, c_kv, preferred_element_type=jnp.float32)
+        scores = scores + jnp.einsum("bsnp,btp->bnst", q_rot, k_rot, preferred_element_type=jnp.float32)
+        p = self._softmax(scores, mask, c_kv.dtype)
+        o_lat = jnp.einsum("bnst,btr->bsnr", p, c_kv)
+        return jnp.einsum("bsnr,rnv->bsnv", o_lat, w_uv)
+
+    # ----------------------------------------------------------------- layer call
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None, *,
+                 impl: MLAImpl = "naive", cache: tuple[jax.Array, jax.Array] | None = None,
+                 cache_index: jax.Array | int | None = None):
+        """``x [B,S,D] -> (y [B,S,D], latent)``.
+
+        Without ``cache``, attention runs over the ``S`` tokens themselves (``mask [B,S,S]``) and ``latent`` is
+        their ``(c_kv, k_rot)``. With ``cache = (c_kv [B,T,R], k_rot [B,T,P])`` the new latents are written at
+        ``cache_index`` (a scalar token offset), attention runs over all ``T`` cached tokens (``mask [B,S,T]``)
+        and ``latent`` is the updated cache.
+        """
+        q_nope, q_rot = self.project_q(x, cos, sin)
+        c_kv, k_rot = self.project_latent(x, cos, sin)
+        if cache is not None:
+            idx = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
+            c_kv = jax.lax.dynamic_update_slice_in_dim(cache[0], c_kv.astype(cache[0].dtype), idx, axis=1)
+            k_rot = jax.lax.dynamic_update_slice_in_dim(cache[1], k_rot.astype(cache[1].dtype), idx, axis=1)
+        dt = dtype_of(self.cfg.dtype)
+        if impl == "naive":
+            o = self.attend_naive(q_nope, q_rot, c_kv.astype(dt), k_rot.astype(dt), mask)
+        elif impl == "absorbed":
+            o = self.attend_absorbed(q_nope, q_rot, c_kv.astype(dt), k_rot.astype(dt), mask)
+        else:
+            raise ValueError(f"impl={impl!r} is unknown. Fix: use 'naive' or 'absorbed'")
+        return self.o_proj(o), (c_kv, k_rot)

@@ -1,0 +1,203 @@
+"""DeepSeekMoE: shared experts + fine-grained routed experts with V3 or V2 routing, dropless and sparse.
+
+Letters: B batch, S tokens per sequence, T = B*S tokens, D hidden_size, E n_routed_experts, K num_experts_per_tok,
+G n_group, F moe_intermediate_size, M = T*K routed (token, expert) pairs.
+
+Routing (:class:`Router`, all in float32):
+
+* V3 (``scoring_func="sigmoid"``, ``topk_method="noaux_tc"``):
+  1. ``logits = x . W_g`` (``td,de->te``), ``s = sigmoid(logits)``.
+  2. Selection scores ``s_c = s + b`` with ``b`` the routing bias (:class:`~dsjax.model.layers.RoutingBias`),
+     used for selection only.
+  3. Group-limited: group score = sum of the top-2 ``s_c`` in each of G groups; keep ``topk_group`` groups,
+     experts outside them get ``-inf``.
+  4. ``idx = top_k(s_c, K)``; weights from the **unbiased** ``s[idx]``; renormalise
+     (``w / (sum w + 1e-20)``, when ``norm_topk_prob``) and multiply by ``routed_scaling_factor``.
+* V2 (``scoring_func="softmax"``): ``s = softmax(logits)``; ``greedy`` top-k, or ``group_limited_greedy`` with the
+  **max** score per group (masked experts get 0); ``w = s[idx]`` (renormalised only if ``norm_topk_prob``, which
+  every V2 release leaves off), times ``routed_scaling_factor``.
+
+Expert computation (:class:`RoutedExperts`) is dropless: the M pairs are sorted by expert and three grouped
+matmuls (``jax.lax.ragged_dot``, ``md,edf->mf`` per group) run SwiGLU over exactly the tokens each expert got; no
+dense all-experts einsum.
+
+The router also returns what training needs: per-expert token counts (for the auxiliary-loss-free bias update)
+and the per-layer sequence-wise balance loss term ``sum_i f_i P_i`` averaged over sequences (DeepSeek-V3 eq.
+17-20: ``P_i`` from scores normalised over experts, ``f_i = E / (K S_valid) * #tokens routed to i``), without
+the ``alpha`` factor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsjax.configs import ModelConfig
+from dsjax.model.layers import MLP, FP8Scale, RoutingBias, dtype_of, make_param
+
+__all__ = ["RouterOutput", "Router", "RoutedExperts", "MoE", "route"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RouterOutput:
+    """What one MoE layer's router decided.
+
+    Attributes:
+      weights: ``[T, K]`` float32 combine weights (after renormalisation and routed scaling).
+      indices: ``[T, K]`` int32 chosen experts.
+      scores: ``[T, E]`` float32 affinities (sigmoid or softmax), unbiased.
+    """
+
+    weights: jax.Array
+    indices: jax.Array
+    scores: jax.Array
+
+
+def route(cfg: ModelConfig, logits: jax.Array, bias: jax.Array | None) -> RouterOutput:
+    """Applies the configured routing rule to float32 ``logits [T, E]``. Pure function; see module docstring."""
+    t, e = logits.shape
+    k = cfg.num_experts_per_tok
+    if cfg.scoring_func == "sigmoid":
+        scores = jax.nn.sigmoid(logits)
+    else:
+        scores = jax.nn.softmax(logits, axis=-1)
+    choice = scores + bias[None, :] if bias is not None else scores
+    if cfg.uses_group_routing:
+        g = cfg.n_group
+        grouped = choice.reshape(t, g, e // g)
+        if cfg.topk_method == "noaux_tc":
+            group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)
+            fill = -jnp.inf
+        else:  # group_limited_greedy (V2): max per group, masked experts get 0 as in HF/DeepSeek code
+            group_scores = grouped.max(-1)
+            fill = 0.0
+        _, keep = jax.lax.top_k(group_scores, cfg.topk_group)  # [T, topk_group]
+        group_mask = jnp.zeros((t, g), bool).at[jnp.arange(t)[:, None], keep].set(True)
+        expert_mask = jnp.repeat(group_mask, e // g, axis=1)
+        choice = jnp.where(expert_mask, choice, fill)
+    _, indices = jax.lax.top_k(choice, k)
+    weights = jnp.take_along_axis(scores, indices, axis=-1)
+    if cfg.norm_topk_prob and (cfg.scoring_func == "sigmoid" or k > 1):
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    weights = weights * cfg.routed_scaling_factor
+    return RouterOutput(weights=weights, indices=indices.astype(jnp.int32), scores=scores)
+
+
+class Router(nnx.Module):
+    """Gate ``W_g [D, E]`` (float32, like HF's ``_keep_in_fp32_modules_strict``) and, for V3, the routing bias."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.weight = make_param(rngs, jax.nn.initializers.normal(cfg.initializer_range),
+                                 (cfg.hidden_size, cfg.n_routed_experts), jnp.float32, ("embed", "expert_gate"))
+        if cfg.has_routing_bias:
+            self.e_score_correction_bias = make_param(None, 0.0, (cfg.n_routed_experts,), jnp.float32,
+                                                      ("expert_gate",), var_type=RoutingBias)
+        else:
+            self.e_score_correction_bias = None
+
+    def __call__(self, x: jax.Array) -> RouterOutput:
+        """``x [T, D] -> RouterOutput``."""
+        logits = jnp.einsum("td,de->te", x.astype(jnp.float32), self.weight.get_value().astype(jnp.float32),
+                            precision=jax.lax.Precision.HIGHEST)
+        bias = None if self.e_score_correction_bias is None else self.e_score_correction_bias.get_value()
+        return route(self.cfg, logits, bias)
+
+
+class RoutedExperts(nnx.Module):
+    """E SwiGLU experts stored as ``gate_proj/up_proj [E, D, F]`` and ``down_proj [E, F, D]``.
+
+    With ``fp8_block`` set, weights are float8_e4m3fn with ``*_scale_inv [E, ceil(D/b), ceil(F/b)]``-style block
+    scales (defined on each expert's HF ``[out, in]`` matrix) and are dequantised before the grouped matmuls.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, fp8_block: tuple[int, int] | None = None):
+        self.cfg = cfg
+        self.fp8_block = fp8_block
+        e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        init = jax.nn.initializers.normal(cfg.initializer_range)
+        shapes = {"gate_proj": ((e, d, f), ("expert", "embed", "moe_mlp")),
+                  "up_proj": ((e, d, f), ("expert", "embed", "moe_mlp")),
+                  "down_proj": ((e, f, d), ("expert", "moe_mlp", "embed"))}
+        for name, (shape, axes) in shapes.items():
+            if fp8_block is None:
+                setattr(self, name, make_param(rngs, init, shape, dtype_of(cfg.param_dtype), axes))
+                setattr(self, name + "_scale_inv", None)
+            else:
+                bo, bi = fp8_block
+                setattr(self, name, make_param(None, 0.0, shape, jnp.float8_e4m3fn, axes))
+                sshape = (e, -(-shape[1] // bi), -(-shape[2] // bo))
+                setattr(self, name + "_scale_inv", make_param(None, 1.0, sshape, jnp.float32, ("expert", None, None),
+                                                              var_type=FP8Scale))
+
+    def _w(self, name: str) -> jax.Array:
+        w = getattr(self, name).get_value()
+        s = getattr(self, name + "_scale_inv")
+        if s is not None:
+            bo, bi = self.fp8_block
+            s = s.get_value()
+            full = jnp.repeat(jnp.repeat(s, bi, axis=1), bo, axis=2)[:, :w.shape[1], :w.shape[2]]
+            w = w.astype(jnp.float32) * full
+        return w.astype(dtype_of(self.cfg.dtype))
+
+    def __call__(self, x: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:
+        """``x [T, D]``, ``indices/weights [T, K] -> [T, D]`` (sum over the K chosen experts, weighted)."""
+        t, k = indices.shape
+        e = self.cfg.n_routed_experts
+        dt = dtype_of(self.cfg.dtype)
+        flat = indices.reshape(-1)                               # [M]
+        order = jnp.argsort(flat, stable=True)                   # pairs sorted by expert
+        group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+        xs = jnp.take(x.astype(dt), order // k, axis=0)          # [M, D]
+        h = jax.nn.silu(jax.lax.ragged_dot(xs, self._w("gate_proj"), group_sizes)) * \
+            jax.lax.ragged_dot(xs, self._w("up_proj"), group_sizes)
+        ys = jax.lax.ragged_dot(h, self._w("down_proj"), group_sizes)   # [M, D]
+        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+        y = jnp.take(ys, inverse, axis=0).reshape(t, k, -1)      # back to token order
+        return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights).astype(dt)
+
+
+class MoE(nnx.Module):
+    """DeepSeekMoE block: ``y = sum_k w_k E_{idx_k}(x) + Shared(x)`` for ``x [B, S, D]``."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, fp8_block: tuple[int, int] | None = None):
+        self.cfg = cfg
+        self.gate = Router(cfg, rngs=rngs)
+        self.experts = RoutedExperts(cfg, rngs=rngs, fp8_block=fp8_block)
+        if cfg.n_shared_experts > 0:
+            self.shared_experts = MLP(cfg, cfg.moe_intermediate_size * cfg.n_shared_experts, rngs=rngs,
+                                      mlp_axis="moe_mlp", fp8_block=fp8_block)
+        else:
+            self.shared_experts = None
+
+    def __call__(self, x: jax.Array, valid: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """``x [B,S,D]``, ``valid [B,S]`` bool (False for padding) ``-> (y [B,S,D], stats)``.
+
+        ``stats``: ``counts [E]`` float32 tokens routed to each expert (valid tokens only), ``balance`` scalar
+        sequence-wise balance term ``mean_b sum_i f_{b,i} P_{b,i}`` (multiply by ``aux_loss_alpha``), and
+        ``indices [B,S,K]`` the chosen experts.
+        """
+        b, s, d = x.shape
+        e, k = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
+        flat_x = x.reshape(b * s, d)
+        r = self.gate(flat_x)
+        y = self.experts(flat_x, r.indices, r.weights).reshape(b, s, d)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+
+        valid = jnp.ones((b, s), bool) if valid is None else valid
+        vf = valid.astype(jnp.float32)
+        idx = r.indices.reshape(b, s, k)
+        per_seq = jnp.zeros((b, e), jnp.float32).at[jnp.arange(b)[:, None, None], idx].add(
+            jnp.broadcast_to(vf[:, :, None], idx.shape))                                   # [B,E] tokens per expert
+        counts = per_seq.sum(0)
+        n_valid = jnp.maximum(vf.sum(1, keepdims=True), 1.0)                               # [B,1]
+        f = jax.lax.stop_gradient(per_seq * (e / (k * n_valid)))
+        s_norm = r.scores / (r.scores.sum(-1, keepdims=True) + 1e-20)
+        p = jnp.einsum("bse,bs->be", s_norm.reshape(b, s, e), vf) / n_valid
+        balance = jnp.mean(jnp.sum(f * p, axis=-1))
+        return y, {"counts": counts, "balance": balance, "indices": r.indices.reshape(b, s, k)}

@@ -1,0 +1,315 @@
+"""The DeepSeek-V2/V3 decoder: embeddings, MLA + (dense | MoE) blocks, final norm, head and MTP modules.
+
+Letters: B batch, T tokens, D hidden_size, V vocabulary, L layers, K experts per token, E routed experts,
+Dm num_nextn_predict_layers (MTP depth).
+
+``Transformer(cfg, rngs=...)(input_ids [B,T])`` returns a :class:`ModelOutput`. Layers are either a Python list
+(``scan_layers=False``) or two stacked groups (dense first-k, then MoE) run with ``jax.lax.scan`` so compile time
+stays flat with depth; ``remat_policy`` wraps each layer in ``jax.checkpoint``.
+
+Multi-token prediction (DeepSeek-V3 section 2.2, released layer ``num_hidden_layers``): depth k combines the
+previous depth's hidden state ``h^{k-1}_i`` (depth 0: the main model's final-normed output, as HF and vLLM feed it)
+with the embedding of token ``t_{i+k}``:
+``h' = eh_proj([RMSNorm_e(Emb(t_{i+k})) | RMSNorm_h(h^{k-1}_i)])`` (**embedding first**, as the weights were
+released), ``h^k = RMSNorm_head(DecoderLayer_k(h'))``, ``logits_k = lm_head(h^k)`` predicting ``t_{i+k+1}``.
+Positions beyond the sequence end read token 0; their targets do not exist and the loss must mask them (the
+training code also masks targets that cross packed-document boundaries). MTP runs only when asked for, so the
+main forward costs nothing extra.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from dsjax.configs import ModelConfig
+from dsjax.model.cache import LatentCache
+from dsjax.model.layers import MLP, Embed, Linear, RMSNorm, dtype_of
+from dsjax.model.mla import MLA, MLAImpl
+from dsjax.model.moe import MoE
+from dsjax.model.rope import rope_cos_sin
+
+__all__ = ["DecoderLayer", "MTPModule", "Transformer", "ModelOutput", "make_attention_mask"]
+
+_REMAT = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out", "mlp_out"),
+}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ModelOutput:
+    """Result of :meth:`Transformer.__call__`.
+
+    Attributes:
+      logits: ``[B, T, V]`` in the compute dtype (None when ``compute_logits=False``).
+      hidden: ``[B, T, D]`` final-normed hidden states (when ``return_hidden``).
+      mtp_logits: tuple of Dm ``[B, T, V]``; entry k-1 predicts token ``t+k+1`` (when ``return_mtp``).
+      mtp_hidden: tuple of Dm ``[B, T, D]`` normed MTP hidden states (when ``return_mtp`` and ``return_hidden``).
+      moe: routing statistics of the main model's MoE layers: ``counts [L_moe, E]`` float32 tokens per expert,
+        ``balance [L_moe]`` sequence-wise balance terms (without alpha), ``indices [L_moe, B, T, K]``.
+      mtp_moe: the same for the MTP modules' MoE layers (``[Dm, ...]``) when MTP ran.
+      cache: the updated :class:`~dsjax.model.cache.LatentCache` when one was passed.
+    """
+
+    logits: jax.Array | None = None
+    hidden: jax.Array | None = None
+    mtp_logits: tuple[jax.Array, ...] | None = None
+    mtp_hidden: tuple[jax.Array, ...] | None = None
+    moe: dict[str, jax.Array] | None = None
+    mtp_moe: dict[str, jax.Array] | None = None
+    cache: LatentCache | None = None
+
+
+def make_attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_offset: jax.Array | int = 0
+                        ) -> jax.Array:
+    """Causal + document mask ``[B, S, T]`` (True = attend).
+
+    Query ``s`` sits at cache slot ``q_offset + s``; it sees key slots ``t <= q_offset + s`` of the same segment.
+    Padding (segment 0) only sees padding, so no row is empty and no NaN appears.
+    """
+    s, t = q_segment_ids.shape[1], kv_segment_ids.shape[1]
+    causal = jnp.arange(t)[None, :] <= (jnp.arange(s)[:, None] + q_offset)
+    same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    return causal[None] & same
+
+
+class DecoderLayer(nnx.Module):
+    """``h += MLA(RMSNorm(h)); h += FFN(RMSNorm(h))`` with FFN a dense SwiGLU or a DeepSeekMoE block."""
+
+    def __init__(self, cfg: ModelConfig, *, moe: bool, rngs: nnx.Rngs, fp8_block: tuple[int, int] | None = None):
+        pd = dtype_of(cfg.param_dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
+        self.self_attn = MLA(cfg, rngs=rngs, fp8_block=fp8_block)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
+        self.is_moe = moe
+        self.mlp = (MoE(cfg, rngs=rngs, fp8_block=fp8_block) if moe
+                    else MLP(cfg, cfg.intermediate_size, rngs=rngs, fp8_block=fp8_block))
+
+    def __call__(self, h, cos, sin, mask, valid, *, mla_impl: MLAImpl = "naive", cache=None, cache_index=None):
+        """``h [B,T,D] -> (h, latent (c_kv, k_rot), moe_stats | None)``."""
+        a, latent = self.self_attn(self.input_layernorm(h), cos, sin, mask, impl=mla_impl, cache=cache,
+                                   cache_index=cache_index)
+        h = h + checkpoint_name(a, "attn_out")
+        x = self.post_attention_layernorm(h)
+        if self.is_moe:
+            m, stats = self.mlp(x, valid)
+        else:
+            m, stats = self.mlp(x), None
+        h = h + checkpoint_name(m, "mlp_out")
+        return h, latent, stats
+
+
+class MTPModule(nnx.Module):
+    """One multi-token-prediction depth (HF/DeepSeek names: ``enorm``, ``hnorm``, ``eh_proj``, ``shared_head.norm``).
+
+    The embedding and output head are the main model's (the checkpoint's copies are duplicates).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, fp8_block: tuple[int, int] | None = None):
+        pd, dt = dtype_of(cfg.param_dtype), dtype_of(cfg.dtype)
+        self.enorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
+        self.hnorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
+        self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size, in_axes=("embed2",), out_axes=("embed",),
+                              param_dtype=pd, dtype=dt, rngs=rngs, init_std=cfg.initializer_range)
+        self.block = DecoderLayer(cfg, moe=True, rngs=rngs, fp8_block=fp8_block)
+        self.shared_head_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
+
+    def __call__(self, h_prev, emb_next, cos, sin, mask, valid, *, mla_impl: MLAImpl = "naive"):
+        """``h_prev [B,T,D]`` (depth k-1), ``emb_next [B,T,D]`` = Emb(t_{i+k}) ``-> (h_k [B,T,D] normed, stats)``."""
+        x = self.eh_proj(jnp.concatenate([self.enorm(emb_next), self.hnorm(h_prev)], axis=-1))
+        x, _, stats = self.block(x, cos, sin, mask, valid, mla_impl=mla_impl)
+        return self.shared_head_norm(x), stats
+
+
+def _stack_layers(cfg: ModelConfig, n: int, moe: bool, rngs: nnx.Rngs, fp8_block) -> DecoderLayer:
+    """``n`` DecoderLayers with their parameters stacked on a leading ``layers`` axis (for ``lax.scan``)."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(r):
+        return DecoderLayer(cfg, moe=moe, rngs=r, fp8_block=fp8_block)
+
+    stack = create(rngs)
+    for _, v in nnx.iter_graph(stack):
+        if isinstance(v, nnx.Variable) and "logical_axes" in v.get_metadata():
+            v.set_metadata(logical_axes=("layers",) + tuple(v.get_metadata()["logical_axes"]))
+    return stack
+
+
+class Transformer(nnx.Module):
+    """DeepSeek-V2/V3 causal LM. See the module docstring.
+
+    Args:
+      cfg: the model configuration.
+      rngs: ``nnx.Rngs`` for parameter initialisation (normal(0, initializer_range) weights, unit norms, zero bias).
+      fp8: keep the MLA/MLP/expert weights as float8_e4m3fn with 128x128 block scales (the format of FP8 hub
+        checkpoints); they are dequantised on the fly. Default False (weights in ``cfg.param_dtype``).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, fp8: bool = False):
+        self.cfg = cfg
+        fp8_block = None
+        if fp8:
+            fp8_block = cfg.quantization_config.weight_block_size if cfg.quantization_config else (128, 128)
+        self.fp8_block = fp8_block
+        pd, dt = dtype_of(cfg.param_dtype), dtype_of(cfg.dtype)
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=pd, dtype=dt, rngs=rngs,
+                                  init_std=cfg.initializer_range)
+        k, n = cfg.first_k_dense_replace, cfg.num_hidden_layers
+        if cfg.scan_layers:
+            self.layers = None
+            self.dense_layers = _stack_layers(cfg, k, False, rngs, fp8_block) if k > 0 else None
+            self.moe_layers = _stack_layers(cfg, n - k, True, rngs, fp8_block) if n > k else None
+        else:
+            self.layers = nnx.List([DecoderLayer(cfg, moe=i >= k, rngs=rngs, fp8_block=fp8_block) for i in range(n)])
+            self.dense_layers = self.moe_layers = None
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, in_axes=("embed",), out_axes=("vocab",),
+                                  param_dtype=pd, dtype=dt, rngs=rngs, init_std=cfg.initializer_range)
+        self.mtp = nnx.List([MTPModule(cfg, rngs=rngs, fp8_block=fp8_block)
+                             for _ in range(cfg.num_nextn_predict_layers)])
+
+    # ------------------------------------------------------------------ helpers
+    def head(self, h: jax.Array) -> jax.Array:
+        """Output head ``[..., D] -> [..., V]`` on already-normed hidden states."""
+        if self.lm_head is None:
+            return self.embed_tokens.attend(h)
+        return self.lm_head(h)
+
+    def _remat(self, fn):
+        policy = self.cfg.remat_policy
+        if policy == "none":
+            return fn
+        return jax.checkpoint(fn, policy=_REMAT[policy], prevent_cse=not self.cfg.scan_layers)
+
+    def _run_layers(self, h, cos, sin, mask, valid, mla_impl, cache, cache_index):
+        """Runs all decoder layers; returns ``(h, [(c_kv, k_rot)] per layer or stacked, moe stats stacked)``."""
+
+        def layer_fn(graphdef):
+            def fn(h, layer_state, layer_cache):
+                layer = nnx.merge(graphdef, layer_state)
+                h, latent, stats = layer(h, cos, sin, mask, valid, mla_impl=mla_impl, cache=layer_cache,
+                                         cache_index=cache_index)
+                return h, (latent, stats)
+            return self._remat(fn)
+
+        latents, moe_stats = [], []
+        k = self.cfg.first_k_dense_replace
+        if self.layers is not None:
+            for i, layer in enumerate(self.layers):
+                graphdef, state = nnx.split(layer)
+                layer_cache = None if cache is None else (cache.c_kv[i], cache.k_rot[i])
+                h, (latent, stats) = layer_fn(graphdef)(h, state, layer_cache)
+                latents.append(latent)
+                if stats is not None:
+                    moe_stats.append(stats)
+            stacked_latent = None if cache is None else (jnp.stack([l[0] for l in latents]),
+                                                        jnp.stack([l[1] for l in latents]))
+            stats = jax.tree.map(lambda *xs: jnp.stack(xs), *moe_stats) if moe_stats else None
+            return h, stacked_latent, stats
+
+        parts_latent, stats = [], None
+        for stack, lo, hi in ((self.dense_layers, 0, k), (self.moe_layers, k, self.cfg.num_hidden_layers)):
+            if stack is None:
+                continue
+            graphdef, state = nnx.split(stack)
+            fn = layer_fn(graphdef)
+            stack_cache = None if cache is None else (cache.c_kv[lo:hi], cache.k_rot[lo:hi])
+
+            def body(h, xs, fn=fn):
+                layer_state, layer_cache = xs
+                return fn(h, layer_state, layer_cache)
+
+            h, (latent, st) = jax.lax.scan(body, h, (state, stack_cache))
+            parts_latent.append(latent)
+            if st is not None:
+                stats = st
+        stacked_latent = None
+        if cache is not None:
+            stacked_latent = (jnp.concatenate([p[0] for p in parts_latent]),
+                              jnp.concatenate([p[1] for p in parts_latent]))
+        return h, stacked_latent, stats
+
+    # ------------------------------------------------------------------ forward
+    def __call__(self, input_ids: jax.Array, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None, *, return_mtp: bool = False, return_hidden: bool = False,
+                 compute_logits: bool = True, mla_impl: MLAImpl = "naive", cache: LatentCache | None = None,
+                 cache_index: jax.Array | int | None = None) -> ModelOutput:
+        """Runs the model.
+
+        Args:
+          input_ids: ``[B, T]`` int token ids.
+          segment_ids: ``[B, T]`` int document ids for packed sequences; tokens attend only within their segment;
+            0 marks padding (excluded from routing statistics). Default: all ones.
+          positions: ``[B, T]`` int RoPE positions (reset per document when packing). Default ``arange(T)``
+            (offset by ``cache_index`` with a cache).
+          return_mtp: also run the MTP modules and return their logits (training / speculative drafting).
+          return_hidden: also return the final-normed hidden states.
+          compute_logits: set False to skip the output head (e.g. a chunked loss computes it from ``hidden``).
+          mla_impl: ``"naive"`` (expand K/V; training/prefill) or ``"absorbed"`` (attend over the latent).
+          cache: a :class:`LatentCache`; the T new tokens are written at slot ``cache_index`` and attend to every
+            cached token of their segment at or before their slot.
+          cache_index: scalar slot of the first new token (with ``cache``).
+        """
+        cfg = self.cfg
+        b, t = input_ids.shape
+        dt = dtype_of(cfg.dtype)
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        offset = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None] + offset, (b, t))
+        valid = segment_ids != 0
+        if cache is not None:
+            kv_segments = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids.astype(jnp.int32),
+                                                              offset, axis=1)
+            mask = make_attention_mask(segment_ids, kv_segments, offset)
+        else:
+            kv_segments = None
+            mask = make_attention_mask(segment_ids, segment_ids)
+        cos, sin = rope_cos_sin(cfg, positions, dt)
+
+        h = self.embed_tokens(input_ids)
+        h, latent, moe_stats = self._run_layers(h, cos, sin, mask, valid, mla_impl, cache, cache_index)
+        h = self.norm(h)
+        logits = self.head(h) if compute_logits else None
+
+        mtp_logits = mtp_hidden = mtp_stats = None
+        if return_mtp and len(self.mtp):
+            if cache is not None:
+                raise ValueError("return_mtp with a cache is not supported; run MTP on the full sequence")
+            hs, ls, sts = [], [], []
+            h_prev = h
+            for depth, module in enumerate(self.mtp, start=1):
+                shifted = jnp.concatenate([input_ids[:, depth:], jnp.zeros((b, depth), input_ids.dtype)], axis=1)
+                h_prev, st = module(h_prev, self.embed_tokens(shifted), cos, sin, mask, valid, mla_impl=mla_impl)
+                hs.append(h_prev)
+                sts.append(st)
+                if compute_logits:
+                    ls.append(self.head(h_prev))
+            mtp_logits = tuple(ls) if compute_logits else None
+            mtp_hidden = tuple(hs) if return_hidden else None
+            mtp_stats = jax.tree.map(lambda *xs: jnp.stack(xs), *sts)
+
+        new_cache = None
+        if cache is not None:
+            new_cache = LatentCache(c_kv=latent[0], k_rot=latent[1], segment_ids=kv_segments)
+        return ModelOutput(logits=logits, hidden=h if return_hidden else None, mtp_logits=mtp_logits,
+                           mtp_hidden=mtp_hidden, moe=moe_stats, mtp_moe=mtp_stats, cache=new_cache)
+
+
+def abstract_model(cfg: ModelConfig, *, fp8: bool = False) -> Any:
+    """The model with ``jax.ShapeDtypeStruct`` leaves (no allocation), via ``nnx.eval_shape``."""
+    return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), fp8=fp8))
