@@ -1,0 +1,311 @@
+"""Model behaviour on tiny configs: RoPE/YaRN, RMSNorm, MLA paths, routers, dropless experts, masking, caches, MTP."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import dsjax
+from dsjax import configs
+from dsjax.model import (MLA, RMSNorm, RoutedExperts, Transformer, apply_rope, make_attention_mask, route,
+                         rope_cos_sin, rope_frequencies)
+from dsjax.model.moe import MoE
+
+
+def _ids(cfg, b=2, t=16, seed=1):
+    return jax.random.randint(jax.random.key(seed), (b, t), 3, cfg.vocab_size)
+
+
+# ----------------------------------------------------------------------------------------------- norms / rope
+def test_rmsnorm_float32_then_cast():
+    norm = RMSNorm(8, eps=1e-6, param_dtype=jnp.float32)
+    norm.weight.set_value(jnp.arange(1.0, 9.0))
+    x = jax.random.normal(jax.random.key(0), (3, 8)).astype(jnp.bfloat16)
+    x32 = x.astype(jnp.float32)
+    ref = (x32 / jnp.sqrt(jnp.mean(x32 ** 2, -1, keepdims=True) + 1e-6)).astype(jnp.bfloat16)
+    ref = jnp.arange(1.0, 9.0).astype(jnp.bfloat16) * ref
+    out = norm(x)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))
+
+
+def test_yarn_frequencies_v3_recipe():
+    cfg = configs.deepseek_v3()
+    inv_freq, factor = rope_frequencies(cfg)
+    assert inv_freq.dtype == np.float32 and inv_freq.shape == (32,)
+    assert factor == 1.0
+    base = 10000.0 ** (np.arange(0, 64, 2) / 64)
+    # correction range for L0 = 4096, beta_fast 32 / beta_slow 1, dim 64: low = 10, high = 23
+    np.testing.assert_allclose(inv_freq[:10], 1 / base[:10], rtol=1e-6)          # pure extrapolation
+    np.testing.assert_allclose(inv_freq[23:], 1 / (40 * base[23:]), rtol=1e-6)   # pure interpolation
+    ramp = (np.arange(32) - 10) / 13
+    mid = (1 / (40 * base)) * ramp + (1 / base) * (1 - ramp)
+    np.testing.assert_allclose(inv_freq[10:23], mid[10:23], rtol=1e-5)
+    assert rope_frequencies(configs.deepseek_v2_lite())[1] == 1.0
+    # mscale != mscale_all_dim gives a cos/sin multiplier of m(s, mscale) / m(s, mscale_all_dim)
+    cfg2 = configs.tiny(rope_scaling=configs.RopeScaling(factor=4.0, original_max_position_embeddings=256,
+                                                         mscale=1.0, mscale_all_dim=0.8))
+    m = lambda a: 0.1 * a * math.log(4.0) + 1
+    assert rope_frequencies(cfg2)[1] == pytest.approx(m(1.0) / m(0.8))
+    # plain RoPE when rope_scaling is None
+    plain, f = rope_frequencies(configs.small())
+    np.testing.assert_allclose(plain, 1 / 10000.0 ** (np.arange(0, 32, 2) / 32), rtol=1e-6)
+    assert f == 1.0
+
+
+def test_interleaved_rope_is_relative_and_norm_preserving():
+    cfg = configs.tiny()
+    key = jax.random.key(0)
+    q = jax.random.normal(key, (1, 1, cfg.qk_rope_head_dim))
+    k = jax.random.normal(jax.random.key(1), (1, 1, cfg.qk_rope_head_dim))
+
+    def rot(x, pos):
+        cos, sin = rope_cos_sin(cfg, jnp.array([[pos]]), jnp.float32)
+        return apply_rope(x, cos, sin)
+
+    np.testing.assert_allclose(jnp.linalg.norm(rot(q, 37)), jnp.linalg.norm(q), rtol=1e-5)
+    d1 = jnp.sum(rot(q, 50) * rot(k, 45))
+    d2 = jnp.sum(rot(q, 105) * rot(k, 100))
+    np.testing.assert_allclose(d1, d2, rtol=1e-4)
+    # pairs (x0, x1) rotate together: a vector living in pair 0 stays in output slots {0, P/2}
+    e0 = jnp.zeros((1, 1, cfg.qk_rope_head_dim)).at[..., 0].set(1.0)
+    out = rot(e0, 3)
+    nz = set(np.nonzero(np.abs(np.asarray(out[0, 0])) > 1e-7)[0].tolist())
+    assert nz <= {0, cfg.qk_rope_head_dim // 2}
+
+
+# ----------------------------------------------------------------------------------------------- MLA
+@pytest.mark.parametrize("q_lora_rank", [32, None])
+def test_mla_absorbed_equals_naive(q_lora_rank):
+    cfg = configs.tiny(q_lora_rank=q_lora_rank)
+    mla = MLA(cfg, rngs=nnx.Rngs(3))
+    x = jax.random.normal(jax.random.key(0), (2, 12, cfg.hidden_size))
+    seg = jnp.array([[1] * 5 + [2] * 7, [1] * 9 + [0] * 3])
+    pos = jnp.array([list(range(5)) + list(range(7)), list(range(12))])
+    cos, sin = rope_cos_sin(cfg, pos, jnp.float32)
+    mask = make_attention_mask(seg, seg)
+    naive, lat = mla(x, cos, sin, mask, impl="naive")
+    absorbed, _ = mla(x, cos, sin, mask, impl="absorbed")
+    assert lat[0].shape == (2, 12, cfg.kv_lora_rank) and lat[1].shape == (2, 12, cfg.qk_rope_head_dim)
+    np.testing.assert_allclose(naive, absorbed, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_mask_is_causal_and_per_document():
+    seg = jnp.array([[1, 1, 2, 2, 0]])
+    m = np.asarray(make_attention_mask(seg, seg)[0])
+    expected = np.array([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]], bool)
+    np.testing.assert_array_equal(m, expected)
+
+
+# ----------------------------------------------------------------------------------------------- routers
+def test_v3_router_hand_computed():
+    # 8 experts in 4 groups of 2, keep 2 groups, top-2, scaling 2.5, renormalised.
+    cfg = configs.tiny(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2)
+    s = jnp.array([[0.9, 0.1, 0.5, 0.5, 0.8, 0.7, 0.2, 0.3]])
+    logits = jnp.log(s / (1 - s))  # sigmoid(logits) == s
+    bias = jnp.array([0.0, 0.0, 0.0, 0.0, -0.6, 0.0, 0.0, 0.9])
+    # biased: [.9 .1 .5 .5 .2 .7 .2 1.2]; group sums of top-2: g0 1.0, g1 1.0, g2 0.9, g3 1.4 -> keep g3 and
+    # one of the tied g0/g1; top_k breaks the tie towards the lower index: g0. Experts: 7 (1.2) and 0 (0.9).
+    out = route(cfg, logits, bias)
+    assert sorted(np.asarray(out.indices[0]).tolist()) == [0, 7]
+    w = dict(zip(np.asarray(out.indices[0]).tolist(), np.asarray(out.weights[0]).tolist()))
+    # weights come from the unbiased scores 0.9 and 0.3, renormalised, times 2.5
+    assert w[0] == pytest.approx(2.5 * 0.9 / 1.2, rel=1e-5) and w[7] == pytest.approx(2.5 * 0.3 / 1.2, rel=1e-5)
+    # without the bias the selection changes (expert 4 at 0.8 wins over 7): the bias is selection-only
+    out2 = route(cfg, logits, jnp.zeros(8))
+    assert sorted(np.asarray(out2.indices[0]).tolist()) == [0, 4]
+
+
+def test_v2_routers_hand_computed():
+    logits = jnp.log(jnp.array([[0.05, 0.30, 0.10, 0.05, 0.20, 0.02, 0.08, 0.20]]))  # softmax == these values
+    greedy = configs.tiny(scoring_func="softmax", topk_method="greedy", n_routed_experts=8, n_group=1,
+                          topk_group=1, num_experts_per_tok=3, norm_topk_prob=False, routed_scaling_factor=16.0)
+    out = route(greedy, logits, None)
+    idx = np.asarray(out.indices[0]).tolist()
+    assert sorted(idx) == [1, 4, 7]
+    np.testing.assert_allclose(sorted(np.asarray(out.weights[0]) / 16.0), [0.2, 0.2, 0.3], rtol=1e-5)
+    # group-limited greedy: 4 groups of 2, group score = max; keep 2 groups: g0 (0.30) and g2/g3 (0.20, tie -> g2)
+    glg = greedy.replace(topk_method="group_limited_greedy", n_group=4, topk_group=2)
+    out = route(glg, logits, None)
+    assert sorted(np.asarray(out.indices[0]).tolist()) == [0, 1, 4]
+
+
+def test_routed_experts_match_dense_reference():
+    cfg = configs.tiny()
+    experts = RoutedExperts(cfg, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (20, cfg.hidden_size))
+    r = route(cfg, jax.random.normal(jax.random.key(2), (20, cfg.n_routed_experts)), None)
+    out = experts(x, r.indices, r.weights)
+    # test-only dense reference: every expert on every token, combined with one-hot routing weights
+    g, u, d = (experts.gate_proj.get_value(), experts.up_proj.get_value(), experts.down_proj.get_value())
+    h = jax.nn.silu(jnp.einsum("td,edf->tef", x, g)) * jnp.einsum("td,edf->tef", x, u)
+    y = jnp.einsum("tef,efd->ted", h, d)
+    dense_w = jnp.zeros((20, cfg.n_routed_experts)).at[jnp.arange(20)[:, None], r.indices].add(r.weights)
+    ref = jnp.einsum("ted,te->td", y, dense_w)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_moe_statistics():
+    cfg = configs.tiny()
+    moe = MoE(cfg, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 10, cfg.hidden_size))
+    valid = jnp.array([[True] * 10, [True] * 6 + [False] * 4])
+    y, stats = moe(x, valid)
+    assert y.shape == x.shape
+    assert float(stats["counts"].sum()) == 16 * cfg.num_experts_per_tok
+    # balance term against a direct per-sequence evaluation of DeepSeek-V3 eq. 17-20
+    r = moe.gate(x.reshape(-1, cfg.hidden_size))
+    s = np.asarray(r.scores).reshape(2, 10, -1)
+    idx = np.asarray(r.indices).reshape(2, 10, -1)
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    terms = []
+    for b, n in ((0, 10), (1, 6)):
+        f = np.zeros(e)
+        for t in range(n):
+            f[idx[b, t]] += 1
+        f *= e / (k * n)
+        p = (s[b, :n] / s[b, :n].sum(-1, keepdims=True)).mean(0)
+        terms.append((f * p).sum())
+    assert float(stats["balance"]) == pytest.approx(np.mean(terms), rel=1e-5)
+    assert np.asarray(stats["indices"]).shape == (2, 10, k)
+
+
+# ----------------------------------------------------------------------------------------------- whole model
+@pytest.fixture(scope="module")
+def tiny_model():
+    cfg = configs.tiny()
+    return cfg, Transformer(cfg, rngs=nnx.Rngs(0))
+
+
+def test_forward_shapes_and_absorbed(tiny_model):
+    cfg, model = tiny_model
+    ids = _ids(cfg)
+    out = model(ids, return_mtp=True, return_hidden=True)
+    assert out.logits.shape == (2, 16, cfg.vocab_size)
+    assert len(out.mtp_logits) == cfg.num_nextn_predict_layers and out.mtp_logits[0].shape == out.logits.shape
+    assert out.hidden.shape == (2, 16, cfg.hidden_size)
+    assert out.moe["counts"].shape == (cfg.num_moe_layers, cfg.n_routed_experts)
+    assert out.moe["indices"].shape == (cfg.num_moe_layers, 2, 16, cfg.num_experts_per_tok)
+    absorbed = model(ids, mla_impl="absorbed", return_mtp=True)
+    np.testing.assert_allclose(absorbed.logits, out.logits, atol=1e-5)
+    np.testing.assert_allclose(absorbed.mtp_logits[0], out.mtp_logits[0], atol=1e-5)
+
+
+def test_packed_documents_equal_separate_runs(tiny_model):
+    cfg, model = tiny_model
+    a, b = _ids(cfg, 1, 7, seed=5), _ids(cfg, 1, 9, seed=6)
+    packed = jnp.concatenate([a, b], 1)
+    seg = jnp.array([[1] * 7 + [2] * 9])
+    pos = jnp.array([list(range(7)) + list(range(9))])
+    out = model(packed, segment_ids=seg, positions=pos).logits
+    np.testing.assert_allclose(out[:, :7], model(a).logits, atol=1e-5)
+    np.testing.assert_allclose(out[:, 7:], model(b).logits, atol=1e-5)
+
+
+def test_padding_does_not_change_outputs(tiny_model):
+    cfg, model = tiny_model
+    x = _ids(cfg, 1, 10, seed=7)
+    ref = model(x).logits
+    pad = jnp.full((1, 6), 0, x.dtype)
+    # right padding
+    out = model(jnp.concatenate([x, pad], 1), segment_ids=jnp.array([[1] * 10 + [0] * 6])).logits
+    np.testing.assert_allclose(out[:, :10], ref, atol=1e-5)
+    # left padding with positions counted from the first real token
+    pos = jnp.array([[0] * 6 + list(range(10))])
+    out = model(jnp.concatenate([pad, x], 1), segment_ids=jnp.array([[0] * 6 + [1] * 10]), positions=pos).logits
+    np.testing.assert_allclose(out[:, 6:], ref, atol=1e-5)
+    # routing statistics ignore padding
+    st = model(jnp.concatenate([x, pad], 1), segment_ids=jnp.array([[1] * 10 + [0] * 6])).moe
+    assert float(st["counts"][0].sum()) == 10 * cfg.num_experts_per_tok
+
+
+@pytest.mark.parametrize("impl", ["naive", "absorbed"])
+def test_cached_decoding_matches_full_forward(tiny_model, impl):
+    cfg, model = tiny_model
+    ids = _ids(cfg, 2, 12, seed=8)
+    full = model(ids).logits
+    cache = dsjax.init_cache(cfg, 2, 16)
+    step = jax.jit(lambda m, x, c, i: m(x, mla_impl=impl, cache=c, cache_index=i))
+    out = step(model, ids[:, :8], cache, 0)            # prefill 8 tokens
+    np.testing.assert_allclose(out.logits, full[:, :8], atol=1e-5)
+    cache = out.cache
+    for t in range(8, 12):                             # then one token at a time
+        out = step(model, ids[:, t:t + 1], cache, t)
+        cache = out.cache
+        np.testing.assert_allclose(out.logits[:, 0], full[:, t], atol=1e-5)
+    assert cache.c_kv.shape == (cfg.num_hidden_layers, 2, 16, cfg.kv_lora_rank)
+
+
+def test_scanned_stack_matches_unrolled(tmp_path):
+    cfg = configs.tiny()
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    dsjax.save_hf(model, None, tmp_path)
+    scanned = dsjax.load_hf(tmp_path, dtype=jnp.float32, scan_layers=True, remat_policy="dots_no_batch")
+    assert scanned.layers is None and scanned.moe_layers is not None
+    ids = _ids(cfg)
+    a, b = model(ids, return_mtp=True), scanned(ids, return_mtp=True)
+    np.testing.assert_allclose(a.logits, b.logits, atol=1e-5)
+    np.testing.assert_allclose(a.mtp_logits[0], b.mtp_logits[0], atol=1e-5)
+    np.testing.assert_array_equal(a.moe["indices"], b.moe["indices"])
+
+
+@pytest.mark.parametrize("policy", ["none", "full", "dots", "dots_no_batch", "save_attn_out"])
+def test_remat_policies_give_same_gradients(policy):
+    cfg = configs.tiny(scan_layers=True, remat_policy=policy, num_hidden_layers=3)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    ids = _ids(cfg, 2, 8)
+
+    @jax.jit
+    def loss(params, rest):
+        out = nnx.merge(graphdef, params, rest)(ids, return_mtp=True)
+        logp = jax.nn.log_softmax(out.logits[:, :-1])
+        return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], -1)) + out.moe["balance"].sum()
+
+    val, grads = jax.value_and_grad(loss)(params, rest)
+    leaves = jax.tree.leaves(grads)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+    # the routing bias is not a Param: it is in `rest`, never differentiated
+    assert not any("e_score_correction_bias" in str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+    flat = jnp.concatenate([g.ravel() for g in leaves])
+    ref = getattr(test_remat_policies_give_same_gradients, "ref", None)
+    if ref is None:
+        test_remat_policies_give_same_gradients.ref = (val, flat)
+    else:
+        np.testing.assert_allclose(val, ref[0], rtol=1e-5)
+        np.testing.assert_allclose(flat, ref[1], atol=1e-6)
+
+
+def test_mtp_costs_nothing_when_not_requested():
+    base = configs.tiny()
+    ids = jax.ShapeDtypeStruct((2, 32), jnp.int32)
+
+    def flops(cfg):
+        model = Transformer(cfg, rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(model)
+        f = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x).logits)
+        return f.lower(state, ids).compile().cost_analysis()["flops"]
+
+    assert flops(base) == flops(base.replace(num_nextn_predict_layers=0))
+
+
+def test_big_presets_evaluate_shapes_without_allocation():
+    for name in ("deepseek-v3", "deepseek-v2-lite"):
+        cfg = configs.get(name)
+        abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+        graphdef, state = nnx.split(abstract)
+        out = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x, return_mtp=True),
+                             state, jax.ShapeDtypeStruct((1, 8), jnp.int32))
+        assert out.logits.shape == (1, 8, cfg.vocab_size) and out.logits.dtype == jnp.bfloat16
+        assert len(out.mtp_logits or ()) == cfg.num_nextn_predict_layers
+        assert out.moe["counts"].shape == (cfg.num_moe_layers, cfg.n_routed_experts)
+
+
+def test_cache_sizes():
+    v3 = configs.deepseek_v3()
+    assert v3.kv_lora_rank + v3.qk_rope_head_dim == 576
+    assert dsjax.cache_bytes_per_token(v3) == 70_272
+    assert dsjax.mha_cache_bytes_per_token(v3) == 61 * 128 * (192 + 128) * 2
