@@ -46,16 +46,19 @@ position_ids = arange(T), no cache, causal mask.
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import pathlib
+import platform
 import re
 import shutil
 import tempfile
 import warnings
 
 import numpy as np
+import safetensors
 import torch
 import transformers
 from safetensors import safe_open
@@ -275,6 +278,7 @@ def write_folder(folder, hub_cfg, tensors, shards):
     tensors = {k: tensors[k].contiguous().clone() for k in keys}
     if shards == 1:
         save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        (folder / "model.safetensors").chmod(0o644)
         return
     nbytes = [t.numel() * t.element_size() for t in tensors.values()]
     total, acc, weight_map = sum(nbytes), 0, {}
@@ -283,6 +287,7 @@ def write_folder(folder, hub_cfg, tensors, shards):
         acc += n
     for f in sorted(set(weight_map.values())):
         save_file({k: tensors[k] for k in keys if weight_map[k] == f}, folder / f, metadata={"format": "pt"})
+        (folder / f).chmod(0o644)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
@@ -328,32 +333,25 @@ def run_mtp(mtp, ids, hidden, shift=0):
     return logits, sort_topk(caught)
 
 
-class Grab(logging.Handler):
-    """Collects transformers' log records (and is a context manager around python warnings as well)."""
+@contextlib.contextmanager
+def captured_logs():
+    """Collects transformers' log records at WARNING and above, plus python warnings, into the yielded list."""
+    msgs, handler = [], logging.Handler(logging.WARNING)
+    handler.emit = lambda record: msgs.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield msgs
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+        msgs += [str(w.message) for w in caught]
 
-    def __init__(self, folder):
-        super().__init__(logging.WARNING)
-        self.folder, self.msgs = str(folder), []
 
-    def emit(self, record):
-        self.msgs.append(record.getMessage())
-
-    def __enter__(self):
-        logging.getLogger("transformers").addHandler(self)
-        self._w = warnings.catch_warnings(record=True)
-        self._caught = self._w.__enter__()
-        warnings.simplefilter("always")
-        return self
-
-    def __exit__(self, *exc):
-        self._w.__exit__(*exc)
-        logging.getLogger("transformers").removeHandler(self)
-        self.msgs += [str(w.message) for w in self._caught]
-
-    def clean(self):
-        """Messages without colour codes or temp paths; load-report tables are kept out (see loading_info)."""
-        out = [re.sub(r"\x1b\[[0-9;]*m", "", m).replace(self.folder, "<folder>").strip() for m in self.msgs]
-        return [m[:400] for m in out if m and "LOAD REPORT" not in m]
+def clean(msgs, folder):
+    """Messages without colour codes or temp paths; load-report tables are left out (see loading_info)."""
+    out = [re.sub(r"\x1b\[[0-9;]*m", "", m).replace(str(folder), "<folder>").strip() for m in msgs]
+    return [m[:400] for m in out if m and "LOAD REPORT" not in m]
 
 
 def summarize_info(info, num_layers):
@@ -368,7 +366,7 @@ def summarize_info(info, num_layers):
 
 def hf_load(folder, num_layers, with_mtp):
     """Load a written folder with transformers' own loader (+ MtpModel.from_pretrained); returns (main, mtp, log)."""
-    with Grab(folder) as grab:
+    with captured_logs() as logs:
         main, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager",
                                                           output_loading_info=True)
         main.eval()
@@ -377,7 +375,7 @@ def hf_load(folder, num_layers, with_mtp):
             # HF only knows V3's real MTP index (`model\.layers\.61.*`); point its key filter at our layer.
             main._keys_to_ignore_on_load_unexpected = {rf"model\.layers\.{num_layers}\..*"}
             mtp = MtpModel.from_pretrained(main).eval()
-    return main, mtp, {"loading_info": summarize_info(info, num_layers), "other_messages": grab.clean()}
+    return main, mtp, {"loading_info": summarize_info(info, num_layers), "other_messages": clean(logs, folder)}
 
 
 def hf_fp8_checks(folder, stored, effective, ids, golden):
@@ -406,7 +404,7 @@ def hf_fp8_checks(folder, stored, effective, ids, golden):
         full["skipped"] = f"{e}: install accelerate to run this check"
     else:
         full["accelerate"] = accelerate.__version__
-        with Grab(folder) as grab:
+        with captured_logs() as logs:
             try:
                 model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager",
                                                              quantization_config=FineGrainedFP8Config(dequantize=True))
@@ -414,7 +412,7 @@ def hf_fp8_checks(folder, stored, effective, ids, golden):
                     full["max_abs_diff_vs_golden"] = max_diff(model(input_ids=ids, use_cache=False).logits, golden)
             except Exception as e:  # noqa: BLE001 - record whatever HF does
                 full["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        full["causes"] = sorted({line.strip() for m in grab.msgs for line in m.splitlines()
+        full["causes"] = sorted({line.strip() for m in logs for line in m.splitlines()
                                  if line.strip().startswith("ValueError")})[:3]
     return {"Fp8Dequantize_op_per_tensor": res, "from_pretrained_FineGrainedFP8Config_dequantize_True": full}
 
@@ -485,6 +483,7 @@ def make_case(name, spec, out_dir):
               "topk_indices": tk_idx, "topk_weights": tk_w}
     meta = {"case": name, "description": spec["desc"], "seed": SEED, "batch": B, "seq_len": T,
             "transformers": transformers.__version__, "torch": torch.__version__, "numpy": np.__version__,
+            "safetensors": safetensors.__version__, "python": platform.python_version(),
             "moe_layers": [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "gate")],
             "golden_paths": {k: v.format(cls=type(model).__name__) for k, v in PATHS.items()
                              if (mtp is not None or "mtp" not in k) and (spec["fp8"] or k != "fp8")}}

@@ -1,0 +1,42 @@
+"""The quick-start notebook and the default job run end to end (CI executes both)."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_quickstart_notebook_executes():
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
+    env_platform = os.environ.get("JAX_PLATFORMS")
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    try:
+        nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                resources={"metadata": {"path": str(ROOT)}}).execute()
+    finally:
+        if env_platform is None:
+            os.environ.pop("JAX_PLATFORMS", None)
+        else:
+            os.environ["JAX_PLATFORMS"] = env_platform
+    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "max |absorbed - naive|" in outputs and "deepseek-v3" in outputs
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+
+
+def test_default_job_runs():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    res = subprocess.run([sys.executable, "-m", "experiments.main", "--config=tiny", "--seq_len=16"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "total_with_mtp" in res.stdout and "forward (2, 16) -> logits (2, 16, 512)" in res.stdout
+    big = subprocess.run([sys.executable, "-m", "experiments.main", "--config=deepseek-v3"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert big.returncode == 0, big.stderr[-3000:]
+    assert "671,026,404,352" in big.stdout and "skipping the forward pass" in big.stdout
