@@ -43,7 +43,7 @@ LOGICAL_AXES: dict[str, str] = {
 DEFAULT_RULES: dict[str, Any] = {
     "vocab": "tensor",
     "embed": "fsdp",
-    "embed2": "fsdp",
+    "embed2": None,
     "heads": "tensor",
     "qk_head": None,
     "kv_head": None,

@@ -309,3 +309,16 @@ def test_cache_sizes():
     assert v3.kv_lora_rank + v3.qk_rope_head_dim == 576
     assert dsjax.cache_bytes_per_token(v3) == 70_272
     assert dsjax.mha_cache_bytes_per_token(v3) == 61 * 128 * (192 + 128) * 2
+
+
+def test_scanned_program_size_is_flat_in_depth():
+    # With scan_layers the traced program does not grow with depth (compile time stays flat).
+    def n_eqns(layers, scan):
+        cfg = configs.tiny(num_hidden_layers=layers, scan_layers=scan)
+        abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+        graphdef, state = nnx.split(abstract)
+        jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x).logits)(state, jnp.zeros((1, 8), jnp.int32))
+        return len(jaxpr.eqns)
+
+    assert n_eqns(3, True) == n_eqns(9, True)
+    assert n_eqns(9, False) > n_eqns(3, False)

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels import weight_dequant
+
 from dsjax.configs import ModelConfig
 
 __all__ = [
@@ -107,8 +109,6 @@ class Linear(nnx.Module):
         """The kernel in the compute dtype (dequantised when stored in FP8)."""
         w = self.kernel.get_value()
         if self.scale_inv is not None:
-            from pallas_kernels import weight_dequant
-
             n_in, n_out = math.prod(self.in_features), math.prod(self.out_features)
             # Block scales are defined on the HF [out, in] matrix; our kernel is its transpose.
             w2 = weight_dequant(w.reshape(n_in, n_out).T, self.scale_inv.get_value().T, block_size=self.fp8_block,
