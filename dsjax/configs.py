@@ -256,9 +256,6 @@ class ModelConfig:
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         if isinstance(self.quantization_config, dict):
             object.__setattr__(self, "quantization_config", QuantizationConfig(**self.quantization_config))
-        if self.scan_layers and self.num_hidden_layers - self.first_k_dense_replace == 0 and \
-                self.first_k_dense_replace == 0:
-            _fail("num_hidden_layers", self.num_hidden_layers, "leaves nothing to scan", "add layers")
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -466,11 +463,10 @@ def _hf_to_fields(hf: dict[str, Any]) -> dict[str, Any]:
     for k in ("n_group", "topk_group"):
         if out.get(k) is None:
             out[k] = 1
-    if out.get("num_nextn_predict_layers") is None:
+    if out.get("num_nextn_predict_layers") is None:  # absent (V2) or null
         out["num_nextn_predict_layers"] = 0
     if isinstance(out.get("eos_token_id"), list):
         out["eos_token_id"] = tuple(out["eos_token_id"])
-    out.setdefault("num_nextn_predict_layers", 0)
     return out
 
 
