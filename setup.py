@@ -20,12 +20,16 @@ INSTALL_REQUIRES = [
     "absl-py>=2.1",
     "numpy>=1.26",
     "ml_dtypes>=0.5",
+    "tokenizers>=0.19",
+    "tensorboardX>=2.6",
+    "tqdm>=4.66",
 ]
 
 EXTRAS = {
     "hf": ["safetensors>=0.4", "tokenizers>=0.19"],
     "test": ["pytest>=8", "pytest-xdist>=3.5", "safetensors>=0.4", "nbclient>=0.10", "nbformat>=5.10",
-             "ipykernel>=6.29"],
+             "ipykernel>=6.29", "matplotlib>=3.8"],
+    "plot": ["matplotlib>=3.8"],
     "notebook": ["jupyterlab", "treescope>=0.1.9", "ipykernel>=6.29"],
     # CUDA 13 build of the same jax (the GPU image's); brings the Mosaic GPU / Triton Pallas backends.
     "cuda": ["jax[cuda13]==0.11.2"],

@@ -116,12 +116,14 @@ class Linear(nnx.Module):
             w = w2.T.reshape(w.shape)
         return w.astype(self.dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
+        """``x [..., *I] -> [..., *O]`` in the compute dtype (or ``out_dtype``, accumulated in that dtype)."""
         n_in = len(self.in_features)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(x.astype(self.dtype), self.weight(), (contract, ((), ())))
+        y = jax.lax.dot_general(x.astype(self.dtype), self.weight(), (contract, ((), ())),
+                                preferred_element_type=out_dtype)
         if self.bias is not None:
-            y = y + self.bias.get_value().astype(self.dtype)
+            y = y + self.bias.get_value().astype(y.dtype)
         return y
 
 
@@ -135,8 +137,10 @@ class Embed(nnx.Module):
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding.get_value(), ids, axis=0).astype(self.dtype)
 
-    def attend(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("btd,vd->btv", x.astype(self.dtype), self.embedding.get_value().astype(self.dtype))
+    def attend(self, x: jax.Array, out_dtype=None) -> jax.Array:
+        """Tied output head ``x [..., D] -> [..., V]``."""
+        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding.get_value().astype(self.dtype),
+                          preferred_element_type=out_dtype)
 
 
 class MLP(nnx.Module):

@@ -188,6 +188,12 @@ class Transformer(nnx.Module):
             return self.embed_tokens.attend(h)
         return self.lm_head(h)
 
+    def logits_f32(self, h: jax.Array) -> jax.Array:
+        """Output head with float32 accumulation and result (for losses): ``[..., D] -> [..., V]``."""
+        if self.lm_head is None:
+            return self.embed_tokens.attend(h, out_dtype=jnp.float32)
+        return self.lm_head(h, out_dtype=jnp.float32)
+
     def _remat(self, fn):
         policy = self.cfg.remat_policy
         if policy == "none":

@@ -1,0 +1,99 @@
+"""Loss functions shared by pretraining, SFT and GRPO: shifted targets, chunked float32 cross-entropy.
+
+Letters: B batch, T tokens, D hidden, V vocabulary, N = B*T flattened tokens, C chunk of tokens.
+
+Targets. Position ``i`` predicts ``tokens[i + k]`` (``k = 1`` for the main head, ``k = d + 1`` for MTP depth
+``d``) only when ``i + k < T``, ``segment_ids[i + k] == segment_ids[i] != 0`` (never across packed documents or
+into padding) and ``loss_mask[i + k] == 1`` (SFT: completion tokens only).
+
+Cross-entropy is computed from hidden states ``C`` tokens at a time: each chunk's logits ``[C, V]`` are formed in
+float32 (``preferred_element_type``), reduced to ``logsumexp`` and the target logit, and recomputed in the backward
+pass (``jax.checkpoint``), so at most one ``[C, V]`` float32 block is alive instead of ``[B, T, V]``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["shifted_targets", "chunked_cross_entropy", "token_log_probs"]
+
+
+def shifted_targets(tokens: jax.Array, segment_ids: jax.Array, loss_mask: jax.Array, k: int
+                    ) -> tuple[jax.Array, jax.Array]:
+    """``-> (targets [B, T] int32, weights [B, T] float32)`` for predicting ``k`` tokens ahead."""
+    b, t = tokens.shape
+    pad = ((0, 0), (0, k))
+    nxt = jnp.pad(tokens, pad)[:, k:]
+    nxt_seg = jnp.pad(segment_ids, pad)[:, k:]
+    nxt_mask = jnp.pad(loss_mask, pad)[:, k:]
+    valid = (nxt_seg == segment_ids) & (segment_ids != 0) & (nxt_mask != 0)
+    return nxt.astype(jnp.int32), valid.astype(jnp.float32)
+
+
+def chunked_cross_entropy(hidden: jax.Array, head: Callable[[jax.Array], jax.Array], targets: jax.Array,
+                          weights: jax.Array, chunk_tokens: int = 4096) -> tuple[jax.Array, jax.Array]:
+    """Sums of weighted cross-entropy and of ``logsumexp**2`` (for z-loss) over all tokens.
+
+    Args:
+      hidden: ``[B, T, D]`` final-normed hidden states.
+      head: ``[C, D] -> [C, V]`` float32 logits (e.g. ``Transformer.logits_f32``).
+      targets: ``[B, T]`` int target ids; weights: ``[B, T]`` float (0 masks a position).
+      chunk_tokens: C, tokens per logits chunk.
+    Returns ``(sum_i w_i * (lse_i - logit_i[target_i]), sum_i w_i * lse_i**2)``, both float32 scalars.
+    """
+    d = hidden.shape[-1]
+    h = hidden.reshape(-1, d)
+    tg = targets.reshape(-1)
+    w = weights.reshape(-1).astype(jnp.float32)
+    n = h.shape[0]
+    c = min(chunk_tokens, n)
+    n_chunks = -(-n // c)
+    pad = n_chunks * c - n
+    if pad:
+        h = jnp.pad(h, ((0, pad), (0, 0)))
+        tg = jnp.pad(tg, (0, pad))
+        w = jnp.pad(w, (0, pad))
+
+    @jax.checkpoint
+    def chunk(hc, tc, wc):
+        logits = head(hc).astype(jnp.float32)  # [C, V]
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        tgt = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+        return jnp.sum(wc * (lse - tgt)), jnp.sum(wc * lse * lse)
+
+    if n_chunks == 1:
+        return chunk(h, tg, w)
+
+    def body(carry, xs):
+        ce, z = chunk(*xs)
+        return (carry[0] + ce, carry[1] + z), None
+
+    xs = (h.reshape(n_chunks, c, d), tg.reshape(n_chunks, c), w.reshape(n_chunks, c))
+    (ce, z), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0)), xs)
+    return ce, z
+
+
+def token_log_probs(hidden: jax.Array, head: Callable[[jax.Array], jax.Array], targets: jax.Array,
+                    temperature: float = 1.0, chunk_tokens: int = 4096) -> jax.Array:
+    """Per-token ``log p(target)`` ``[B, T]`` (float32) under ``softmax(logits / temperature)``, chunked."""
+    b, t, d = hidden.shape
+    h = hidden.reshape(-1, d)
+    tg = targets.reshape(-1)
+    n = h.shape[0]
+    c = min(chunk_tokens, n)
+    n_chunks = -(-n // c)
+    pad = n_chunks * c - n
+    if pad:
+        h = jnp.pad(h, ((0, pad), (0, 0)))
+        tg = jnp.pad(tg, (0, pad))
+
+    @jax.checkpoint
+    def chunk(hc, tc):
+        logits = head(hc).astype(jnp.float32) / temperature
+        return jnp.take_along_axis(logits, tc[:, None], -1)[:, 0] - jax.nn.logsumexp(logits, -1)
+
+    out = jax.lax.map(lambda xs: chunk(*xs), (h.reshape(n_chunks, c, d), tg.reshape(n_chunks, c)))
+    return out.reshape(-1)[:n].reshape(b, t)

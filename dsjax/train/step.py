@@ -1,0 +1,256 @@
+"""The pure, jit-compiled train step: loss, gradients, AdamW update, non-finite guard, routing-bias update.
+
+Letters: B global batch, M micro-batches, b = B / M, T tokens, E routed experts, Lm MoE layers.
+
+``make_train_step(cfg, graphdef, template)`` returns ``train_step(state, batch) -> (state, metrics)``; jit it once
+with ``donate_argnums=0``. Inside, nothing syncs with the host:
+
+1. The batch ``{"tokens", "segment_ids", "positions", "loss_mask"}`` (``[B, T]`` each) is split into M micro-batches
+   scanned with ``lax.scan``; gradients and statistics are summed. Losses are normalised by the number of valid
+   targets of the **whole** batch, so accumulation equals one big batch.
+2. Loss = CE + (lambda / D) * sum_k CE_mtp_k + alpha * sum over MoE layers of the sequence-wise balance term
+   (+ z-loss). CE uses float32 logits in chunks (:mod:`dsjax.train.losses`).
+3. ``ok = isfinite(loss) & isfinite(grad_norm)``; when not ok, params, optimizer moments and routing biases are
+   kept as they were (the step is counted in ``skipped``).
+4. Auxiliary-loss-free balancing, outside autodiff: ``b += gamma * sign(mean(c) - c)`` per MoE layer from the
+   token counts of the whole batch (all micro-batches; under a mesh the sums are global).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from dsjax.model import RoutingBias, Transformer
+from dsjax.train.config import TrainConfig
+from dsjax.train.losses import chunked_cross_entropy, shifted_targets
+from dsjax.train.optim import make_optimizer
+
+__all__ = ["TrainState", "init_state", "abstract_state", "make_train_step", "split_model", "flops_per_token"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Everything that changes during training (a pytree of arrays; what checkpoints hold).
+
+    Attributes:
+      step: int32 number of batches consumed.
+      params: trainable parameters (pure nested dict, master dtype).
+      opt_state: Optax state (its count drives the schedule; it does not advance on skipped steps).
+      rest: non-trainable variables (the routing biases), pure nested dict.
+      skipped: int32 total skipped (non-finite) steps; consecutive: int32 current run of skipped steps.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rest: Any
+    skipped: jax.Array
+    consecutive: jax.Array
+
+
+def split_model(model: Transformer):
+    """``(graphdef, params_state, rest_state)``: ``nnx.Param`` leaves vs everything else (routing biases)."""
+    return nnx.split(model, nnx.Param, ...)
+
+
+def _new_model(cfg: TrainConfig, key: jax.Array) -> Transformer:
+    return Transformer(cfg.model, rngs=nnx.Rngs(params=key))
+
+
+def init_state(cfg: TrainConfig, key: jax.Array) -> TrainState:
+    """A fresh state (call under ``jax.jit`` so parameters are created on device, sharded by ``out_shardings``)."""
+    _, params, rest = split_model(_new_model(cfg, key))
+    tx, _ = make_optimizer(cfg.optim, cfg.steps)
+    params = nnx.to_pure_dict(params)
+    return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), rest=nnx.to_pure_dict(rest),
+                      skipped=jnp.int32(0), consecutive=jnp.int32(0))
+
+
+def state_from_model(cfg: TrainConfig, model: Transformer) -> TrainState:
+    """A fresh state starting from existing weights (SFT from a pretrained / HF model)."""
+    _, params, rest = split_model(model)
+    tx, _ = make_optimizer(cfg.optim, cfg.steps)
+    params = nnx.to_pure_dict(params)
+    return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), rest=nnx.to_pure_dict(rest),
+                      skipped=jnp.int32(0), consecutive=jnp.int32(0))
+
+
+def abstract_state(cfg: TrainConfig) -> TrainState:
+    """``jax.ShapeDtypeStruct`` tree of :func:`init_state` (no allocation)."""
+    return jax.eval_shape(lambda k: init_state(cfg, k), jax.random.key(0))
+
+
+def flops_per_token(cfg: TrainConfig) -> float:
+    """Training FLOPs per token used for MFU: ``6 * N_active + 3 * L * H * (d_qk + d_v) * T``.
+
+    ``N_active`` = active parameters without the input embedding (a lookup) but with the output head; MTP modules
+    add their own active parameters when ``num_nextn_predict_layers > 0`` (they run every step). The attention term
+    counts QK^T and PV (2 FLOPs per multiply-add) over an average causal context of T/2, times 3 for
+    forward + backward: ``3 * 2 * 2 * (T/2) * H * (d_qk + d_v) / 2 * L`` = ``3 * L * H * (d_qk + d_v) * T``.
+    """
+    from dsjax.params import count_params
+
+    m = cfg.model
+    c = count_params(m)
+    active = c["active_with_mtp"] if m.num_nextn_predict_layers else c["active"]
+    layers = m.num_hidden_layers + m.num_nextn_predict_layers
+    attn = 3 * layers * m.num_attention_heads * (m.qk_head_dim + m.v_head_dim) * cfg.data.seq_len
+    return 6.0 * active + attn
+
+
+def _bias_paths(rest: Any) -> list[tuple]:
+    out = []
+    for path, _ in jax.tree_util.tree_flatten_with_path(rest)[0]:
+        keys = tuple(getattr(p, "key", getattr(p, "idx", None)) for p in path)
+        if keys[-1] == "e_score_correction_bias":
+            out.append(keys)
+    return out
+
+
+def _counts_for(keys: tuple, counts: jax.Array, mtp_counts: jax.Array | None, first_k: int) -> jax.Array:
+    """Maps a bias leaf path to its ``[.., E]`` counts rows (scanned stack, unrolled layer or MTP block)."""
+    if keys[0] == "moe_layers":
+        return counts
+    if keys[0] == "layers":
+        return counts[int(keys[1]) - first_k]
+    if keys[0] == "mtp":
+        return mtp_counts[int(keys[1])]
+    raise KeyError(f"unexpected routing-bias location {keys}")
+
+
+def _update_biases(rest: Any, counts, mtp_counts, gamma, center: bool, first_k: int) -> Any:
+    def new_bias(b, c):
+        err = jnp.mean(c, axis=-1, keepdims=True) - c
+        upd = jnp.sign(err)
+        if center:
+            upd = upd - jnp.mean(upd, axis=-1, keepdims=True)
+        return b + gamma * upd.astype(b.dtype)
+
+    def visit(path, leaf):
+        keys = tuple(getattr(p, "key", getattr(p, "idx", None)) for p in path)
+        if keys[-1] != "e_score_correction_bias":
+            return leaf
+        return new_bias(leaf, _counts_for(keys, counts, mtp_counts, first_k))
+
+    return jax.tree_util.tree_map_with_path(visit, rest)
+
+
+def _load_stats(counts: jax.Array) -> dict[str, jax.Array]:
+    ratio = counts / jnp.maximum(jnp.mean(counts, axis=-1, keepdims=True), 1e-9)  # [Lm, E]
+    return {"load_max": jnp.max(ratio), "load_min": jnp.min(ratio), "load_max_mean": jnp.mean(ratio.max(-1)),
+            "load_min_mean": jnp.mean(ratio.min(-1))}
+
+
+def make_train_step(cfg: TrainConfig, graphdef: Any, params_template: nnx.State, rest_template: nnx.State
+                    ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    """Builds the pure train step for ``cfg``. ``*_template`` are the model's ``nnx.State`` splits (any values)."""
+    mcfg = cfg.model
+    depth = mcfg.num_nextn_predict_layers
+    alpha = cfg.balance_alpha
+    lam = cfg.loss.mtp_lambda
+    tx, schedule = make_optimizer(cfg.optim, cfg.steps)
+    m = cfg.micro_batches
+
+    def merge(params, rest) -> Transformer:
+        p = nnx.State(params_template)
+        nnx.replace_by_pure_dict(p, params)
+        r = nnx.State(rest_template)
+        nnx.replace_by_pure_dict(r, rest)
+        return nnx.merge(graphdef, p, r)
+
+    def micro_loss(params, rest, mb, norms):
+        model = merge(params, rest)
+        out = model(mb["tokens"], mb["segment_ids"], mb["positions"], return_mtp=depth > 0 and lam > 0,
+                    return_hidden=True, compute_logits=False)
+        tg, w = shifted_targets(mb["tokens"], mb["segment_ids"], mb["loss_mask"], 1)
+        ce_sum, z_sum = chunked_cross_entropy(out.hidden, model.logits_f32, tg, w, cfg.loss.ce_chunk_tokens)
+        ce = ce_sum / norms[0]
+        z = z_sum / norms[0]
+        loss = ce + cfg.loss.z_loss * z
+        aux = {"ce": ce, "z_loss": z}
+        if out.mtp_hidden is not None:
+            for d in range(depth):
+                tg, w = shifted_targets(mb["tokens"], mb["segment_ids"], mb["loss_mask"], d + 2)
+                s, _ = chunked_cross_entropy(out.mtp_hidden[d], model.logits_f32, tg, w, cfg.loss.ce_chunk_tokens)
+                aux[f"mtp_loss_{d + 1}"] = s / norms[d + 1]
+                loss = loss + lam / depth * aux[f"mtp_loss_{d + 1}"]
+        balance = jnp.float32(0)
+        if out.moe is not None:
+            balance = balance + jnp.sum(out.moe["balance"]) / m
+        if out.mtp_moe is not None:
+            balance = balance + jnp.sum(out.mtp_moe["balance"]) / m
+        aux["balance_loss"] = alpha * balance
+        loss = loss + alpha * balance
+        aux["counts"] = out.moe["counts"] if out.moe is not None else jnp.zeros((0, mcfg.n_routed_experts))
+        aux["mtp_counts"] = out.mtp_moe["counts"] if out.mtp_moe is not None else \
+            jnp.zeros((depth, mcfg.n_routed_experts))
+        return loss, aux
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+        b = batch["tokens"].shape[0]
+        # valid targets per head over the whole batch: the loss normalisers
+        norms = [jnp.maximum(shifted_targets(batch["tokens"], batch["segment_ids"], batch["loss_mask"], k)[1].sum(),
+                             1.0) for k in range(1, depth + 2)]
+        micro = jax.tree.map(lambda x: x.reshape((m, b // m) + x.shape[1:]), batch)
+
+        def acc(carry, mb):
+            (loss, aux), g = grad_fn(state.params, state.rest, mb, norms)
+            g_acc, l_acc, a_acc = carry
+            return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss, jax.tree.map(jnp.add, a_acc, aux)), None
+
+        if m == 1:
+            (loss, aux), grads = grad_fn(state.params, state.rest, jax.tree.map(lambda x: x[0], micro), norms)
+        else:
+            zeros_g = jax.tree.map(jnp.zeros_like, state.params)
+            aux_shape = jax.eval_shape(lambda: grad_fn(state.params, state.rest, jax.tree.map(lambda x: x[0], micro),
+                                                       norms)[0][1])
+            zeros_a = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
+            (grads, loss, aux), _ = jax.lax.scan(acc, (zeros_g, jnp.float32(0), zeros_a), micro)
+
+        grad_norm = optax.tree.norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        counts = jax.lax.stop_gradient(aux.pop("counts"))
+        mtp_counts = jax.lax.stop_gradient(aux.pop("mtp_counts"))
+        gamma = cfg.balance.gamma
+        if cfg.balance.gamma_until_step is not None:
+            gamma = jnp.where(state.step < cfg.balance.gamma_until_step, gamma, 0.0)
+        new_rest = _update_biases(state.rest, counts, mtp_counts, gamma, cfg.balance.center,
+                                  mcfg.first_k_dense_replace)
+        keep = lambda new, old: jax.tree.map(lambda a, o: jnp.where(ok, a, o), new, old)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt, state.opt_state),
+            rest=keep(new_rest, state.rest),
+            skipped=state.skipped + (~ok).astype(jnp.int32),
+            consecutive=jnp.where(ok, 0, state.consecutive + 1).astype(jnp.int32),
+        )
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step - state.skipped),
+                   "skipped": (~ok).astype(jnp.int32), "skipped_total": new_state.skipped,
+                   "consecutive_skips": new_state.consecutive, "tokens": norms[0],
+                   # a position-weighted checksum of the batch: equal checksums per step <=> the same data stream
+                   "data_checksum": jnp.sum(batch["tokens"].astype(jnp.uint32)
+                                            * (jnp.arange(batch["tokens"].size, dtype=jnp.uint32)
+                                               .reshape(batch["tokens"].shape) + 1)).astype(jnp.uint32),
+                   **aux}
+        if counts.shape[0]:
+            metrics.update(_load_stats(counts))
+            biases = [b_ for p, b_ in jax.tree_util.tree_flatten_with_path(new_state.rest)[0]
+                      if getattr(p[-1], "key", None) == "e_score_correction_bias"]
+            if biases:
+                spreads = [jnp.max(x, -1) - jnp.min(x, -1) for x in biases]
+                metrics["bias_spread"] = jnp.mean(jnp.concatenate([jnp.atleast_1d(s) for s in spreads]))
+        return new_state, metrics
+
+    return train_step
