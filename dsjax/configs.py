@@ -43,6 +43,7 @@ SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
+ATTENTION_IMPLS = ("einsum", "cudnn", "jax")
 ROPE_TYPES = ("default", "yarn")
 
 
@@ -183,6 +184,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat_policy: str = "none"
+    # "einsum": explicit scores (any backend); "cudnn": cuDNN fused flash attention (Hopper, bf16/fp16, MLA head
+    # dims); "jax": jax.nn.dot_product_attention with its default (XLA) backend.
+    attention_impl: str = "einsum"
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self):
@@ -250,6 +254,8 @@ class ModelConfig:
                 _fail(f, getattr(self, f), "is not a supported dtype", f"use one of {DTYPES}")
         if self.remat_policy not in REMAT_POLICIES:
             _fail("remat_policy", self.remat_policy, "is unknown", f"use one of {REMAT_POLICIES}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            _fail("attention_impl", self.attention_impl, "is unknown", f"use one of {ATTENTION_IMPLS}")
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if isinstance(self.rope_scaling, dict):
@@ -360,7 +366,7 @@ class ModelConfig:
             "model_type": "deepseek_v3" if v3 else "deepseek_v2",
         }
         skip = {"rope_scaling", "quantization_config", "dtype", "param_dtype", "scan_layers", "remat_policy",
-                "eos_token_id"}
+                "attention_impl", "eos_token_id"}
         for f in dataclasses.fields(self):
             if f.name not in skip:
                 d[f.name] = getattr(self, f.name)
@@ -393,7 +399,7 @@ _HF_ALIASES = {"num_mtp_layers": "num_nextn_predict_layers", "num_experts": "n_r
 # not the compute dtype, so it never overrides ModelConfig.dtype (pass dtype=... to from_hf_config instead).
 # Every other key that is not a ModelConfig field (auto_map, ep_size, use_cache, ...) carries no architecture
 # information and is ignored.
-_HF_IGNORED = {"dtype", "torch_dtype", "param_dtype", "scan_layers", "remat_policy"}
+_HF_IGNORED = {"dtype", "torch_dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl"}
 
 
 def _parse_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:

@@ -93,13 +93,26 @@ class MLA(nnx.Module):
         return jax.nn.softmax(scores, axis=-1).astype(dtype)
 
     def attend_naive(self, q_nope, q_rot, c_kv, k_rot, mask) -> jax.Array:
-        """Expands K/V from the latent: returns ``O [B,S,N,V]``. ``mask [B,S,T]`` bool (True = attend)."""
+        """Expands K/V from the latent: returns ``O [B,S,N,V]``. ``mask [B,S,T]`` bool (True = attend).
+
+        ``cfg.attention_impl`` picks the core: explicit einsum scores, or ``jax.nn.dot_product_attention``
+        (``"cudnn"``: fused flash attention on Hopper, which supports MLA's different key/value head sizes).
+        """
         kv = self.kv_b_proj(c_kv)  # [B,T,N,C+V]
         c = self.cfg.qk_nope_head_dim
         k_nope, v = kv[..., :c], kv[..., c:]
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rot[:, :, None, :], k_nope.shape[:-1] + k_rot.shape[-1:])],
                             axis=-1)
         q = jnp.concatenate([q_nope, q_rot], axis=-1)
+        impl = self.cfg.attention_impl
+        if impl != "einsum":
+            # the public API wants equal key/value head sizes: pad V with zeros to C+P, drop the padding after
+            dv = v.shape[-1]
+            vp = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, q.shape[-1] - dv))) if q.shape[-1] > dv else v
+            o = jax.nn.dot_product_attention(
+                q, k, vp, mask=None if mask is None else mask[:, None], scale=self.cfg.softmax_scale,
+                implementation="cudnn" if impl == "cudnn" else None)
+            return o[..., :dv].astype(v.dtype)
         scores = jnp.einsum("bsnh,btnh->bnst", q, k, preferred_element_type=jnp.float32)
         p = self._softmax(scores, mask, v.dtype)
         return jnp.einsum("bnst,btnv->bsnv", p, v)
