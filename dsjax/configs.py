@@ -44,6 +44,7 @@ TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
 ATTENTION_IMPLS = ("einsum", "cudnn", "jax")
+GROUPED_MATMUL_IMPLS = ("auto", "xla", "mosaic_gpu")
 ROPE_TYPES = ("default", "yarn")
 
 
@@ -187,6 +188,8 @@ class ModelConfig:
     # "einsum": explicit scores (any backend); "cudnn": cuDNN fused flash attention (Hopper, bf16/fp16, MLA head
     # dims); "jax": jax.nn.dot_product_attention with its default (XLA) backend.
     attention_impl: str = "einsum"
+    # routed-expert grouped matmuls: "auto" (Mosaic GPU kernels on Hopper, else XLA ragged_dot), "xla", "mosaic_gpu"
+    grouped_matmul_impl: str = "auto"
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self):
@@ -254,6 +257,8 @@ class ModelConfig:
                 _fail(f, getattr(self, f), "is not a supported dtype", f"use one of {DTYPES}")
         if self.remat_policy not in REMAT_POLICIES:
             _fail("remat_policy", self.remat_policy, "is unknown", f"use one of {REMAT_POLICIES}")
+        if self.grouped_matmul_impl not in GROUPED_MATMUL_IMPLS:
+            _fail("grouped_matmul_impl", self.grouped_matmul_impl, "is unknown", f"use one of {GROUPED_MATMUL_IMPLS}")
         if self.attention_impl not in ATTENTION_IMPLS:
             _fail("attention_impl", self.attention_impl, "is unknown", f"use one of {ATTENTION_IMPLS}")
         if isinstance(self.eos_token_id, list):
@@ -366,7 +371,7 @@ class ModelConfig:
             "model_type": "deepseek_v3" if v3 else "deepseek_v2",
         }
         skip = {"rope_scaling", "quantization_config", "dtype", "param_dtype", "scan_layers", "remat_policy",
-                "attention_impl", "eos_token_id"}
+                "attention_impl", "grouped_matmul_impl", "eos_token_id"}
         for f in dataclasses.fields(self):
             if f.name not in skip:
                 d[f.name] = getattr(self, f.name)
@@ -399,7 +404,8 @@ _HF_ALIASES = {"num_mtp_layers": "num_nextn_predict_layers", "num_experts": "n_r
 # not the compute dtype, so it never overrides ModelConfig.dtype (pass dtype=... to from_hf_config instead).
 # Every other key that is not a ModelConfig field (auto_map, ep_size, use_cache, ...) carries no architecture
 # information and is ignored.
-_HF_IGNORED = {"dtype", "torch_dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl"}
+_HF_IGNORED = {"dtype", "torch_dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
+               "grouped_matmul_impl"}
 
 
 def _parse_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:

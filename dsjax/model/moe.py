@@ -18,7 +18,8 @@ Routing (:class:`Router`, all in float32):
   every V2 release leaves off), times ``routed_scaling_factor``.
 
 Expert computation (:class:`RoutedExperts`) is dropless: the M pairs are sorted by expert and three grouped
-matmuls (``jax.lax.ragged_dot``, ``md,edf->mf`` per group) run SwiGLU over exactly the tokens each expert got; no
+matmuls (``pallas_kernels.grouped_matmul``: Mosaic GPU kernels on Hopper, ``jax.lax.ragged_dot`` elsewhere;
+``md,edf->mf`` per group) run SwiGLU over exactly the tokens each expert got; no
 dense all-experts einsum.
 
 The router also returns what training needs: per-expert token counts (for the auxiliary-loss-free bias update)
@@ -34,6 +35,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from pallas_kernels import grouped_matmul
 
 from dsjax.configs import ModelConfig
 from dsjax.model.layers import MLP, FP8Scale, RoutingBias, dtype_of, make_param
@@ -153,9 +156,10 @@ class RoutedExperts(nnx.Module):
         order = jnp.argsort(flat, stable=True)                   # pairs sorted by expert
         group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
         xs = jnp.take(x.astype(dt), order // k, axis=0)          # [M, D]
-        h = jax.nn.silu(jax.lax.ragged_dot(xs, self._w("gate_proj"), group_sizes)) * \
-            jax.lax.ragged_dot(xs, self._w("up_proj"), group_sizes)
-        ys = jax.lax.ragged_dot(h, self._w("down_proj"), group_sizes)   # [M, D]
+        gmm = lambda a, name: grouped_matmul(a, self._w(name), group_sizes,
+                                             implementation=self.cfg.grouped_matmul_impl)
+        h = jax.nn.silu(gmm(xs, "gate_proj")) * gmm(xs, "up_proj")
+        ys = gmm(h.astype(dt), "down_proj")                      # [M, D]
         inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
         y = jnp.take(ys, inverse, axis=0).reshape(t, k, -1)      # back to token order
         return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights).astype(dt)

@@ -1,0 +1,114 @@
+"""Grouped (ragged) matrix multiplication for dropless MoE: ``out[rows of group g] = x[rows of g] @ w[g]``.
+
+``grouped_matmul(x [M, K], w [G, K, N], group_sizes [G]) -> [M, N]`` where the rows of ``x`` are sorted by group and
+``group_sizes`` counts them (summing to M). Differentiable in ``x`` and ``w``.
+
+Backends (``implementation=``):
+
+* ``"xla"``: ``jax.lax.ragged_dot`` -- the reference, any platform. (On GPUs with jax 0.11 it runs at ~10 TFLOP/s on
+  MoE shapes: usable for tests, far too slow for training.)
+* ``"mosaic_gpu"``: the Hopper Pallas Mosaic GPU kernels shipped with jax
+  (``jax.experimental.pallas.ops.gpu.ragged_dot_mgpu`` for the forward and the input gradient,
+  ``transposed_ragged_dot_mgpu`` for the weight gradient: ``dw[g] = x_g^T dy_g``), joined with ``jax.custom_vjp``.
+  Requires sm_90, bf16/fp16 operands and ``K, N`` multiples of the 128/64 tiles. Measured on an H200 at
+  M=98304, K=1024, N=512, G=64: 0.24 ms forward (431 TFLOP/s) against 10.4 ms for ``lax.ragged_dot``.
+* ``"auto"`` (default): Mosaic GPU where supported, otherwise XLA.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["grouped_matmul", "mosaic_gpu_supported"]
+
+Implementation = Literal["auto", "xla", "mosaic_gpu"]
+_BLOCK_M, _BLOCK_N, _BLOCK_K, _STAGES = 128, 128, 64, 4
+
+
+def _is_hopper() -> bool:
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError:
+        return False
+    if dev.platform != "gpu":
+        return False
+    cc = getattr(dev, "compute_capability", "")
+    return str(cc).startswith("9.")
+
+
+def mosaic_gpu_supported(x: jax.Array, w: jax.Array) -> bool:
+    """Whether the Mosaic GPU kernels handle these operands (platform, dtype and tile divisibility)."""
+    _, k = x.shape
+    _, k2, n = w.shape
+    return (_is_hopper() and x.dtype == w.dtype and x.dtype in (jnp.bfloat16, jnp.float16) and k == k2
+            and k % _BLOCK_K == 0 and n % _BLOCK_N == 0 and k % _BLOCK_M == 0 and n % _BLOCK_K == 0)
+
+
+def _grid_block_n(n: int) -> int:
+    for g in (4, 2, 1):
+        if (n // _BLOCK_N) % g == 0:
+            return g
+    return 1
+
+
+def _mgpu_forward(x, w, group_sizes, transpose_rhs=False):
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+
+    n = w.shape[1] if transpose_rhs else w.shape[2]
+    return ragged_dot_mgpu.ragged_dot(x, w, group_sizes=group_sizes, block_m=_BLOCK_M, block_n=_BLOCK_N,
+                                      block_k=_BLOCK_K, max_concurrent_steps=_STAGES,
+                                      grid_block_n=_grid_block_n(n), transpose_rhs=transpose_rhs)
+
+
+def _mgpu_weight_grad(x, dy, group_sizes):
+    from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
+
+    return transposed_ragged_dot_mgpu.transposed_ragged_dot(
+        x, dy, group_sizes=group_sizes, block_m=_BLOCK_M, block_n=_BLOCK_N, block_k=_BLOCK_K,
+        max_concurrent_steps=_STAGES, grid_block_n=1)
+
+
+@jax.custom_vjp
+def _gmm_mgpu(x, w, group_sizes):
+    return _mgpu_forward(x, w, group_sizes)
+
+
+def _gmm_mgpu_fwd(x, w, group_sizes):
+    return _mgpu_forward(x, w, group_sizes), (x, w, group_sizes)
+
+
+def _gmm_mgpu_bwd(res, dy):
+    x, w, group_sizes = res
+    dy = dy.astype(x.dtype)
+    dx = _mgpu_forward(dy, w, group_sizes, transpose_rhs=True)   # [M, N] x [G, K, N]^T -> [M, K]
+    dw = _mgpu_weight_grad(x, dy, group_sizes)                    # per group x_g^T dy_g -> [G, K, N]
+    return dx, dw.astype(w.dtype), None
+
+
+_gmm_mgpu.defvjp(_gmm_mgpu_fwd, _gmm_mgpu_bwd)
+
+
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
+                   implementation: Implementation = "auto", preferred_element_type=None) -> jax.Array:
+    """``[M, K] x [G, K, N] -> [M, N]`` with rows grouped by ``group_sizes [G]`` (int32, summing to M).
+
+    ``preferred_element_type`` applies to the XLA path; the Mosaic GPU kernels accumulate in float32 and return the
+    operand dtype.
+    """
+    if x.ndim != 2 or w.ndim != 3 or group_sizes.shape != (w.shape[0],):
+        raise ValueError(f"grouped_matmul expects x [M, K], w [G, K, N], group_sizes [G]; got {x.shape}, "
+                         f"{w.shape}, {group_sizes.shape}")
+    if implementation == "auto":
+        implementation = "mosaic_gpu" if mosaic_gpu_supported(x, w) else "xla"
+    if implementation == "mosaic_gpu":
+        if not mosaic_gpu_supported(x, w):
+            raise ValueError(f"implementation='mosaic_gpu' needs a Hopper GPU, bf16/fp16 operands of one dtype and "
+                             f"K, N multiples of {_BLOCK_N}; got x {x.shape} {x.dtype}, w {w.shape} {w.dtype}. "
+                             f"Fix: use implementation='xla' or 'auto'")
+        return _gmm_mgpu(x, w, group_sizes.astype(jnp.int32))
+    if implementation != "xla":
+        raise ValueError(f"implementation={implementation!r} is unknown; use 'auto', 'xla' or 'mosaic_gpu'")
+    return jax.lax.ragged_dot(x, w, group_sizes.astype(jnp.int32), preferred_element_type=preferred_element_type)
