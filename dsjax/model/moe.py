@@ -186,13 +186,19 @@ class MoE(nnx.Module):
         ``indices [B,S,K]`` the chosen experts.
         """
         b, s, d = x.shape
-        e, k = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
         flat_x = x.reshape(b * s, d)
-        r = self.gate(flat_x)
-        y = self.experts(flat_x, r.indices, r.weights).reshape(b, s, d)
+        with jax.named_scope("router"):
+            r = self.gate(flat_x)
+        with jax.named_scope("routed_experts"):
+            y = self.experts(flat_x, r.indices, r.weights).reshape(b, s, d)
         if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
+            with jax.named_scope("shared_experts"):
+                y = y + self.shared_experts(x)
+        with jax.named_scope("routing_stats"):
+            return y, self._stats(r, valid, b, s)
 
+    def _stats(self, r: RouterOutput, valid, b: int, s: int) -> dict[str, jax.Array]:
+        e, k = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
         valid = jnp.ones((b, s), bool) if valid is None else valid
         vf = valid.astype(jnp.float32)
         idx = r.indices.reshape(b, s, k)
@@ -204,4 +210,4 @@ class MoE(nnx.Module):
         s_norm = r.scores / (r.scores.sum(-1, keepdims=True) + 1e-20)
         p = jnp.einsum("bse,bs->be", s_norm.reshape(b, s, e), vf) / n_valid
         balance = jnp.mean(jnp.sum(f * p, axis=-1))
-        return y, {"counts": counts, "balance": balance, "indices": r.indices.reshape(b, s, k)}
+        return {"counts": counts, "balance": balance, "indices": r.indices.reshape(b, s, k)}

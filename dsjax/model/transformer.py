@@ -96,14 +96,16 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, h, cos, sin, mask, valid, *, mla_impl: MLAImpl = "naive", cache=None, cache_index=None):
         """``h [B,T,D] -> (h, latent (c_kv, k_rot), moe_stats | None)``."""
-        a, latent = self.self_attn(self.input_layernorm(h), cos, sin, mask, impl=mla_impl, cache=cache,
-                                   cache_index=cache_index)
+        with jax.named_scope("mla"):
+            a, latent = self.self_attn(self.input_layernorm(h), cos, sin, mask, impl=mla_impl, cache=cache,
+                                       cache_index=cache_index)
         h = h + checkpoint_name(a, "attn_out")
         x = self.post_attention_layernorm(h)
-        if self.is_moe:
-            m, stats = self.mlp(x, valid)
-        else:
-            m, stats = self.mlp(x), None
+        with jax.named_scope("moe" if self.is_moe else "mlp"):
+            if self.is_moe:
+                m, stats = self.mlp(x, valid)
+            else:
+                m, stats = self.mlp(x), None
         h = h + checkpoint_name(m, "mlp_out")
         return h, latent, stats
 

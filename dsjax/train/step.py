@@ -170,7 +170,8 @@ def make_train_step(cfg: TrainConfig, graphdef: Any, params_template: nnx.State,
         out = model(mb["tokens"], mb["segment_ids"], mb["positions"], return_mtp=depth > 0 and lam > 0,
                     return_hidden=True, compute_logits=False)
         tg, w = shifted_targets(mb["tokens"], mb["segment_ids"], mb["loss_mask"], 1)
-        ce_sum, z_sum = chunked_cross_entropy(out.hidden, model.logits_f32, tg, w, cfg.loss.ce_chunk_tokens)
+        with jax.named_scope("ce_loss"):
+            ce_sum, z_sum = chunked_cross_entropy(out.hidden, model.logits_f32, tg, w, cfg.loss.ce_chunk_tokens)
         ce = ce_sum / norms[0]
         z = z_sum / norms[0]
         loss = ce + cfg.loss.z_loss * z
@@ -218,8 +219,9 @@ def make_train_step(cfg: TrainConfig, graphdef: Any, params_template: nnx.State,
 
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
+        with jax.named_scope("optimizer"):
+            updates, new_opt = tx.update(grads, state.opt_state, state.params)
+            new_params = optax.apply_updates(state.params, updates)
         counts = jax.lax.stop_gradient(aux.pop("counts"))
         mtp_counts = jax.lax.stop_gradient(aux.pop("mtp_counts"))
         gamma = cfg.balance.gamma
