@@ -322,3 +322,43 @@ def test_scanned_program_size_is_flat_in_depth():
 
     assert n_eqns(3, True) == n_eqns(9, True)
     assert n_eqns(9, False) > n_eqns(3, False)
+
+
+def test_routed_expert_gradients_match_dense_reference():
+    cfg = configs.tiny()
+    experts = RoutedExperts(cfg, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (20, cfg.hidden_size))
+    r = route(cfg, jax.random.normal(jax.random.key(2), (20, cfg.n_routed_experts)), None)
+    g, st = nnx.split(experts)
+
+    def sparse(st, x):
+        return (nnx.merge(g, st)(x, r.indices, r.weights) ** 2).sum()
+
+    def dense(st, x):  # test-only reference: every expert on every token
+        e = nnx.merge(g, st)
+        h = jax.nn.silu(jnp.einsum("td,edf->tef", x, e.gate_proj[...])) * jnp.einsum("td,edf->tef", x, e.up_proj[...])
+        y = jnp.einsum("tef,efd->ted", h, e.down_proj[...])
+        w = jnp.zeros((20, cfg.n_routed_experts)).at[jnp.arange(20)[:, None], r.indices].add(r.weights)
+        return (jnp.einsum("ted,te->td", y, w) ** 2).sum()
+
+    a = jax.grad(sparse, argnums=(0, 1))(st, x)
+    b = jax.grad(dense, argnums=(0, 1))(st, x)
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(u, v, atol=1e-5, rtol=1e-5)
+
+
+def test_dot_f32_out_has_low_precision_backward():
+    from dsjax.model.layers import dot_f32_out
+
+    x = jax.random.normal(jax.random.key(0), (6, 32)).astype(jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), (32, 48)).astype(jnp.bfloat16)
+    y = dot_f32_out(x, w)
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(y, jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32)), rtol=1e-5, atol=1e-5)
+    f = lambda x, w: jnp.sum(jnp.sin(dot_f32_out(x, w)))
+    ref = lambda x, w: jnp.sum(jnp.sin(jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))))
+    gx, gw = jax.grad(f, argnums=(0, 1))(x, w)
+    rx, rw = jax.grad(ref, argnums=(0, 1))(x, w)
+    assert gx.dtype == jnp.bfloat16 and gw.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(gx, np.float32), rx, rtol=3e-2, atol=3e-2)
+    np.testing.assert_allclose(np.asarray(gw, np.float32), rw, rtol=3e-2, atol=3e-2)

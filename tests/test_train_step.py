@@ -214,3 +214,17 @@ def test_mfu_formula():
     f = flops_per_token(cfg)
     # 6 x ~36.6B active + attention 3 * 61 * 128 * 320 * 4096
     assert f == pytest.approx(6 * 36.626e9 + 3 * 61 * 128 * 320 * 4096, rel=1e-3)
+
+
+def test_bf16_compute_with_fp32_master_weights():
+    cfg = _cfg(model=configs.tiny(dtype="bfloat16", param_dtype="float32"),
+               optim=OptimConfig(learning_rate=3e-3, warmup_steps=0, schedule="constant", moment_dtype="bfloat16"))
+    state = init_state(cfg, jax.random.key(0))
+    assert state.params["layers"][0]["mlp"]["gate_proj"]["kernel"].dtype == jnp.float32  # master copy
+    step = _step(cfg)
+    losses = []
+    for i in range(8):
+        state, m = step(state, _batch(cfg))
+        losses.append(float(m["loss"]))
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    assert state.params["layers"][0]["mlp"]["gate_proj"]["kernel"].dtype == jnp.float32

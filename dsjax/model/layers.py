@@ -64,6 +64,32 @@ def _normal(std: float):
     return jax.nn.initializers.normal(stddev=std)
 
 
+@jax.custom_vjp
+def dot_f32_out(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x [..., K] @ w [K, N]`` returned in float32 (for losses over logits), with a low-precision backward.
+
+    ``preferred_element_type=float32`` alone makes autodiff run the two backward matmuls in float32 (TF32 on GPUs,
+    several times slower than bf16). Here the float32 cotangent is cast back to the operands' dtype first and
+    both gradients are bf16 matmuls with float32 accumulation -- the same numerics as the forward.
+    """
+    return jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+
+def _dot_f32_out_fwd(x, w):
+    return dot_f32_out(x, w), (x, w)
+
+
+def _dot_f32_out_bwd(res, ct):
+    x, w = res
+    g = ct.astype(x.dtype)
+    dx = jnp.einsum("...n,kn->...k", g, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    dw = jnp.einsum("...k,...n->kn", x, g, preferred_element_type=jnp.float32).astype(w.dtype)
+    return dx, dw
+
+
+dot_f32_out.defvjp(_dot_f32_out_fwd, _dot_f32_out_bwd)
+
+
 class RMSNorm(nnx.Module):
     """RMSNorm computed in float32 like HF: ``w * cast(x32 * rsqrt(mean(x32^2) + eps), x.dtype)``."""
 
@@ -119,6 +145,10 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
         """``x [..., *I] -> [..., *O]`` in the compute dtype (or ``out_dtype``, accumulated in that dtype)."""
         n_in = len(self.in_features)
+        if (out_dtype == jnp.float32 and n_in == 1 and len(self.out_features) == 1
+                and jnp.dtype(self.dtype).itemsize < 4):
+            y = dot_f32_out(x.astype(self.dtype), self.weight())
+            return y if self.bias is None else y + self.bias.get_value().astype(y.dtype)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
         y = jax.lax.dot_general(x.astype(self.dtype), self.weight(), (contract, ((), ())),
                                 preferred_element_type=out_dtype)
@@ -139,8 +169,10 @@ class Embed(nnx.Module):
 
     def attend(self, x: jax.Array, out_dtype=None) -> jax.Array:
         """Tied output head ``x [..., D] -> [..., V]``."""
-        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding.get_value().astype(self.dtype),
-                          preferred_element_type=out_dtype)
+        table = self.embedding.get_value().astype(self.dtype)
+        if out_dtype == jnp.float32 and jnp.dtype(self.dtype).itemsize < 4:
+            return dot_f32_out(x.astype(self.dtype), table.T)
+        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), table, preferred_element_type=out_dtype)
 
 
 class MLP(nnx.Module):

@@ -92,11 +92,13 @@ class MLA(nnx.Module):
             scores = jnp.where(mask[:, None, :, :], scores, jnp.finfo(jnp.float32).min)
         return jax.nn.softmax(scores, axis=-1).astype(dtype)
 
-    def attend_naive(self, q_nope, q_rot, c_kv, k_rot, mask) -> jax.Array:
+    def attend_naive(self, q_nope, q_rot, c_kv, k_rot, mask, causal_from_start: bool = False) -> jax.Array:
         """Expands K/V from the latent: returns ``O [B,S,N,V]``. ``mask [B,S,T]`` bool (True = attend).
 
         ``cfg.attention_impl`` picks the core: explicit einsum scores, or ``jax.nn.dot_product_attention``
-        (``"cudnn"``: fused flash attention on Hopper, which supports MLA's different key/value head sizes).
+        (``"cudnn"``: fused flash attention on Hopper). ``causal_from_start`` tells the fused kernel that query
+        ``s`` sits at key slot ``s`` (no cache), so it may skip the blocks above the diagonal; ``mask`` still
+        carries the document boundaries.
         """
         kv = self.kv_b_proj(c_kv)  # [B,T,N,C+V]
         c = self.cfg.qk_nope_head_dim
@@ -111,7 +113,7 @@ class MLA(nnx.Module):
             vp = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, q.shape[-1] - dv))) if q.shape[-1] > dv else v
             o = jax.nn.dot_product_attention(
                 q, k, vp, mask=None if mask is None else mask[:, None], scale=self.cfg.softmax_scale,
-                implementation="cudnn" if impl == "cudnn" else None)
+                is_causal=causal_from_start, implementation="cudnn" if impl == "cudnn" else None)
             return o[..., :dv].astype(v.dtype)
         scores = jnp.einsum("bsnh,btnh->bnst", q, k, preferred_element_type=jnp.float32)
         p = self._softmax(scores, mask, v.dtype)
@@ -146,7 +148,8 @@ class MLA(nnx.Module):
             k_rot = jax.lax.dynamic_update_slice_in_dim(cache[1], k_rot.astype(cache[1].dtype), idx, axis=1)
         dt = dtype_of(self.cfg.dtype)
         if impl == "naive":
-            o = self.attend_naive(q_nope, q_rot, c_kv.astype(dt), k_rot.astype(dt), mask)
+            o = self.attend_naive(q_nope, q_rot, c_kv.astype(dt), k_rot.astype(dt), mask,
+                                  causal_from_start=cache is None)
         elif impl == "absorbed":
             o = self.attend_absorbed(q_nope, q_rot, c_kv.astype(dt), k_rot.astype(dt), mask)
         else:

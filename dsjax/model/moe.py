@@ -31,6 +31,7 @@ the ``alpha`` factor.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -111,6 +112,36 @@ class Router(nnx.Module):
         return route(self.cfg, logits, bias)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _dispatch(x: jax.Array, order: jax.Array, inverse: jax.Array, k: int) -> jax.Array:
+    """``x [T, D] -> xs [M, D]`` with ``xs[i] = x[order[i] // K]`` (token rows in expert order).
+
+    Its gradient is a gather plus a sum over each token's K copies (no scatter-add with atomics)."""
+    return jnp.take(x, order // k, axis=0)
+
+
+def _dispatch_fwd(x, order, inverse, k):
+    return _dispatch(x, order, inverse, k), (inverse, x.shape[0])
+
+
+def _dispatch_bwd(k, res, ct):
+    inverse, t = res
+    return jnp.take(ct, inverse, axis=0).reshape(t, k, -1).sum(1), None, None
+
+
+_dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
+
+
+@jax.custom_vjp
+def _permute(x: jax.Array, perm: jax.Array, inverse: jax.Array) -> jax.Array:
+    """``x[perm]`` for a permutation ``perm``; the gradient is the gather ``ct[inverse]``."""
+    return jnp.take(x, perm, axis=0)
+
+
+_permute.defvjp(lambda x, p, i: (jnp.take(x, p, axis=0), (i,)),
+                lambda res, ct: (jnp.take(ct, res[0], axis=0), None, None))
+
+
 class RoutedExperts(nnx.Module):
     """E SwiGLU experts stored as ``gate_proj/up_proj [E, D, F]`` and ``down_proj [E, F, D]``.
 
@@ -154,14 +185,14 @@ class RoutedExperts(nnx.Module):
         dt = dtype_of(self.cfg.dtype)
         flat = indices.reshape(-1)                               # [M]
         order = jnp.argsort(flat, stable=True)                   # pairs sorted by expert
+        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
         group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
-        xs = jnp.take(x.astype(dt), order // k, axis=0)          # [M, D]
+        xs = _dispatch(x.astype(dt), order, inverse, k)          # [M, D]
         gmm = lambda a, name: grouped_matmul(a, self._w(name), group_sizes,
                                              implementation=self.cfg.grouped_matmul_impl)
         h = jax.nn.silu(gmm(xs, "gate_proj")) * gmm(xs, "up_proj")
         ys = gmm(h.astype(dt), "down_proj")                      # [M, D]
-        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-        y = jnp.take(ys, inverse, axis=0).reshape(t, k, -1)      # back to token order
+        y = _permute(ys, inverse, order).reshape(t, k, -1)       # back to token order
         return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights).astype(dt)
 
 

@@ -219,22 +219,33 @@ def make_train_step(cfg: TrainConfig, graphdef: Any, params_template: nnx.State,
 
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        with jax.named_scope("optimizer"):
-            updates, new_opt = tx.update(grads, state.opt_state, state.params)
-            new_params = optax.apply_updates(state.params, updates)
         counts = jax.lax.stop_gradient(aux.pop("counts"))
         mtp_counts = jax.lax.stop_gradient(aux.pop("mtp_counts"))
         gamma = cfg.balance.gamma
         if cfg.balance.gamma_until_step is not None:
             gamma = jnp.where(state.step < cfg.balance.gamma_until_step, gamma, 0.0)
-        new_rest = _update_biases(state.rest, counts, mtp_counts, gamma, cfg.balance.center,
-                                  mcfg.first_k_dense_replace)
-        keep = lambda new, old: jax.tree.map(lambda a, o: jnp.where(ok, a, o), new, old)
+
+        def apply(operands):
+            params, opt_state, rest, grads = operands
+            with jax.named_scope("optimizer"):
+                updates, new_opt = tx.update(grads, opt_state, params)
+                new_params = optax.apply_updates(params, updates)
+            new_rest = _update_biases(rest, counts, mtp_counts, gamma, cfg.balance.center, mcfg.first_k_dense_replace)
+            return new_params, new_opt, new_rest
+
+        def skip(operands):
+            params, opt_state, rest, _ = operands
+            return params, opt_state, rest
+
+        # A skipped step leaves params, moments (and Adam's count) and routing biases exactly as they were. A
+        # conditional rather than a select: a select over params + moments re-reads and re-writes all of them.
+        new_params, new_opt, new_rest = jax.lax.cond(ok, apply, skip,
+                                                     (state.params, state.opt_state, state.rest, grads))
         new_state = TrainState(
             step=state.step + 1,
-            params=keep(new_params, state.params),
-            opt_state=keep(new_opt, state.opt_state),
-            rest=keep(new_rest, state.rest),
+            params=new_params,
+            opt_state=new_opt,
+            rest=new_rest,
             skipped=state.skipped + (~ok).astype(jnp.int32),
             consecutive=jnp.where(ok, 0, state.consecutive + 1).astype(jnp.int32),
         )
