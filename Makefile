@@ -1,12 +1,12 @@
 # dsjax entry points. Two commands on a fresh machine:
-#   make run    -- create .venv (Python >= 3.12), install dsjax, run the default job
+#   make run    -- create .venv (Python >= 3.12), install dsjax, run the default job (train `tiny` on CPU)
 #   make test   -- create .venv, install dsjax[test,hf], run the test suite
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 CONFIG ?= tiny
 PYTEST_ARGS ?= -n 2
 
-.PHONY: venv run test test-all goldens clean
+.PHONY: venv run inspect test test-all goldens clean
 
 $(VENV)/.installed: setup.py pyproject.toml
 	@set -e; PYBIN=$$(tools/find_python.sh); echo "using $$PYBIN"; \
@@ -17,7 +17,14 @@ $(VENV)/.installed: setup.py pyproject.toml
 
 venv: $(VENV)/.installed
 
+WORKDIR ?= workdirs/$(CONFIG)
+
 run: venv
+	$(PY) -m experiments.train --config=$(CONFIG) --workdir=$(WORKDIR)
+	$(PY) -m experiments.plot --workdir=$(WORKDIR)
+
+# Parameter table + forward pass of a model preset (any size: big ones are counted, not allocated).
+inspect: venv
 	$(PY) -m experiments.main --config=$(CONFIG)
 
 test: venv

@@ -43,7 +43,7 @@ SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
-ATTENTION_IMPLS = ("einsum", "cudnn", "jax")
+ATTENTION_IMPLS = ("auto", "einsum", "cudnn", "jax")
 GROUPED_MATMUL_IMPLS = ("auto", "xla", "mosaic_gpu")
 ROPE_TYPES = ("default", "yarn")
 
@@ -185,9 +185,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat_policy: str = "none"
-    # "einsum": explicit scores (any backend); "cudnn": cuDNN fused flash attention (Hopper, bf16/fp16, MLA head
-    # dims); "jax": jax.nn.dot_product_attention with its default (XLA) backend.
-    attention_impl: str = "einsum"
+    # "auto": cuDNN flash attention on Hopper GPUs with bf16/fp16 compute, else "einsum" (explicit scores, any
+    # backend); "cudnn": always cuDNN; "jax": jax.nn.dot_product_attention with its default (XLA) backend.
+    attention_impl: str = "auto"
     # routed-expert grouped matmuls: "auto" (Mosaic GPU kernels on Hopper, else XLA ragged_dot), "xla", "mosaic_gpu"
     grouped_matmul_impl: str = "auto"
 

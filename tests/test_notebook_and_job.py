@@ -40,3 +40,22 @@ def test_default_job_runs():
                          capture_output=True, text=True, timeout=600)
     assert big.returncode == 0, big.stderr[-3000:]
     assert "671,026,404,352" in big.stdout and "skipping the forward pass" in big.stdout
+
+
+def test_main_training_job_runs(tmp_path):
+    """The README's main job (experiments.train with its defaults), shortened to 40 steps for CI."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    wd = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "experiments.train", f"--workdir={wd}", "--set=steps=40",
+                          "--set=log_every=10"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "step 40/40" in res.stdout and "done: step 40" in res.stdout
+    import json
+
+    rows = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 40 and rows[-1]["loss"] < rows[0]["loss"] - 1.0, (rows[0]["loss"], rows[-1]["loss"])
+    assert (wd / "config.json").exists() and list((wd / "tensorboard").glob("events.*"))
+    assert (wd / "checkpoints" / "40").exists()
+    again = subprocess.run([sys.executable, "-m", "experiments.train", f"--workdir={wd}", "--set=steps=40"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and "already complete" in again.stdout

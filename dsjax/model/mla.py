@@ -38,6 +38,18 @@ MLAImpl = Literal["naive", "absorbed"]
 _MLA_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the RMSNorm default in HF and DeepSeek's code
 
 
+def _cudnn_flash_available(dtype) -> bool:
+    """cuDNN fused attention runs on Hopper-or-newer GPUs in bf16/fp16."""
+    if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        return False
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError:
+        return False
+    cc = str(getattr(dev, "compute_capability", "0"))
+    return dev.platform == "gpu" and cc[:cc.find(".")].isdigit() and int(cc[:cc.find(".")]) >= 9
+
+
 class MLA(nnx.Module):
     """Multi-head Latent Attention. See the module docstring for the algorithm and shape letters."""
 
@@ -107,6 +119,8 @@ class MLA(nnx.Module):
                             axis=-1)
         q = jnp.concatenate([q_nope, q_rot], axis=-1)
         impl = self.cfg.attention_impl
+        if impl == "auto":
+            impl = "cudnn" if _cudnn_flash_available(q.dtype) else "einsum"
         if impl != "einsum":
             # the public API wants equal key/value head sizes: pad V with zeros to C+P, drop the padding after
             dv = v.shape[-1]

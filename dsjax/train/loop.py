@@ -190,6 +190,9 @@ def run(cfg: TrainConfig, workdir: str | pathlib.Path, *, log_fn=print) -> dict[
                 f"No checkpoint was written for them; the last good one is {ckpt.latest_step()}. Fix: lower "
                 f"optim.learning_rate, check the data, or raise max_consecutive_skips.")
 
+    if start >= cfg.steps:
+        log_fn(f"{workdir} is already complete ({start}/{cfg.steps} steps); raise --set steps=... to continue "
+               f"or use a new --workdir")
     t_start = time.perf_counter()
     try:
         for step in range(start, cfg.steps):
