@@ -54,7 +54,7 @@ def main(argv):
     by_scope = collections.Counter()
     by_kernel = collections.Counter()
     total = 0.0
-    seen_keys, lines_seen = set(), set()
+    seen_keys, lines_seen, samples = set(), set(), []
     for plane in data.planes:
         if not plane.name.startswith("/device:GPU"):
             continue
@@ -67,17 +67,21 @@ def main(argv):
                 seen_keys.update(stats)
                 dur = ev.duration_ns / 1e6 / FLAGS.steps
                 total += dur
-                long = str(stats.get("tf_op", "")) + " " + str(stats.get("long_name", ""))
+                long = str(stats.get("tf_op", "")) + " " + str(stats.get("name", "")) + " " + \
+                    str(stats.get("hlo_op", ""))
+                if len(samples) < 4 and dur > 0.5:
+                    samples.append(long[:240])
                 scope = next((s for s in SCOPES if re.search(rf"\b{s}\b", long)), "other")
                 back = "bwd" if "transpose(" in long else "fwd"
                 by_scope[f"{scope} ({back})"] += dur
                 by_kernel[(ev.name[:60], scope)] += dur
     print(f"trace lines: {sorted(lines_seen)[:12]}; event stat keys: {sorted(seen_keys)}")
+    print("sample op names:", *samples, sep="\n  ")
     print(f"device time per step: {total:.1f} ms (sum over streams)")
     for k, v in by_scope.most_common():
         print(f"  {k:32s} {v:8.2f} ms  {100 * v / total:5.1f}%")
     print("top kernels:")
-    for (name, scope), v in by_kernel.most_common(25):
+    for (name, scope), v in by_kernel.most_common(30):
         print(f"  {v:7.2f} ms  {scope:16s} {name}")
 
 

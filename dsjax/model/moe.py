@@ -36,6 +36,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels import grouped_matmul
 
@@ -188,8 +189,9 @@ class RoutedExperts(nnx.Module):
         inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
         group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
         xs = _dispatch(x.astype(dt), order, inverse, k)          # [M, D]
-        gmm = lambda a, name: grouped_matmul(a, self._w(name), group_sizes,
-                                             implementation=self.cfg.grouped_matmul_impl)
+        # the grouped matmuls are custom calls, not "dots" to the remat policies: name them so they can be saved
+        gmm = lambda a, name: checkpoint_name(grouped_matmul(a, self._w(name), group_sizes,
+                                                             implementation=self.cfg.grouped_matmul_impl), "moe_gmm")
         h = jax.nn.silu(gmm(xs, "gate_proj")) * gmm(xs, "up_proj")
         ys = gmm(h.astype(dt), "down_proj")                      # [M, D]
         y = _permute(ys, inverse, order).reshape(t, k, -1)       # back to token order

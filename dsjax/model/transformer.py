@@ -30,17 +30,19 @@ from jax.ad_checkpoint import checkpoint_name
 from dsjax.configs import ModelConfig
 from dsjax.model.cache import LatentCache
 from dsjax.model.layers import MLP, Embed, Linear, RMSNorm, dtype_of
-from dsjax.model.mla import MLA, MLAImpl
+from dsjax.model.mla import MLA, MaskInfo, MLAImpl
 from dsjax.model.moe import MoE
 from dsjax.model.rope import rope_cos_sin
 
 __all__ = ["DecoderLayer", "MTPModule", "Transformer", "ModelOutput", "make_attention_mask"]
 
+_CP = jax.checkpoint_policies
+_GMM = _CP.save_only_these_names("moe_gmm")  # grouped-matmul outputs count as matmuls for "dots" policies
 _REMAT = {
     "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out", "mlp_out"),
+    "dots": _CP.save_from_both_policies(_CP.checkpoint_dots, _GMM),
+    "dots_no_batch": _CP.save_from_both_policies(_CP.dots_with_no_batch_dims_saveable, _GMM),
+    "save_attn_out": _CP.save_only_these_names("attn_out", "mlp_out"),
 }
 
 
@@ -283,10 +285,10 @@ class Transformer(nnx.Module):
         if cache is not None:
             kv_segments = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids.astype(jnp.int32),
                                                               offset, axis=1)
-            mask = make_attention_mask(segment_ids, kv_segments, offset)
+            mask = MaskInfo(make_attention_mask(segment_ids, kv_segments, offset))
         else:
             kv_segments = None
-            mask = make_attention_mask(segment_ids, segment_ids)
+            mask = MaskInfo(make_attention_mask(segment_ids, segment_ids), segment_ids.astype(jnp.int32))
         cos, sin = rope_cos_sin(cfg, positions, dt)
 
         h = self.embed_tokens(input_ids)
