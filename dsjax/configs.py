@@ -43,7 +43,7 @@ SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
-ATTENTION_IMPLS = ("auto", "einsum", "cudnn", "cudnn_packed", "jax")
+ATTENTION_IMPLS = ("auto", "einsum", "cudnn", "jax")
 GROUPED_MATMUL_IMPLS = ("auto", "xla", "mosaic_gpu")
 ROPE_TYPES = ("default", "yarn")
 
@@ -186,8 +186,7 @@ class ModelConfig:
     scan_layers: bool = False
     remat_policy: str = "none"
     # "auto": cuDNN flash attention on Hopper GPUs with bf16/fp16 compute, else "einsum" (explicit scores, any
-    # backend); "cudnn": always cuDNN (dense document mask); "cudnn_packed": cuDNN's packed-sequence layout
-    # (documents as offsets/lengths, unpadded MLA head sizes; falls back to "cudnn" with a cache); "jax":
+    # backend); "cudnn": always cuDNN (dense document mask, V zero-padded to the key size); "jax":
     # jax.nn.dot_product_attention with its default (XLA) backend.
     attention_impl: str = "auto"
     # routed-expert grouped matmuls: "auto" (Mosaic GPU kernels on Hopper, else XLA ragged_dot), "xla", "mosaic_gpu"

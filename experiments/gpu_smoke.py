@@ -11,7 +11,7 @@ from flax import nnx
 
 from dsjax import configs
 from dsjax.model import make_attention_mask, rope_cos_sin
-from dsjax.model.mla import MLA, MaskInfo
+from dsjax.model.mla import MLA
 
 
 def main():
@@ -23,9 +23,9 @@ def main():
                            3 * jnp.ones((b, 224), jnp.int32)], 1)
     pos = jnp.concatenate([jnp.arange(300), jnp.arange(500), jnp.arange(224)])[None].repeat(b, 0)
     cos, sin = rope_cos_sin(cfg, pos, jnp.bfloat16)
-    mask = MaskInfo(make_attention_mask(seg, seg), seg)
+    mask = make_attention_mask(seg, seg)
     outs, grads = {}, {}
-    for impl in ("einsum", "cudnn", "cudnn_packed"):
+    for impl in ("einsum", "cudnn"):
         mla = MLA(cfg.replace(attention_impl=impl), rngs=nnx.Rngs(0))
         g, s = nnx.split(mla)
         f = lambda s, h: nnx.merge(g, s)(h, cos, sin, mask)[0].astype(jnp.float32)

@@ -22,7 +22,6 @@ The softmax scale is ``cfg.softmax_scale`` (``(C+P)**-0.5`` times the YaRN ``msc
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Literal
 
 import jax
@@ -37,32 +36,6 @@ __all__ = ["MLA", "MLAImpl"]
 
 MLAImpl = Literal["naive", "absorbed"]
 
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class MaskInfo:
-    """What attention needs to mask: ``dense [B,S,T]`` bool (True = attend) and, when queries and keys are the
-    same tokens (no cache), their ``segment_ids [B,T]`` so packed-sequence kernels can skip the dense mask."""
-
-    dense: jax.Array
-    segment_ids: jax.Array | None = None
-
-
-def packed_segments(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``segment_ids [B,T] -> (offsets [B,T+1], lengths [B,T])``: start and length of each run of equal ids per row,
-    padded with -1 (cuDNN's packed-layout description; at most T runs per row)."""
-    b, t = segment_ids.shape
-    idx = jnp.arange(t, dtype=jnp.int32)
-    is_start = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-    starts = jnp.sort(jnp.where(is_start, idx, t), axis=1)                 # run starts first, then t
-    n_runs = is_start.sum(1, keepdims=True)
-    nxt = jnp.concatenate([starts[:, 1:], jnp.full((b, 1), t, jnp.int32)], axis=1)
-    nxt = jnp.where(idx[None] + 1 < n_runs, nxt, t)
-    valid = idx[None] < n_runs
-    lengths = jnp.where(valid, nxt - starts, -1)
-    offsets = jnp.concatenate([jnp.where(valid, starts, -1), jnp.full((b, 1), -1, jnp.int32)], axis=1)
-    return offsets.astype(jnp.int32), lengths.astype(jnp.int32)
-_MLA_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the RMSNorm default in HF and DeepSeek's code
 
 
 def _cudnn_flash_available(dtype) -> bool:
@@ -146,15 +119,8 @@ class MLA(nnx.Module):
                             axis=-1)
         q = jnp.concatenate([q_nope, q_rot], axis=-1)
         impl = self.cfg.attention_impl
-        segments = mask.segment_ids if isinstance(mask, MaskInfo) else None
-        mask = mask.dense if isinstance(mask, MaskInfo) else mask
         if impl == "auto":
             impl = "cudnn" if _cudnn_flash_available(q.dtype) else "einsum"
-        if impl == "cudnn_packed":
-            if segments is None or not causal_from_start:
-                impl = "cudnn"  # with a cache the queries are not the keys: use the dense mask
-            else:
-                return self._attend_cudnn_packed(q, k, v, segments)
         if impl != "einsum":
             # the public API wants equal key/value head sizes: pad V with zeros to C+P, drop the padding after
             dv = v.shape[-1]
@@ -167,20 +133,8 @@ class MLA(nnx.Module):
         p = self._softmax(scores, mask, v.dtype)
         return jnp.einsum("bnst,btnv->bsnv", p, v)
 
-    def _attend_cudnn_packed(self, q, k, v, segment_ids) -> jax.Array:
-        """cuDNN flash attention in its packed layout: documents described by offsets/lengths (no dense mask),
-        causal within each document, MLA's key and value head sizes as they are (no padding)."""
-        from jax._src.cudnn import fused_attention_stablehlo as cudnn_attn
-
-        offsets, lengths = packed_segments(segment_ids)
-        out = cudnn_attn.dot_product_attention(
-            q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets,
-            scale=self.cfg.softmax_scale, mask_type=cudnn_attn.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
-        return out.astype(v.dtype)
-
     def attend_absorbed(self, q_nope, q_rot, c_kv, k_rot, mask) -> jax.Array:
         """Attends directly over the latent (W_UK folded into q, W_UV after attention): ``O [B,S,N,V]``."""
-        mask = mask.dense if isinstance(mask, MaskInfo) else mask
         w_uk, w_uv = self._w_uk_uv()
         q_lat = jnp.einsum("bsnc,rnc->bsnr", q_nope, w_uk)
         scores = jnp.einsum("bsnr,btr->bnst", q_lat, c_kv, preferred_element_type=jnp.float32)

@@ -30,7 +30,7 @@ from jax.ad_checkpoint import checkpoint_name
 from dsjax.configs import ModelConfig
 from dsjax.model.cache import LatentCache
 from dsjax.model.layers import MLP, Embed, Linear, RMSNorm, dtype_of
-from dsjax.model.mla import MLA, MaskInfo, MLAImpl
+from dsjax.model.mla import MLA, MLAImpl
 from dsjax.model.moe import MoE
 from dsjax.model.rope import rope_cos_sin
 
@@ -285,10 +285,10 @@ class Transformer(nnx.Module):
         if cache is not None:
             kv_segments = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids.astype(jnp.int32),
                                                               offset, axis=1)
-            mask = MaskInfo(make_attention_mask(segment_ids, kv_segments, offset))
+            mask = make_attention_mask(segment_ids, kv_segments, offset)
         else:
             kv_segments = None
-            mask = MaskInfo(make_attention_mask(segment_ids, segment_ids), segment_ids.astype(jnp.int32))
+            mask = make_attention_mask(segment_ids, segment_ids)
         cos, sin = rope_cos_sin(cfg, positions, dt)
 
         h = self.embed_tokens(input_ids)
