@@ -35,7 +35,7 @@ from dsjax.model.rope import apply_rope
 __all__ = ["MLA", "MLAImpl"]
 
 MLAImpl = Literal["naive", "absorbed"]
-
+_MLA_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the RMSNorm default in HF and DeepSeek's code
 
 
 def _cudnn_flash_available(dtype) -> bool:
