@@ -228,3 +228,14 @@ def test_bf16_compute_with_fp32_master_weights():
         losses.append(float(m["loss"]))
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
     assert state.params["layers"][0]["mlp"]["gate_proj"]["kernel"].dtype == jnp.float32
+
+
+def test_token_log_probs_chunked():
+    from dsjax.train import token_log_probs
+
+    h = jax.random.normal(jax.random.key(0), (2, 7, 8))
+    w_head = jax.random.normal(jax.random.key(1), (8, 13))
+    tg = jax.random.randint(jax.random.key(2), (2, 7), 0, 13)
+    out = token_log_probs(h, lambda x: x @ w_head, tg, temperature=0.7, chunk_tokens=5)
+    ref = jnp.take_along_axis(jax.nn.log_softmax((h @ w_head) / 0.7), tg[..., None], -1)[..., 0]
+    np.testing.assert_allclose(out, ref, atol=1e-5)

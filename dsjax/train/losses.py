@@ -33,6 +33,17 @@ def shifted_targets(tokens: jax.Array, segment_ids: jax.Array, loss_mask: jax.Ar
     return nxt.astype(jnp.int32), valid.astype(jnp.float32)
 
 
+def _chunk(chunk_tokens: int, *arrays: jax.Array):
+    """Pads the leading (token) axis of each array to a multiple of C and splits it into ``[n_chunks, C, ...]``."""
+    n = arrays[0].shape[0]
+    c = min(chunk_tokens, n)
+    n_chunks = -(-n // c)
+    pad = n_chunks * c - n
+    out = tuple(jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape((n_chunks, c) + a.shape[1:])
+                for a in arrays)
+    return out, n_chunks, c, n
+
+
 def chunked_cross_entropy(hidden: jax.Array, head: Callable[[jax.Array], jax.Array], targets: jax.Array,
                           weights: jax.Array, chunk_tokens: int = 4096) -> tuple[jax.Array, jax.Array]:
     """Sums of weighted cross-entropy and of ``logsumexp**2`` (for z-loss) over all tokens.
@@ -44,18 +55,8 @@ def chunked_cross_entropy(hidden: jax.Array, head: Callable[[jax.Array], jax.Arr
       chunk_tokens: C, tokens per logits chunk.
     Returns ``(sum_i w_i * (lse_i - logit_i[target_i]), sum_i w_i * lse_i**2)``, both float32 scalars.
     """
-    d = hidden.shape[-1]
-    h = hidden.reshape(-1, d)
-    tg = targets.reshape(-1)
-    w = weights.reshape(-1).astype(jnp.float32)
-    n = h.shape[0]
-    c = min(chunk_tokens, n)
-    n_chunks = -(-n // c)
-    pad = n_chunks * c - n
-    if pad:
-        h = jnp.pad(h, ((0, pad), (0, 0)))
-        tg = jnp.pad(tg, (0, pad))
-        w = jnp.pad(w, (0, pad))
+    (h, tg, w), n_chunks, _, _ = _chunk(chunk_tokens, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1),
+                                        weights.reshape(-1).astype(jnp.float32))
 
     @jax.checkpoint
     def chunk(hc, tc, wc):
@@ -65,14 +66,13 @@ def chunked_cross_entropy(hidden: jax.Array, head: Callable[[jax.Array], jax.Arr
         return jnp.sum(wc * (lse - tgt)), jnp.sum(wc * lse * lse)
 
     if n_chunks == 1:
-        return chunk(h, tg, w)
+        return chunk(h[0], tg[0], w[0])
 
     def body(carry, xs):
         ce, z = chunk(*xs)
         return (carry[0] + ce, carry[1] + z), None
 
-    xs = (h.reshape(n_chunks, c, d), tg.reshape(n_chunks, c), w.reshape(n_chunks, c))
-    (ce, z), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0)), xs)
+    (ce, z), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0)), (h, tg, w))
     return ce, z
 
 
@@ -80,20 +80,12 @@ def token_log_probs(hidden: jax.Array, head: Callable[[jax.Array], jax.Array], t
                     temperature: float = 1.0, chunk_tokens: int = 4096) -> jax.Array:
     """Per-token ``log p(target)`` ``[B, T]`` (float32) under ``softmax(logits / temperature)``, chunked."""
     b, t, d = hidden.shape
-    h = hidden.reshape(-1, d)
-    tg = targets.reshape(-1)
-    n = h.shape[0]
-    c = min(chunk_tokens, n)
-    n_chunks = -(-n // c)
-    pad = n_chunks * c - n
-    if pad:
-        h = jnp.pad(h, ((0, pad), (0, 0)))
-        tg = jnp.pad(tg, (0, pad))
+    (h, tg), _, _, n = _chunk(chunk_tokens, hidden.reshape(-1, d), targets.reshape(-1))
 
     @jax.checkpoint
     def chunk(hc, tc):
         logits = head(hc).astype(jnp.float32) / temperature
         return jnp.take_along_axis(logits, tc[:, None], -1)[:, 0] - jax.nn.logsumexp(logits, -1)
 
-    out = jax.lax.map(lambda xs: chunk(*xs), (h.reshape(n_chunks, c, d), tg.reshape(n_chunks, c)))
+    out = jax.lax.map(lambda xs: chunk(*xs), (h, tg))
     return out.reshape(-1)[:n].reshape(b, t)

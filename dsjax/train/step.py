@@ -66,15 +66,11 @@ def _new_model(cfg: TrainConfig, key: jax.Array) -> Transformer:
 
 def init_state(cfg: TrainConfig, key: jax.Array) -> TrainState:
     """A fresh state (call under ``jax.jit`` so parameters are created on device, sharded by ``out_shardings``)."""
-    _, params, rest = split_model(_new_model(cfg, key))
-    tx, _ = make_optimizer(cfg.optim, cfg.steps)
-    params = nnx.to_pure_dict(params)
-    return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), rest=nnx.to_pure_dict(rest),
-                      skipped=jnp.int32(0), consecutive=jnp.int32(0))
+    return state_from_model(cfg, _new_model(cfg, key))
 
 
 def state_from_model(cfg: TrainConfig, model: Transformer) -> TrainState:
-    """A fresh state starting from existing weights (SFT from a pretrained / HF model)."""
+    """A fresh optimizer state around existing weights (also used for SFT from a pretrained / HF model)."""
     _, params, rest = split_model(model)
     tx, _ = make_optimizer(cfg.optim, cfg.steps)
     params = nnx.to_pure_dict(params)
