@@ -17,7 +17,16 @@ import jax.numpy as jnp
 
 from dsjax.configs import ModelConfig
 
-__all__ = ["LatentCache", "init_cache", "cache_bytes_per_token", "mha_cache_bytes_per_token"]
+__all__ = ["LatentCache", "init_cache", "cache_bytes_per_token", "mha_cache_bytes_per_token", "write_rows"]
+
+
+def write_rows(buf: jax.Array, new: jax.Array, index: jax.Array | int) -> jax.Array:
+    """Writes ``new [B, S, ...]`` into ``buf [B, T, ...]`` at slot ``index`` (a scalar, or one slot per row ``[B]``)."""
+    index = jnp.asarray(index, jnp.int32)
+    new = new.astype(buf.dtype)
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice_in_dim(buf, new, index, axis=1)
+    return jax.vmap(lambda b, n, i: jax.lax.dynamic_update_slice_in_dim(b, n, i, axis=0))(buf, new, index)
 
 
 @jax.tree_util.register_dataclass

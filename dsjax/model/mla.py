@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsjax.configs import ModelConfig
+from dsjax.model.cache import write_rows
 from dsjax.model.layers import Linear, RMSNorm, dtype_of
 from dsjax.model.rope import apply_rope
 
@@ -151,15 +152,15 @@ class MLA(nnx.Module):
 
         Without ``cache``, attention runs over the ``S`` tokens themselves (``mask [B,S,S]``) and ``latent`` is
         their ``(c_kv, k_rot)``. With ``cache = (c_kv [B,T,R], k_rot [B,T,P])`` the new latents are written at
-        ``cache_index`` (a scalar token offset), attention runs over all ``T`` cached tokens (``mask [B,S,T]``)
+        ``cache_index`` (a scalar slot, or one slot per row ``[B]``), attention runs over all ``T`` cached tokens (``mask [B,S,T]``)
         and ``latent`` is the updated cache.
         """
         q_nope, q_rot = self.project_q(x, cos, sin)
         c_kv, k_rot = self.project_latent(x, cos, sin)
         if cache is not None:
-            idx = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
-            c_kv = jax.lax.dynamic_update_slice_in_dim(cache[0], c_kv.astype(cache[0].dtype), idx, axis=1)
-            k_rot = jax.lax.dynamic_update_slice_in_dim(cache[1], k_rot.astype(cache[1].dtype), idx, axis=1)
+            idx = 0 if cache_index is None else cache_index
+            c_kv = write_rows(cache[0], c_kv, idx)
+            k_rot = write_rows(cache[1], k_rot, idx)
         dt = dtype_of(self.cfg.dtype)
         if impl == "naive":
             o = self.attend_naive(q_nope, q_rot, c_kv.astype(dt), k_rot.astype(dt), mask,

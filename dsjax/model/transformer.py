@@ -28,7 +28,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from dsjax.configs import ModelConfig
-from dsjax.model.cache import LatentCache
+from dsjax.model.cache import LatentCache, write_rows
 from dsjax.model.layers import MLP, Embed, Linear, RMSNorm, dtype_of
 from dsjax.model.mla import MLA, MLAImpl
 from dsjax.model.moe import MoE
@@ -75,13 +75,15 @@ def make_attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_o
                         ) -> jax.Array:
     """Causal + document mask ``[B, S, T]`` (True = attend).
 
-    Query ``s`` sits at cache slot ``q_offset + s``; it sees key slots ``t <= q_offset + s`` of the same segment.
-    Padding (segment 0) only sees padding, so no row is empty and no NaN appears.
+    Query ``s`` sits at cache slot ``q_offset + s`` (``q_offset`` a scalar or one per row ``[B]``); it sees key
+    slots ``t <= q_offset + s`` of the same segment. Padding (segment 0) only sees padding, so no row is empty and
+    no NaN appears.
     """
     s, t = q_segment_ids.shape[1], kv_segment_ids.shape[1]
-    causal = jnp.arange(t)[None, :] <= (jnp.arange(s)[:, None] + q_offset)
+    offset = jnp.asarray(q_offset, jnp.int32).reshape(-1, 1, 1)  # [1 or B, 1, 1]
+    causal = jnp.arange(t)[None, None, :] <= (jnp.arange(s)[None, :, None] + offset)
     same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-    return causal[None] & same
+    return causal & same
 
 
 class DecoderLayer(nnx.Module):
@@ -271,7 +273,8 @@ class Transformer(nnx.Module):
           mla_impl: ``"naive"`` (expand K/V; training/prefill) or ``"absorbed"`` (attend over the latent).
           cache: a :class:`LatentCache`; the T new tokens are written at slot ``cache_index`` and attend to every
             cached token of their segment at or before their slot.
-          cache_index: scalar slot of the first new token (with ``cache``).
+          cache_index: slot of the first new token (with ``cache``): a scalar, or ``[B]`` (one per row, e.g. when
+            rows of a batch advance by different numbers of tokens in speculative decoding).
         """
         cfg = self.cfg
         b, t = input_ids.shape
@@ -280,11 +283,10 @@ class Transformer(nnx.Module):
             segment_ids = jnp.ones((b, t), jnp.int32)
         offset = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None] + offset, (b, t))
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None] + offset.reshape(-1, 1), (b, t))
         valid = segment_ids != 0
         if cache is not None:
-            kv_segments = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids.astype(jnp.int32),
-                                                              offset, axis=1)
+            kv_segments = write_rows(cache.segment_ids, segment_ids.astype(jnp.int32), offset)
             mask = make_attention_mask(segment_ids, kv_segments, offset)
         else:
             kv_segments = None

@@ -1,0 +1,7 @@
+"""Inference: sampling, batched generation on the latent cache, MTP self-speculative decoding."""
+
+from dsjax.inference.generate import GenerateOutput, decode_step, generate, generate_tokens, pad_prompts, prefill
+from dsjax.inference.sampling import SamplingConfig, sample_tokens
+
+__all__ = ["GenerateOutput", "SamplingConfig", "decode_step", "generate", "generate_tokens", "pad_prompts",
+           "prefill", "sample_tokens"]

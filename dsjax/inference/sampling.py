@@ -1,0 +1,92 @@
+"""Token sampling: greedy, temperature, top-k and top-p (nucleus) with one PRNG key per sample.
+
+Letters: B batch, V vocabulary.
+
+The returned log-probability of a sampled token is ``log softmax(logits / temperature)`` at that token, before the
+top-k / top-p truncation: the probability the policy assigns at that temperature, which is what GRPO's importance
+ratios compare against a training forward pass at the same temperature. Greedy decoding (``temperature == 0``)
+reports ``log softmax(logits)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["SamplingConfig", "sample_tokens"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """How to decode. Hashable: it is a static argument of the jitted generator.
+
+    Attributes:
+      max_new_tokens: tokens generated per sample (the stop token included).
+      temperature: 0 for greedy; otherwise logits are divided by it.
+      top_k: keep the k most likely tokens (0: off).
+      top_p: keep the smallest set whose probability reaches p (1.0: off).
+      stop_ids: extra stop token ids (the model's ``eos_token_id`` is always a stop unless ``use_eos=False``).
+      use_eos: stop at the config's EOS id(s).
+      length_bucket: prompts are left-padded to a multiple of this, so calls with similar lengths share one compile.
+      prefill_chunk: prompt tokens processed per prefill forward (bounds activation memory on long prompts).
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_ids: tuple[int, ...] = ()
+    use_eos: bool = True
+    length_bucket: int = 64
+    prefill_chunk: int = 512
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k}: must be >= 0 (0 = off)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p}: must be in (0, 1] (1 = off)")
+        if self.length_bucket < 1 or self.prefill_chunk < 1:
+            raise ValueError("length_bucket and prefill_chunk must be >= 1")
+        object.__setattr__(self, "stop_ids", tuple(int(s) for s in self.stop_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _truncate(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
+    """Sets logits outside the top-k / top-p set to -inf (``logits [B, V]`` already temperature-scaled)."""
+    neg = jnp.finfo(logits.dtype).min
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        cum = jnp.cumsum(probs, axis=-1)
+        # keep a token if the mass strictly before it is < p (the top token is always kept)
+        keep = (cum - probs) < top_p
+        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, neg, logits)
+    return logits
+
+
+def sample_tokens(logits: jax.Array, keys: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+    """``logits [B, V]`` (float32), ``keys [B]`` -> ``(tokens [B] int32, logprobs [B] float32)``."""
+    logits = logits.astype(jnp.float32)
+    if cfg.greedy:
+        tokens = jnp.argmax(logits, axis=-1)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+    else:
+        scaled = logits / cfg.temperature
+        logp = jax.nn.log_softmax(scaled, axis=-1)
+        filtered = _truncate(scaled, cfg.top_k, cfg.top_p)
+        tokens = jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, filtered)
+    tokens = tokens.astype(jnp.int32)
+    return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]

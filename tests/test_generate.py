@@ -1,0 +1,114 @@
+"""Generation: decode logits equal full forwards, padding invariance, EOS handling, sampling rules, no recompiles."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import dsjax
+from dsjax.inference import SamplingConfig, decode_step, generate_tokens, pad_prompts, prefill, sample_tokens
+from dsjax.model import init_cache
+
+
+@pytest.fixture(scope="module")
+def model():
+    return dsjax.Transformer(dsjax.configs.tiny(), rngs=nnx.Rngs(0))
+
+
+def _greedy_reference(model, prompt, n):
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(jnp.argmax(model(jnp.asarray([seq])).logits[0, -1])))
+    return seq[len(prompt):]
+
+
+def test_decode_logits_equal_full_forward(model):
+    # Tolerance: float32, 1e-4 absolute on logits of magnitude ~1 (different summation orders only).
+    prompts = [[1, 5, 9, 22, 40, 7, 7], [1, 7, 3]]
+    tokens, lengths = pad_prompts(prompts, bucket=8)
+    cache = init_cache(model.cfg, 2, 8 + 5)
+    logits, cache = prefill(model, jnp.asarray(tokens), jnp.asarray(lengths), cache, chunk=3)
+    seqs = [list(p) for p in prompts]
+    for i in range(5):
+        for b, s in enumerate(seqs):
+            ref = model(jnp.asarray([s])).logits[0, -1]
+            np.testing.assert_allclose(logits[b], ref, atol=1e-4)
+        nxt = jnp.argmax(logits, -1).astype(jnp.int32)
+        for b in range(2):
+            seqs[b].append(int(nxt[b]))
+        logits, cache = decode_step(model, nxt, jnp.asarray(lengths) + i, cache, 8 + i)
+
+
+def test_greedy_generation_matches_reference_and_padding_is_invisible(model):
+    cfg = SamplingConfig(max_new_tokens=6, temperature=0.0, use_eos=False, length_bucket=16)
+    prompts = [[1, 5, 9, 22, 40], [1, 7, 3], [1] + list(range(30, 47))]
+    out = dsjax.generate(model, prompts, sampling=cfg)
+    for b, p in enumerate(prompts):
+        assert out.to_lists()[b] == _greedy_reference(model, p, 6)
+        alone = dsjax.generate(model, [p], sampling=cfg)  # no padding partner, another bucket for the long one
+        assert alone.to_lists()[0] == out.to_lists()[b]
+        np.testing.assert_allclose(alone.logprobs[0], out.logprobs[b], atol=1e-5)
+    assert out.tokens.shape == (3, 6) and np.all(np.asarray(out.lengths) == 6)
+
+
+def test_eos_stops_each_sample_and_masks_the_rest(model):
+    base = SamplingConfig(max_new_tokens=6, temperature=0.0, use_eos=False)
+    prompts = [[1, 5, 9, 22, 40], [1, 7, 3]]
+    free = dsjax.generate(model, prompts, sampling=base).to_lists()
+    stop = free[0][2]  # sample 0 stops at its 3rd token
+    out = dsjax.generate(model, prompts, sampling=SamplingConfig(max_new_tokens=6, temperature=0.0, use_eos=False,
+                                                                 stop_ids=(stop,)))
+    toks, lens, lps = np.asarray(out.tokens), np.asarray(out.lengths), np.asarray(out.logprobs)
+    assert lens[0] == 3 and out.to_lists()[0] == free[0][:3]
+    assert np.all(toks[0, 3:] == 0) and np.all(lps[0, 3:] == 0)
+    first_stop = next((i for i, t in enumerate(free[1]) if t == stop), None)
+    expect = 6 if first_stop is None else first_stop + 1
+    assert lens[1] == expect and out.to_lists()[1] == free[1][:expect]
+    # a stop exactly at the last step: length N, nothing masked
+    last = free[0][5]
+    if last not in free[0][:5]:
+        out = dsjax.generate(model, prompts[:1], sampling=SamplingConfig(max_new_tokens=6, temperature=0.0,
+                                                                         use_eos=False, stop_ids=(last,)))
+        assert int(out.lengths[0]) == 6 and out.to_lists()[0] == free[0]
+
+
+def test_sampling_rules():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(0), jnp.arange(4000))
+    tok, lp = sample_tokens(logits, keys, SamplingConfig(temperature=1.0))
+    freq = np.bincount(np.asarray(tok), minlength=4) / 4000
+    np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    np.testing.assert_allclose(lp, jnp.log(jnp.array([0.5, 0.3, 0.15, 0.05]))[tok], atol=1e-5)
+    tok, _ = sample_tokens(logits, keys, SamplingConfig(temperature=1.0, top_k=2))
+    assert set(np.unique(np.asarray(tok))) == {0, 1}
+    tok, _ = sample_tokens(logits, keys, SamplingConfig(temperature=1.0, top_p=0.75))  # 0.5 + 0.3 reaches 0.75
+    assert set(np.unique(np.asarray(tok))) == {0, 1}
+    tok, _ = sample_tokens(logits, keys, SamplingConfig(temperature=1.0, top_p=0.4))
+    assert set(np.unique(np.asarray(tok))) == {0}
+    tok, lp = sample_tokens(logits, keys, SamplingConfig(temperature=2.0))
+    np.testing.assert_allclose(lp, jax.nn.log_softmax(logits / 2.0)[jnp.arange(4000), tok], atol=1e-5)
+    tok, _ = sample_tokens(logits, keys, SamplingConfig(temperature=0.0))
+    assert np.all(np.asarray(tok) == 0)
+
+
+def test_sampled_generation_is_reproducible_per_key(model):
+    cfg = SamplingConfig(max_new_tokens=5, temperature=1.0, top_k=50, use_eos=False)
+    prompts = [[1, 5, 9], [1, 5, 9]]
+    a = dsjax.generate(model, prompts, sampling=cfg, seed=3)
+    b = dsjax.generate(model, prompts, sampling=cfg, seed=3)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert a.to_lists()[0] != a.to_lists()[1]  # per-sample keys: same prompt, different samples
+    # logprobs are those of a forward pass at the sampling temperature
+    seq = [1, 5, 9] + a.to_lists()[0]
+    ref = jax.nn.log_softmax(model(jnp.asarray([seq])).logits[0, 2:-1] / 1.0)
+    np.testing.assert_allclose(a.logprobs[0], ref[jnp.arange(5), jnp.asarray(a.to_lists()[0])], atol=1e-4)
+
+
+def test_same_bucket_does_not_recompile(model):
+    cfg = SamplingConfig(max_new_tokens=3, temperature=0.0, length_bucket=16)
+    dsjax.generate(model, [[1, 2, 3]], sampling=cfg)
+    size = generate_tokens._cache_size()
+    dsjax.generate(model, [[1, 9, 8, 7, 6, 5]], sampling=cfg)
+    dsjax.generate(model, [[4] * 16], sampling=cfg)
+    assert generate_tokens._cache_size() == size
