@@ -34,7 +34,7 @@ from dsjax.model.mla import MLA, MLAImpl
 from dsjax.model.moe import MoE
 from dsjax.model.rope import rope_cos_sin
 
-__all__ = ["DecoderLayer", "MTPModule", "Transformer", "ModelOutput", "make_attention_mask"]
+__all__ = ["DecoderLayer", "MTPModule", "Transformer", "ModelOutput", "make_attention_mask", "mtp_draft_step"]
 
 _CP = jax.checkpoint_policies
 _GMM = _CP.save_only_these_names("moe_gmm")  # grouped-matmul outputs count as matmuls for "dots" policies
@@ -129,10 +129,18 @@ class MTPModule(nnx.Module):
         self.block = DecoderLayer(cfg, moe=True, rngs=rngs, fp8_block=fp8_block)
         self.shared_head_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
 
-    def __call__(self, h_prev, emb_next, cos, sin, mask, valid, *, mla_impl: MLAImpl = "naive"):
-        """``h_prev [B,T,D]`` (depth k-1), ``emb_next [B,T,D]`` = Emb(t_{i+k}) ``-> (h_k [B,T,D] normed, stats)``."""
+    def __call__(self, h_prev, emb_next, cos, sin, mask, valid, *, mla_impl: MLAImpl = "naive", cache=None,
+                 cache_index=None, return_latent: bool = False):
+        """``h_prev [B,T,D]`` (depth k-1), ``emb_next [B,T,D]`` = Emb(t_{i+k}) ``-> (h_k [B,T,D] normed, stats)``.
+
+        With ``cache = (c_kv [B,S,R], k_rot [B,S,P])`` (the block's own latent cache, for drafting during decoding)
+        the new latents are written at ``cache_index`` and ``return_latent`` returns the updated cache third.
+        """
         x = self.eh_proj(jnp.concatenate([self.enorm(emb_next), self.hnorm(h_prev)], axis=-1))
-        x, _, stats = self.block(x, cos, sin, mask, valid, mla_impl=mla_impl)
+        x, latent, stats = self.block(x, cos, sin, mask, valid, mla_impl=mla_impl, cache=cache,
+                                      cache_index=cache_index)
+        if return_latent:
+            return self.shared_head_norm(x), stats, latent
         return self.shared_head_norm(x), stats
 
 
@@ -320,6 +328,30 @@ class Transformer(nnx.Module):
             new_cache = LatentCache(c_kv=latent[0], k_rot=latent[1], segment_ids=kv_segments)
         return ModelOutput(logits=logits, hidden=h if return_hidden else None, mtp_logits=mtp_logits,
                            mtp_hidden=mtp_hidden, moe=moe_stats, mtp_moe=mtp_stats, cache=new_cache)
+
+
+def mtp_draft_step(model: "Transformer", depth: int, h_prev: jax.Array, next_tokens: jax.Array,
+                   positions: jax.Array, cache: LatentCache, cache_index: jax.Array | int,
+                   segment_ids: jax.Array | None = None) -> tuple[jax.Array, LatentCache]:
+    """Runs MTP module ``depth`` (0-based) on ``S`` new positions with its own latent cache (for speculative decoding).
+
+    Args:
+      h_prev: ``[B,S,D]`` the main model's final-normed hidden states at those positions (or depth-1's output).
+      next_tokens: ``[B,S]`` the token following each position (``t_{i+1}`` for depth 0).
+      positions: ``[B,S]`` RoPE positions; cache: a one-layer :class:`LatentCache` ``[1, B, T, ...]``;
+      cache_index: slot of the first new position (scalar or ``[B]``).
+      segment_ids: ``[B,S]`` (0 marks left padding of a prefill); default all ones.
+    Returns ``(h [B,S,D] normed MTP hidden states, cache)``; ``model.logits_f32(h)`` gives the draft logits.
+    """
+    b, s = next_tokens.shape
+    seg = jnp.ones((b, s), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    kv_segments = write_rows(cache.segment_ids, seg, cache_index)
+    mask = make_attention_mask(seg, kv_segments, cache_index)
+    cos, sin = rope_cos_sin(model.cfg, positions, dtype_of(model.cfg.dtype))
+    h, _, latent = model.mtp[depth](h_prev, model.embed_tokens(next_tokens), cos, sin, mask, seg != 0,
+                                    mla_impl="absorbed", cache=(cache.c_kv[0], cache.k_rot[0]),
+                                    cache_index=cache_index, return_latent=True)
+    return h, LatentCache(c_kv=latent[0][None], k_rot=latent[1][None], segment_ids=kv_segments)
 
 
 def abstract_model(cfg: ModelConfig, *, fp8: bool = False) -> Any:
