@@ -1,0 +1,132 @@
+"""Prefill and decode throughput of dsjax.generate vs HF transformers' generate (static cache), same model shape.
+
+    python -m experiments.bench_decode --config=small --batch_sizes=1,32,256 --prompt_len=128 --new_tokens=128 \
+        --hf --record
+
+Random weights (throughput does not depend on them; stop tokens are disabled so every sample decodes
+``new_tokens``). Prefill tokens/s = B x P / time of a prefill; decode tokens/s = B x (N - 1) / (time of a full
+generate - time of the prefill). Memory per sequence is the latent cache: (P + N) x L x (kv_lora_rank +
+qk_rope_head_dim) x 2 bytes. HF runs in a subprocess (experiments/bench_decode_hf.py) with bf16 weights, sdpa,
+``grouped_mm`` experts and ``cache_implementation="static"``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("config", "small", "Model preset.")
+flags.DEFINE_string("batch_sizes", "1,32,256", "Comma-separated batch sizes.")
+flags.DEFINE_integer("prompt_len", 128, "Prompt length (tokens).")
+flags.DEFINE_integer("new_tokens", 128, "Generated tokens per sample.")
+flags.DEFINE_integer("repeats", 3, "Timed repetitions (the best is kept).")
+flags.DEFINE_bool("hf", False, "Also time HF transformers generate in a subprocess.")
+flags.DEFINE_bool("record", False, "Append the table to docs/benchmarks.md.")
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def bench_dsjax(model, b: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dsjax.inference import SamplingConfig, generate_tokens, prefill
+    from dsjax.model import cache_bytes_per_token, init_cache
+
+    cfg = model.cfg
+    p, n = FLAGS.prompt_len, FLAGS.new_tokens
+    prompts = jax.random.randint(jax.random.key(b), (b, p), 3, cfg.vocab_size, jnp.int32)
+    lengths = jnp.full((b,), p, jnp.int32)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(0), jnp.arange(b))
+    graphdef, state = nnx.split(model)
+    sampling = SamplingConfig(max_new_tokens=n, temperature=0.0, use_eos=False, length_bucket=p)
+
+    @jax.jit
+    def only_prefill(state, prompts):
+        m = nnx.merge(graphdef, state)
+        return prefill(m, prompts, lengths, init_cache(cfg, b, p + n), chunk=sampling.prefill_chunk)[0]
+
+    def best(fn):
+        jax.block_until_ready(fn())  # compile + warm up
+        times = []
+        for _ in range(FLAGS.repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    t_pre = best(lambda: only_prefill(state, prompts))
+    t_all = best(lambda: generate_tokens(graphdef, state, prompts, lengths, keys, cfg=sampling).tokens)
+    dev = jax.devices()[0]
+    mem = (dev.memory_stats() or {}).get("peak_bytes_in_use", 0)
+    return {"impl": "dsjax", "batch": b, "prefill_tok_s": b * p / t_pre,
+            "decode_tok_s": b * (n - 1) / max(t_all - t_pre, 1e-9), "total_s": t_all,
+            "cache_bytes_per_seq": (p + n) * cache_bytes_per_token(cfg, "bfloat16"), "peak_gib": mem / 2**30}
+
+
+def bench_hf(b: int) -> dict:
+    from dsjax import configs
+
+    cfg = configs.get(FLAGS.config)
+    cmd = [sys.executable, str(ROOT / "experiments" / "bench_decode_hf.py"), json.dumps(cfg.to_hf_config()),
+           str(b), str(FLAGS.prompt_len), str(FLAGS.new_tokens), str(FLAGS.repeats)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+    if res.returncode != 0 or not lines:
+        return {"impl": "HF transformers", "batch": b, "error": (res.stderr or res.stdout)[-800:]}
+    return json.loads(lines[-1])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax
+    from flax import nnx
+
+    import dsjax
+
+    cfg = dsjax.configs.get(FLAGS.config, dtype="bfloat16", param_dtype="bfloat16")
+    model = dsjax.Transformer(cfg, rngs=nnx.Rngs(0))
+    dev = jax.devices()[0]
+    print(f"device: {dev.device_kind}, jax {jax.__version__}", flush=True)
+    rows = []
+    for b in [int(x) for x in FLAGS.batch_sizes.split(",")]:
+        try:
+            rows.append(bench_dsjax(model, b))
+        except Exception as e:  # noqa: BLE001
+            rows.append({"impl": "dsjax", "batch": b, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        print(json.dumps(rows[-1]), flush=True)
+        if FLAGS.hf:
+            rows.append(bench_hf(b))
+            print(json.dumps(rows[-1]), flush=True)
+    hf = {r["batch"]: r for r in rows if r["impl"] == "HF transformers" and "error" not in r}
+    lines = ["| impl | batch | prefill tok/s | decode tok/s | decode vs HF | cache MiB/seq | peak GiB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['impl']} | {r['batch']} | error: {r['error'][:100]} | | | | |")
+            continue
+        ratio = f"{r['decode_tok_s'] / hf[r['batch']]['decode_tok_s']:.1f}x" if r["impl"] == "dsjax" and \
+            r["batch"] in hf else ""
+        lines.append(f"| {r['impl']} | {r['batch']} | {r['prefill_tok_s']:,.0f} | {r['decode_tok_s']:,.1f} | "
+                     f"{ratio} | {r.get('cache_bytes_per_seq', 0) / 2**20:.2f} | {r.get('peak_gib', 0):.1f} |")
+    table = "\n".join(lines)
+    print(table)
+    if FLAGS.record:
+        text = (f"\n## Decoding, `{FLAGS.config}`, prompt {FLAGS.prompt_len} + {FLAGS.new_tokens} new tokens "
+                f"({datetime.date.today().isoformat()}, {dev.device_kind}, jax {jax.__version__})\n\n"
+                f"Command: `python -m experiments.bench_decode {' '.join(sys.argv[1:])}`\n\n{table}\n")
+        with open(ROOT / "docs" / "benchmarks.md", "a") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    app.run(main)
