@@ -27,6 +27,7 @@ flags.DEFINE_string("batch_sizes", "1,32,256", "Comma-separated batch sizes.")
 flags.DEFINE_integer("prompt_len", 128, "Prompt length (tokens).")
 flags.DEFINE_integer("new_tokens", 128, "Generated tokens per sample.")
 flags.DEFINE_integer("repeats", 3, "Timed repetitions (the best is kept).")
+flags.DEFINE_integer("decode_unroll", 1, "SamplingConfig.decode_unroll (decode steps per while-loop iteration).")
 flags.DEFINE_bool("hf", False, "Also time HF transformers generate in a subprocess.")
 flags.DEFINE_bool("record", False, "Append the table to docs/benchmarks.md.")
 
@@ -47,7 +48,8 @@ def bench_dsjax(model, b: int) -> dict:
     lengths = jnp.full((b,), p, jnp.int32)
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(0), jnp.arange(b))
     graphdef, state = nnx.split(model)
-    sampling = SamplingConfig(max_new_tokens=n, temperature=0.0, use_eos=False, length_bucket=p)
+    sampling = SamplingConfig(max_new_tokens=n, temperature=0.0, use_eos=False, length_bucket=p,
+                              decode_unroll=FLAGS.decode_unroll)
 
     @jax.jit
     def only_prefill(state, prompts):
@@ -67,7 +69,7 @@ def bench_dsjax(model, b: int) -> dict:
     t_all = best(lambda: generate_tokens(graphdef, state, prompts, lengths, keys, cfg=sampling).tokens)
     dev = jax.devices()[0]
     mem = (dev.memory_stats() or {}).get("peak_bytes_in_use", 0)
-    return {"impl": "dsjax", "batch": b, "prefill_tok_s": b * p / t_pre,
+    return {"impl": f"dsjax (unroll {FLAGS.decode_unroll})" if FLAGS.decode_unroll > 1 else "dsjax", "batch": b, "prefill_tok_s": b * p / t_pre,
             "decode_tok_s": b * (n - 1) / max(t_all - t_pre, 1e-9), "total_s": t_all,
             "cache_bytes_per_seq": (p + n) * cache_bytes_per_token(cfg, "bfloat16"), "peak_gib": mem / 2**30}
 
@@ -114,7 +116,7 @@ def main(argv):
         if "error" in r:
             lines.append(f"| {r['impl']} | {r['batch']} | error: {r['error'][:100]} | | | | |")
             continue
-        ratio = f"{r['decode_tok_s'] / hf[r['batch']]['decode_tok_s']:.1f}x" if r["impl"] == "dsjax" and \
+        ratio = f"{r['decode_tok_s'] / hf[r['batch']]['decode_tok_s']:.1f}x" if r["impl"].startswith("dsjax") and \
             r["batch"] in hf else ""
         lines.append(f"| {r['impl']} | {r['batch']} | {r['prefill_tok_s']:,.0f} | {r['decode_tok_s']:,.1f} | "
                      f"{ratio} | {r.get('cache_bytes_per_seq', 0) / 2**20:.2f} | {r.get('peak_gib', 0):.1f} |")

@@ -112,3 +112,20 @@ def test_same_bucket_does_not_recompile(model):
     dsjax.generate(model, [[1, 9, 8, 7, 6, 5]], sampling=cfg)
     dsjax.generate(model, [[4] * 16], sampling=cfg)
     assert generate_tokens._cache_size() == size
+
+
+@pytest.mark.parametrize("unroll", [2, 4])
+def test_unrolled_decode_loop_gives_the_same_tokens(model, unroll):
+    prompts = [[1, 5, 9, 22, 40], [1, 7, 3]]
+    base = SamplingConfig(max_new_tokens=7, temperature=0.0, use_eos=False)
+    ref = dsjax.generate(model, prompts, sampling=base)
+    free = ref.to_lists()
+    for stop in (None, free[0][2]):
+        kw = dict(stop_ids=(stop,)) if stop is not None else {}
+        a = dsjax.generate(model, prompts, sampling=SamplingConfig(max_new_tokens=7, temperature=0.0, use_eos=False,
+                                                                   **kw))
+        b = dsjax.generate(model, prompts, sampling=SamplingConfig(max_new_tokens=7, temperature=0.0, use_eos=False,
+                                                                   decode_unroll=unroll, **kw))
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_array_equal(a.lengths, b.lengths)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-6)

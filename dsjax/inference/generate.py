@@ -118,16 +118,25 @@ def generate_tokens(graphdef: Any, state: Any, prompts: jax.Array, prompt_length
         i, _, _, _, _, done, _ = carry
         return (i < n) & ~jnp.all(done)
 
-    def body(carry):
+    def one_step(carry):
         i, cache, prev, out_tok, out_lp, done, lengths = carry
-        logits, cache = decode_step(model, prev, prompt_lengths + i - 1, cache, p + i - 1)
+        logits, cache = decode_step(model, prev, prompt_lengths + i - 1, cache, jnp.minimum(p + i - 1, p + n - 1))
         tok, lp = sample_tokens(logits, step_keys(i), cfg)
+        done = done | (i >= n)  # steps past N (unrolled tail) change nothing
         tok = jnp.where(done, pad_id, tok)
-        out_tok = jax.lax.dynamic_update_index_in_dim(out_tok, tok, i, axis=1)
-        out_lp = jax.lax.dynamic_update_index_in_dim(out_lp, jnp.where(done, 0.0, lp), i, axis=1)
+        j = jnp.minimum(i, n - 1)
+        keep_tok = jax.lax.dynamic_index_in_dim(out_tok, j, axis=1, keepdims=False)
+        keep_lp = jax.lax.dynamic_index_in_dim(out_lp, j, axis=1, keepdims=False)
+        out_tok = jax.lax.dynamic_update_index_in_dim(out_tok, jnp.where(done, keep_tok, tok), j, axis=1)
+        out_lp = jax.lax.dynamic_update_index_in_dim(out_lp, jnp.where(done, keep_lp, lp), j, axis=1)
         lengths = lengths + (~done).astype(jnp.int32)
         done = done | jnp.isin(tok, stops)
         return i + 1, cache, tok, out_tok, out_lp, done, lengths
+
+    def body(carry):
+        for _ in range(cfg.decode_unroll):
+            carry = one_step(carry)
+        return carry
 
     carry = (jnp.int32(1), cache, tok, out_tok, out_lp, done, lengths)
     _, _, _, out_tok, out_lp, _, lengths = jax.lax.while_loop(cond, body, carry)

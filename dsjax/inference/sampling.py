@@ -31,6 +31,8 @@ class SamplingConfig:
       use_eos: stop at the config's EOS id(s).
       length_bucket: prompts are left-padded to a multiple of this, so calls with similar lengths share one compile.
       prefill_chunk: prompt tokens processed per prefill forward (bounds activation memory on long prompts).
+      decode_unroll: decode steps per ``while_loop`` iteration; > 1 amortises the loop's per-iteration control
+        overhead on GPUs (the stop test runs every ``decode_unroll`` tokens; extra steps are masked).
     """
 
     max_new_tokens: int = 64
@@ -41,6 +43,7 @@ class SamplingConfig:
     use_eos: bool = True
     length_bucket: int = 64
     prefill_chunk: int = 512
+    decode_unroll: int = 1
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -51,8 +54,8 @@ class SamplingConfig:
             raise ValueError(f"top_k={self.top_k}: must be >= 0 (0 = off)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p}: must be in (0, 1] (1 = off)")
-        if self.length_bucket < 1 or self.prefill_chunk < 1:
-            raise ValueError("length_bucket and prefill_chunk must be >= 1")
+        if self.length_bucket < 1 or self.prefill_chunk < 1 or self.decode_unroll < 1:
+            raise ValueError("length_bucket, prefill_chunk and decode_unroll must be >= 1")
         object.__setattr__(self, "stop_ids", tuple(int(s) for s in self.stop_ids))
 
     @property
