@@ -22,7 +22,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-__all__ = ["grouped_matmul", "mosaic_gpu_supported"]
+__all__ = ["grouped_matmul", "mosaic_gpu_supported", "pad_rows"]
 
 Implementation = Literal["auto", "xla", "mosaic_gpu"]
 _BLOCK_M, _BLOCK_N, _BLOCK_K, _STAGES = 128, 128, 64, 4
@@ -91,6 +91,17 @@ def _gmm_mgpu_bwd(res, dy):
 _gmm_mgpu.defvjp(_gmm_mgpu_fwd, _gmm_mgpu_bwd)
 
 
+def pad_rows(x: jax.Array, group_sizes: jax.Array, multiple: int) -> tuple[jax.Array, jax.Array]:
+    """Pads ``x [M, K]`` with zero rows to a multiple of ``multiple`` (when ``M > multiple``), assigning them to the
+    last group; slicing the first M output rows undoes it. (The Mosaic GPU kernels' TMA tiling needs M <= 8 or a
+    multiple of 8: speculative decoding at batch 1 has M = 2 tokens x K experts = 12.)"""
+    m = x.shape[0]
+    if m <= multiple or m % multiple == 0:
+        return x, group_sizes
+    pad = multiple - m % multiple
+    return jnp.pad(x, ((0, pad), (0, 0))), group_sizes.at[-1].add(pad)
+
+
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
                    implementation: Implementation = "auto", preferred_element_type=None) -> jax.Array:
     """``[M, K] x [G, K, N] -> [M, N]`` with rows grouped by ``group_sizes [G]`` (int32, summing to M).
@@ -108,7 +119,9 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
             raise ValueError(f"implementation='mosaic_gpu' needs a Hopper GPU, bf16/fp16 operands of one dtype and "
                              f"K, N multiples of {_BLOCK_N}; got x {x.shape} {x.dtype}, w {w.shape} {w.dtype}. "
                              f"Fix: use implementation='xla' or 'auto'")
-        return _gmm_mgpu(x, w, group_sizes.astype(jnp.int32))
+        m = x.shape[0]
+        xp, gs = pad_rows(x, group_sizes.astype(jnp.int32), 8)
+        return _gmm_mgpu(xp, w, gs)[:m]
     if implementation != "xla":
         raise ValueError(f"implementation={implementation!r} is unknown; use 'auto', 'xla' or 'mosaic_gpu'")
     return jax.lax.ragged_dot(x, w, group_sizes.astype(jnp.int32), preferred_element_type=preferred_element_type)
