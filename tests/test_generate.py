@@ -129,3 +129,33 @@ def test_unrolled_decode_loop_gives_the_same_tokens(model, unroll):
         np.testing.assert_array_equal(a.tokens, b.tokens)
         np.testing.assert_array_equal(a.lengths, b.lengths)
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-6)
+
+
+def test_generate_cli_on_a_workdir(tmp_path):
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    from dsjax.train import config as tc
+    from dsjax.train.loop import run
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    cfg = tc.apply_overrides(tc.tiny(), ["steps=2", "checkpoint.every=2", "data.seq_len=32", "data.batch_size=2",
+                                         "model.num_hidden_layers=2", "tensorboard=false", "progress_bar=false"])
+    run(cfg, tmp_path / "wd", log_fn=lambda s: None)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    res = subprocess.run([sys.executable, "-m", "experiments.generate", f"--checkpoint={tmp_path / 'wd'}",
+                          "--prompt=def f(x):", "--max_new_tokens=5", "--temperature=0"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "--- prompt: 'def f(x):'" in res.stdout and "tokens in" in res.stdout
+    (tmp_path / "p.jsonl").write_text('{"prompt": "import"}\n{"prompt": "class", "id": 7}\n')
+    res = subprocess.run([sys.executable, "-m", "experiments.generate", f"--checkpoint={tmp_path / 'wd'}",
+                          f"--jsonl={tmp_path / 'p.jsonl'}", f"--out={tmp_path / 'o.jsonl'}", "--max_new_tokens=4",
+                          "--speculative"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["import", "class"] and rows[1]["id"] == 7
+    assert all(r["num_tokens"] == 4 for r in rows) and "MTP draft acceptance" in res.stdout
