@@ -1,0 +1,220 @@
+"""GRPO training loop: rollouts with ``dsjax.generate``, host-side rewards, advantages, jitted updates.
+
+One step:
+
+1. take ``prompts_per_step`` examples (dicts with ``"prompt"`` and whatever the rewards read, e.g. ``"answer"``);
+2. sample G completions per prompt (groups contiguous) at ``cfg.temperature``;
+3. score them on the host (:func:`dsjax.rl.rewards.score_batch`, thread pool, per-call timeout); with
+   ``dynamic_sampling`` drop groups whose rewards all agree and refill from new prompts (a few tries);
+4. advantages per group; old-policy and reference log-probs once per rollout (jitted forwards);
+5. ``mu`` passes of ``minibatches`` optimizer updates (:func:`dsjax.rl.grpo.make_grpo_step`).
+
+Metrics per step: rewards (mean/std/min/max, per function), accuracy and format rates when those rewards are used,
+``frac_reward_zero_std``, completion lengths and truncation ratio, KL, clip fractions, ratio stats, policy/KL loss,
+grad norm, lr, rollout and train tokens/s and the time split (rollout / reference / train / reward).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dsjax.inference import SamplingConfig, generate_tokens, pad_prompts
+from dsjax.model import Transformer
+from dsjax.rl.grpo import GRPOConfig, GRPOState, completion_arrays, group_advantages, make_grpo_step
+from dsjax.train.config import OptimConfig
+from dsjax.train.step import split_model
+
+__all__ = ["GRPOTrainer", "greedy_accuracy"]
+
+
+def _tok_prompt(tokenizer, text: str) -> list[int]:
+    return ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(text)
+
+
+def greedy_accuracy(model: Transformer, tokenizer, examples: Sequence[dict], rewards: Sequence[Any], *,
+                    max_new_tokens: int = 128, batch_size: int = 64) -> dict[str, float]:
+    """Greedy decoding of held-out examples; returns the mean of each reward (e.g. ``accuracy``, ``format``)."""
+    from dsjax.rl.rewards import score_batch
+
+    sums: dict[str, list[float]] = {}
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, length_bucket=64)
+    for i in range(0, len(examples), batch_size):
+        chunk = list(examples[i:i + batch_size])
+        tokens, lengths = pad_prompts([_tok_prompt(tokenizer, ex["prompt"]) for ex in chunk], cfg.length_bucket)
+        graphdef, state = nnx.split(model)
+        keys = jax.random.split(jax.random.key(0), len(chunk))
+        out = generate_tokens(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), keys, cfg=cfg)
+        texts = [tokenizer.decode(t) for t in out.to_lists()]
+        exs = [{**ex, "num_tokens": int(n)} for ex, n in zip(chunk, np.asarray(out.lengths))]
+        scores = score_batch(list(rewards), texts, exs)
+        for k, v in scores.items():
+            if isinstance(v, np.ndarray):
+                sums.setdefault(k, []).extend(v.tolist())
+    return {k: float(np.nanmean(v)) if len(v) else float("nan") for k, v in sums.items()}
+
+
+class GRPOTrainer:
+    """GRPO on a :class:`~dsjax.Transformer` with rule-based rewards. Readable; fork it.
+
+    Args:
+      model: the policy to train (also the initial reference).
+      tokenizer: a dsjax tokenizer (``encode``/``decode``/``bos_id``/``eos_id``).
+      rewards: a list of :class:`dsjax.rl.rewards.Reward` (see ``make_rewards``).
+      cfg: :class:`~dsjax.rl.grpo.GRPOConfig`.
+      optim: the optimizer config; ``steps`` the planned number of steps (for the schedule).
+      prompts_per_step: prompts per rollout (the rollout has ``prompts_per_step * G`` completions).
+    """
+
+    def __init__(self, model: Transformer, tokenizer, rewards: Sequence[Any], cfg: GRPOConfig, *,
+                 optim: OptimConfig | None = None, steps: int = 100, prompts_per_step: int = 8, seed: int = 0,
+                 log_samples_every: int = 10):
+        self.tokenizer = tokenizer
+        self.rewards = list(rewards)
+        self.cfg = cfg
+        self.steps = steps
+        self.prompts_per_step = prompts_per_step
+        self.seed = seed
+        self.log_samples_every = log_samples_every
+        optim = optim or OptimConfig(learning_rate=1e-5, warmup_steps=0, schedule="constant", weight_decay=0.0)
+        self.graphdef, p, r = split_model(model)
+        self.model_cfg = model.cfg
+        init, log_probs, update = make_grpo_step(cfg, optim, steps * cfg.mu * cfg.minibatches, self.graphdef, p, r)
+        self._log_probs = jax.jit(log_probs)
+        self._update = jax.jit(update, donate_argnums=0)
+        self.state: GRPOState = jax.jit(init)(nnx.to_pure_dict(p), nnx.to_pure_dict(r))
+        self.stops = tuple(model.cfg.eos_token_ids)
+        self.sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                       length_bucket=64)
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def model(self) -> Transformer:
+        """The current policy as a module (shares no buffers with the training state)."""
+        p, r = split_model(nnx.eval_shape(lambda: Transformer(self.model_cfg, rngs=nnx.Rngs(0))))[1:]
+        nnx.replace_by_pure_dict(p, self.state.params)
+        nnx.replace_by_pure_dict(r, self.state.rest)
+        return nnx.merge(self.graphdef, p, r)
+
+    def _rollout(self, examples: list[dict], step: int):
+        g = self.cfg.num_generations
+        prompts = [_tok_prompt(self.tokenizer, ex["prompt"]) for ex in examples for _ in range(g)]
+        tokens, lengths = pad_prompts(prompts, self.sampling.length_bucket)
+        model = self.model()
+        graphdef, state = nnx.split(model)
+        key = jax.random.fold_in(jax.random.key(self.seed), step)
+        keys = jax.random.split(key, len(prompts))
+        out = generate_tokens(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), keys, cfg=self.sampling)
+        comp = np.asarray(out.tokens)
+        clen = np.asarray(out.lengths)
+        last = comp[np.arange(len(clen)), np.maximum(clen - 1, 0)]
+        truncated = (clen >= self.cfg.max_new_tokens) & ~np.isin(last, self.stops)
+        return tokens, lengths, comp, clen, truncated
+
+    def _score(self, examples, comp, clen):
+        from dsjax.rl.rewards import score_batch
+
+        g = self.cfg.num_generations
+        texts = [self.tokenizer.decode(comp[i, :clen[i]].tolist()) for i in range(len(clen))]
+        exs = [{**examples[i // g], "num_tokens": int(clen[i])} for i in range(len(clen))]
+        return texts, score_batch(self.rewards, texts, exs)
+
+    # ------------------------------------------------------------------------------------------ one step
+    def step(self, examples: Iterator[dict], step: int) -> tuple[dict[str, float], list[tuple[str, str, float]]]:
+        """One GRPO step drawing prompts from ``examples``; returns ``(metrics, samples)``."""
+        g, t0 = self.cfg.num_generations, time.perf_counter()
+        batch_ex: list[dict] = []
+        parts = []
+        t_reward = t_rollout = 0.0
+        tries = 0
+        while len(batch_ex) < self.prompts_per_step and tries < (4 if self.cfg.dynamic_sampling else 1):
+            tries += 1
+            need = self.prompts_per_step - len(batch_ex)
+            exs = [next(examples) for _ in range(need)]
+            t1 = time.perf_counter()
+            tokens, lengths, comp, clen, trunc = self._rollout(exs, step * 16 + tries)
+            t2 = time.perf_counter()
+            texts, scores = self._score(exs, comp, clen)
+            t_rollout += t2 - t1
+            t_reward += time.perf_counter() - t2
+            keep = np.ones(len(exs), bool)
+            if self.cfg.dynamic_sampling:
+                keep = scores["total"].reshape(-1, g).std(1) > 0
+            for i in np.nonzero(keep)[0]:
+                rows = slice(i * g, (i + 1) * g)
+                batch_ex.append(exs[i])
+                parts.append((tokens[rows], lengths[rows], comp[rows], clen[rows], trunc[rows],
+                              {k: v[rows] for k, v in scores.items() if isinstance(v, np.ndarray)},
+                              texts[rows]))
+        if not parts:  # every group agreed: nothing to learn from this step
+            return {"skipped_rollout": 1.0, "time_rollout_s": t_rollout}, []
+        p_len = max(x[0].shape[1] for x in parts)
+        pad_left = lambda a: np.pad(a, ((0, 0), (p_len - a.shape[1], 0)))
+        tokens = np.concatenate([pad_left(x[0]) for x in parts])
+        lengths, comp, clen, trunc = (np.concatenate([x[i] for x in parts]) for i in (1, 2, 3, 4))
+        scores = {k: np.concatenate([x[5][k] for x in parts]) for k in parts[0][5]}
+        texts = [t for x in parts for t in x[6]]
+        adv = group_advantages(jnp.asarray(scores["total"]), g, scale=self.cfg.adv_scale, eps=self.cfg.adv_eps,
+                               rloo=self.cfg.rloo)
+        arrays = completion_arrays(tokens, lengths, comp, clen, trunc if self.cfg.mask_truncated else None)
+        batch = {k: jnp.asarray(v) for k, v in arrays.items()}
+        t3 = time.perf_counter()
+        batch["old_logp"] = self._log_probs(self.state.params, self.state.rest, batch)
+        batch["ref_logp"] = self._log_probs(self.state.ref_params, self.state.rest, batch) if self.cfg.beta > 0 \
+            else batch["old_logp"]
+        batch["advantages"] = adv
+        jax.block_until_ready(batch["ref_logp"])
+        t4 = time.perf_counter()
+        m = batch["tokens"].shape[0]
+        mb = max(m // self.cfg.minibatches, 1)
+        upd = []
+        for _ in range(self.cfg.mu):
+            for s in range(0, m, mb):
+                self.state, um = self._update(self.state, jax.tree.map(lambda x: x[s:s + mb], batch))
+                upd.append(um)
+        upd = jax.device_get(upd)
+        t5 = time.perf_counter()
+        total = scores["total"]
+        metrics: dict[str, float] = {
+            "reward_mean": float(total.mean()), "reward_std": float(total.std()), "reward_min": float(total.min()),
+            "reward_max": float(total.max()),
+            "frac_reward_zero_std": float((total.reshape(-1, g).std(1) == 0).mean()),
+            "completion_len_mean": float(clen.mean()), "completion_len_min": float(clen.min()),
+            "completion_len_max": float(clen.max()), "truncated_ratio": float(trunc.mean()),
+            "time_rollout_s": t_rollout, "time_reward_s": t_reward, "time_reference_s": t4 - t3,
+            "time_train_s": t5 - t4, "rollout_tokens_per_s": float(clen.sum()) / max(t_rollout, 1e-9),
+            "train_tokens_per_s": self.cfg.mu * float(batch["completion_mask"].sum()) / max(t5 - t4, 1e-9),
+            "prompts": float(len(batch_ex)), "step_time_s": time.perf_counter() - t0,
+        }
+        for k, v in scores.items():
+            if k not in ("total",):
+                metrics[f"reward/{k}"] = float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+        for k in upd[-1]:
+            metrics[k] = float(np.mean([u[k] for u in upd]))
+        samples = []
+        if step % self.log_samples_every == 0:
+            samples = [(batch_ex[j // g]["prompt"], texts[j], float(total[j])) for j in range(0, len(texts), g)][:3]
+        return metrics, samples
+
+    def train(self, examples: Iterator[dict], steps: int | None = None, *, log_fn: Callable[[str], None] = print,
+              on_step: Callable[[int, dict], None] | None = None) -> list[dict[str, float]]:
+        """Runs ``steps`` GRPO steps; returns the metrics history."""
+        history = []
+        for step in range(steps or self.steps):
+            metrics, samples = self.step(examples, step)
+            metrics["step"] = step + 1
+            history.append(metrics)
+            if on_step:
+                on_step(step + 1, metrics)
+            acc = metrics.get("reward/accuracy", float("nan"))
+            log_fn(f"grpo step {step + 1}: reward {metrics.get('reward_mean', float('nan')):.3f} "
+                   f"acc {acc:.3f} len {metrics.get('completion_len_mean', 0):.0f} "
+                   f"kl {metrics.get('kl', 0.0):.4f} ({metrics.get('step_time_s', 0):.1f}s)")
+            for prompt, text, r in samples:
+                log_fn(f"  sample (reward {r:.2f}): {prompt!r} -> {text[:160]!r}")
+        return history
