@@ -28,7 +28,8 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     "hf": ["safetensors>=0.4", "tokenizers>=0.19"],
     "test": ["pytest>=8", "pytest-xdist>=3.5", "safetensors>=0.4", "nbclient>=0.10", "nbformat>=5.10",
-             "ipykernel>=6.29", "matplotlib>=3.8"],
+             "ipykernel>=6.29", "matplotlib>=3.8", "sympy>=1.12"],
+    "rl": ["sympy>=1.12"],  # symbolic stage of the math accuracy reward (skipped without it)
     "plot": ["matplotlib>=3.8"],
     "notebook": ["jupyterlab", "treescope>=0.1.9", "ipykernel>=6.29"],
     # CUDA 13 build of the same jax (the GPU image's); brings the Mosaic GPU / Triton Pallas backends.
