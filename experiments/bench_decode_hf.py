@@ -16,28 +16,11 @@ import torch
 def main():
     cfg_json, b, p, n, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     import transformers
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    hub = json.loads(cfg_json)
-    hub.pop("quantization_config", None)
-    hub["num_nextn_predict_layers"] = 0
-    rope = hub.pop("rope_scaling", None)
-    theta = hub.pop("rope_theta", 10000.0)
-    hub["rope_parameters"] = {"rope_type": "default", "rope_theta": theta} if not rope else \
-        {**{k: v for k, v in rope.items() if k != "type"}, "rope_type": rope.get("type", "yarn"), "rope_theta": theta}
-    keep = {k: v for k, v in hub.items() if k not in ("architectures", "model_type", "torch_dtype")}
-    keep["max_position_embeddings"] = max(keep.get("max_position_embeddings", 4096), p + n + 8)
-    config = DeepseekV3Config(**keep)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    used = None
-    for impl in ("grouped_mm", "batched_mm", "eager"):
-        try:
-            model = DeepseekV3ForCausalLM._from_config(config, attn_implementation="sdpa", experts_implementation=impl)
-            used = impl
-            break
-        except Exception:  # noqa: BLE001
-            continue
-    model = model.to(device=dev, dtype=torch.bfloat16).eval()
+    from hf_baseline import build_hf_model
+
+    model, config, used, dev = build_hf_model(cfg_json, min_positions=p + n + 8)
+    model = model.eval()
     torch.manual_seed(0)
     ids = torch.randint(3, config.vocab_size, (b, p), device=dev)
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
