@@ -134,8 +134,8 @@ class GRPOTrainer:
         tries = 0
         while len(batch_ex) < self.prompts_per_step and tries < (4 if self.cfg.dynamic_sampling else 1):
             tries += 1
-            need = self.prompts_per_step - len(batch_ex)
-            exs = [next(examples) for _ in range(need)]
+            # always roll out a full set of prompts: one generate shape, compiled once
+            exs = [next(examples) for _ in range(self.prompts_per_step)]
             t1 = time.perf_counter()
             tokens, lengths, comp, clen, trunc = self._rollout(exs, step * 16 + tries)
             t2 = time.perf_counter()
@@ -145,7 +145,7 @@ class GRPOTrainer:
             keep = np.ones(len(exs), bool)
             if self.cfg.dynamic_sampling:
                 keep = scores["total"].reshape(-1, g).std(1) > 0
-            for i in np.nonzero(keep)[0]:
+            for i in np.nonzero(keep)[0][:self.prompts_per_step - len(batch_ex)]:
                 rows = slice(i * g, (i + 1) * g)
                 batch_ex.append(exs[i])
                 parts.append((tokens[rows], lengths[rows], comp[rows], clen[rows], trunc[rows],
@@ -162,6 +162,11 @@ class GRPOTrainer:
         adv = group_advantages(jnp.asarray(scores["total"]), g, scale=self.cfg.adv_scale, eps=self.cfg.adv_eps,
                                rloo=self.cfg.rloo)
         arrays = completion_arrays(tokens, lengths, comp, clen, trunc if self.cfg.mask_truncated else None)
+        # pad to prompts_per_step * G rows (rows without loss mask contribute nothing): the jitted log-prob and
+        # update functions see one shape whatever dynamic sampling kept
+        pad = self.prompts_per_step * g - arrays["tokens"].shape[0]
+        arrays = {k: np.pad(v, ((0, pad), (0, 0))) for k, v in arrays.items()}
+        adv = jnp.pad(adv, (0, pad))
         batch = {k: jnp.asarray(v) for k, v in arrays.items()}
         t3 = time.perf_counter()
         batch["old_logp"] = self._log_probs(self.state.params, self.state.rest, batch)
