@@ -381,3 +381,23 @@ def test_file_errors(tmp_path, jsonl_file):
     (tmp_path / "one.txt").write_text("a single document")
     with pytest.raises(DataError, match="epoch yields no documents.*split 'train' keeps 0 of 1"):
         make("text", "one.txt")
+
+
+def test_arithmetic_difficulty_knobs():
+    from dsjax.data.synthetic import arithmetic_example
+
+    assert arithmetic_example(3, 7) == arithmetic_example(3, 7, ops="+-*", max_digits=5)  # defaults unchanged
+    for i in range(200):
+        ex = arithmetic_example(0, i, ops="+-", max_digits=2)
+        a, op, b = re.fullmatch(r"Q: (\d+)([+\-])(\d+)=\?\nA: ", ex["prompt"]).groups()
+        assert int(a) < 100 and int(b) < 100
+        assert int(ex["answer"]) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+    for bad in [dict(ops="/"), dict(ops=""), dict(ops="++"), dict(max_digits=0), dict(max_digits=6)]:
+        with pytest.raises(ValueError):
+            arithmetic_example(0, 0, **bad)
+    with pytest.raises(DataError, match="arithmetic_max_digits"):
+        DataConfig(source="arithmetic", arithmetic_max_digits=9)
+    cfg = DataConfig(source="arithmetic", arithmetic_ops="+", arithmetic_max_digits=1, seq_len=32, batch_size=2)
+    tok = make_tokenizer(cfg)
+    text = tok.decode(next(iter(make_dataset(cfg, tok)))["tokens"].reshape(-1).tolist())
+    assert "-" not in text and "*" not in text and re.search(r"Q: \d\+\d=", text)

@@ -155,9 +155,61 @@ def test_trainer_runs_end_to_end_on_cpu():
     assert len(history) == 2 and any("sample (reward" in line for line in logs)
     for k in ("reward_mean", "reward/accuracy", "reward/format", "frac_reward_zero_std", "completion_len_mean",
               "truncated_ratio", "kl", "clip_frac_low", "ratio_mean", "policy_loss", "grad_norm", "lr",
-              "rollout_tokens_per_s", "time_train_s"):
+              "rollout_tokens_per_s", "time_train_s", "entropy"):
         assert k in history[-1], k
     assert int(trainer.state.step) == 2 * cfg.mu * cfg.minibatches
+    assert 0.0 < history[-1]["entropy"] <= np.log(model.cfg.vocab_size) + 1e-4
     acc = greedy_accuracy(trainer.model(), tok, [arithmetic_example(9, i) for i in range(3)], rewards,
                           max_new_tokens=8)
     assert 0.0 <= acc["accuracy"] <= 1.0
+
+
+def test_token_entropy_matches_direct_computation():
+    from dsjax.train.losses import token_log_probs
+
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(8, 11)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 11, size=(2, 5)))
+    lp, ent = token_log_probs(hidden, lambda h: h @ w, targets, 0.7, chunk_tokens=3, with_entropy=True)
+    logits = np.asarray(hidden @ w, np.float64) / 0.7
+    logq = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    np.testing.assert_allclose(ent, -(np.exp(logq) * logq).sum(-1), rtol=1e-5, atol=1e-5)  # float32 sums
+    np.testing.assert_allclose(lp, np.take_along_axis(logq, np.asarray(targets)[..., None], -1)[..., 0], rtol=1e-5)
+    np.testing.assert_allclose(token_log_probs(hidden, lambda h: h @ w, targets, 0.7, chunk_tokens=3), lp, rtol=1e-6)
+
+
+def test_rejection_sampling_keeps_accepted_unique_completions_and_writes_sft_jsonl(tmp_path):
+    import json
+
+    from dsjax.data import DataConfig, make_dataset, make_tokenizer
+    from dsjax.rl import rejection_sample
+    from dsjax.rl.rewards import Reward, make_rewards
+
+    tok = make_tokenizer(DataConfig(source="arithmetic"))
+    model = dsjax.Transformer(dsjax.configs.tiny(vocab_size=tok.vocab_size, num_nextn_predict_layers=0),
+                              rngs=nnx.Rngs(0))
+    even = Reward("even", lambda text, ex: float(len(text) % 2 == 0))
+    rewards = make_rewards([even])
+    examples = [{"prompt": f"Q: {i}+1=?\nA: ", "answer": str(i + 1)} for i in range(3)]
+    out = tmp_path / "rs" / "sft.jsonl"
+    rows, stats = rejection_sample(model, tok, examples, rewards, num_samples=6, temperature=1.5,
+                                   max_new_tokens=6, required={"even": 1.0}, keep_per_prompt=2, out_path=out,
+                                   prompts_per_batch=2, drop_truncated=False)
+    assert stats.prompts == 3 and stats.generated == 18 and 0 < stats.accepted < 18, stats
+    assert stats.written == len(rows) <= 6 and stats.prompts_kept == len({r["prompt"] for r in rows})
+    for p in {r["prompt"] for r in rows}:
+        kept = [r["completion"] for r in rows if r["prompt"] == p]
+        assert len(kept) == len(set(kept)) <= 2
+    assert all(len(r["completion"]) % 2 == 0 and r["reward"] == 1.0 for r in rows)
+    assert [json.loads(line) for line in out.read_text().splitlines()] == rows
+    assert abs(stats.reward_means["even"] - stats.accepted / stats.generated) < 1e-6
+    if rows:  # the file is SFT data as it stands
+        batch = next(iter(make_dataset(DataConfig(source="sft", paths=(str(out),), seq_len=32, batch_size=1), tok)))
+        assert batch["loss_mask"].sum() > 0
+    # a random model never finishes in 6 tokens: with truncation dropped, nothing is accepted; unknown names fail
+    rows, stats = rejection_sample(model, tok, examples, rewards, num_samples=2, max_new_tokens=6,
+                                   required={"even": 0.0}, prompts_per_batch=4)
+    assert stats.accepted == 0 and rows == []
+    with pytest.raises(ValueError, match="no reward named"):
+        rejection_sample(model, tok, examples, rewards, required={"accuracy": 1.0})

@@ -82,6 +82,8 @@ class DataConfig:
       seed: shuffle seed (and the arithmetic generator's seed).
       num_epochs: None repeats forever.
       split: ``"train"`` or ``"valid"`` (a stable ~1% hold-out of documents, at least one).
+      arithmetic_ops, arithmetic_max_digits: difficulty of the synthetic task (operators drawn from, most digits
+        per operand); see :func:`dsjax.data.synthetic.arithmetic_example`.
     """
 
     source: str = "default"
@@ -99,6 +101,8 @@ class DataConfig:
     num_epochs: int | None = None
     split: str = "train"
     arithmetic_examples: int = 100_000
+    arithmetic_ops: str = "+-*"
+    arithmetic_max_digits: int = 5
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -135,6 +139,10 @@ class DataConfig:
             _fail("split", self.split, "unknown split", f"use one of {SPLITS}")
         if not _is_int(self.arithmetic_examples) or self.arithmetic_examples < 1:
             _fail("arithmetic_examples", self.arithmetic_examples, "must be an integer >= 1", "set e.g. 100_000")
+        try:
+            synthetic.arithmetic_example(0, 0, ops=self.arithmetic_ops, max_digits=self.arithmetic_max_digits)
+        except ValueError as e:
+            raise DataError(f"DataConfig.arithmetic_ops / arithmetic_max_digits: {e}") from None
 
     def fingerprint(self) -> str:
         """A short hash of the fields that define the batch stream (checked when a state is restored)."""
@@ -181,7 +189,8 @@ class _Encode:
             mask[1 + len(prompt):] = 1
             return {"tokens": tokens[: cfg.seq_len], "loss_mask": mask[: cfg.seq_len]}
         if cfg.source == "arithmetic":
-            ex = synthetic.arithmetic_example(cfg.seed, start)
+            ex = synthetic.arithmetic_example(cfg.seed, start, ops=cfg.arithmetic_ops,
+                                              max_digits=cfg.arithmetic_max_digits)
             text, first, last = ex["prompt"] + ex["completion"], True, True
         elif cfg.source == "jsonl":
             rec = sources.read_jsonl_record(docs.paths[file_id], start, end, ordinal, (cfg.text_field,))

@@ -106,13 +106,26 @@ def _operand(rng: np.random.Generator, max_digits: int) -> int:
     return int(rng.integers(lo, 10**n))
 
 
-def arithmetic_example(rng_or_seed: int | np.random.Generator, index: int = 0) -> dict[str, str]:
+def _check_difficulty(ops: str | tuple[str, ...], max_digits: int) -> tuple[str, ...]:
+    ops_t = tuple(ops)
+    if not ops_t or any(o not in OPS for o in ops_t) or len(set(ops_t)) != len(ops_t):
+        raise ValueError(f"ops={ops!r}: must be distinct operators from {''.join(OPS)!r}, e.g. '+-'")
+    if isinstance(max_digits, bool) or not isinstance(max_digits, int) or not 1 <= max_digits <= MAX_ADD_DIGITS:
+        raise ValueError(f"max_digits={max_digits!r}: must be an integer in [1, {MAX_ADD_DIGITS}]")
+    return ops_t
+
+
+def arithmetic_example(rng_or_seed: int | np.random.Generator, index: int = 0, *, ops: str | tuple[str, ...] = OPS,
+                       max_digits: int = MAX_ADD_DIGITS) -> dict[str, str]:
     """One arithmetic problem with its scratchpad completion.
 
     Args:
-      rng_or_seed: an int seed (the example is then a pure function of ``(seed, index)``) or a
+      rng_or_seed: an int seed (the example is then a pure function of ``(seed, index, ops, max_digits)``) or a
         ``np.random.Generator`` to draw from (``index`` is then ignored; the caller owns determinism).
       index: example index, >= 0.
+      ops: the operators to draw from (uniformly), a subset of ``"+-*"``; fewer operators = an easier task.
+      max_digits: operands of ``+``/``-`` have 1..max_digits digits (``*``: at most min(3, max_digits) by
+        min(2, max_digits)); 1..5.
 
     Returns:
       ``{"prompt": str, "completion": str, "answer": str}``; ``answer`` is the exact result as ``str(int)``,
@@ -124,12 +137,14 @@ def arithmetic_example(rng_or_seed: int | np.random.Generator, index: int = 0) -
         if int(index) < 0 or int(rng_or_seed) < 0:
             raise ValueError(f"seed={rng_or_seed!r}, index={index!r}: both must be >= 0")
         rng = np.random.default_rng([int(rng_or_seed), int(index)])
-    op = OPS[int(rng.integers(len(OPS)))]
+    ops_t = _check_difficulty(ops, max_digits)
+    op = ops_t[int(rng.integers(len(ops_t)))]
     if op == "*":
-        a, b = _operand(rng, MAX_MUL_DIGITS[0]), _operand(rng, MAX_MUL_DIGITS[1])
+        a = _operand(rng, min(MAX_MUL_DIGITS[0], max_digits))
+        b = _operand(rng, min(MAX_MUL_DIGITS[1], max_digits))
         result, steps = a * b, _mul_steps(a, b)
     else:
-        a, b = _operand(rng, MAX_ADD_DIGITS), _operand(rng, MAX_ADD_DIGITS)
+        a, b = _operand(rng, max_digits), _operand(rng, max_digits)
         if op == "+":
             result, steps = a + b, _add_steps(a, b)
         elif a >= b:
@@ -143,8 +158,8 @@ def arithmetic_example(rng_or_seed: int | np.random.Generator, index: int = 0) -
 class _ArithmeticSource:
     """Random-access source of ``n`` examples (picklable, so it works with multiprocess prefetch)."""
 
-    def __init__(self, n: int, seed: int):
-        self._n, self._seed = n, seed
+    def __init__(self, n: int, seed: int, ops: str = "".join(OPS), max_digits: int = MAX_ADD_DIGITS):
+        self._n, self._seed, self._ops, self._max_digits = n, seed, ops, max_digits
 
     def __len__(self) -> int:
         return self._n
@@ -152,23 +167,27 @@ class _ArithmeticSource:
     def __getitem__(self, index: int) -> dict[str, str]:
         if not 0 <= index < self._n:
             raise IndexError(f"index {index} out of range for {self._n} examples")
-        return arithmetic_example(self._seed, index)
+        return arithmetic_example(self._seed, index, ops=self._ops, max_digits=self._max_digits)
 
     def __repr__(self) -> str:
-        return f"ArithmeticSource(n={self._n}, seed={self._seed})"
+        return f"ArithmeticSource(n={self._n}, seed={self._seed}, ops={self._ops!r}, max_digits={self._max_digits})"
 
 
-def arithmetic_dataset(n: int, seed: int = 0) -> grain.MapDataset:
+def arithmetic_dataset(n: int, seed: int = 0, *, ops: str | tuple[str, ...] = OPS,
+                       max_digits: int = MAX_ADD_DIGITS) -> grain.MapDataset:
     """``n`` examples as a ``grain.MapDataset`` of ``{"prompt", "completion", "answer"}`` dicts.
 
-    Element ``i`` is ``arithmetic_example(seed, i)``; chain ``.shuffle()``, ``.batch()`` etc. as needed.
+    Element ``i`` is ``arithmetic_example(seed, i, ops=ops, max_digits=max_digits)``; chain ``.shuffle()``,
+    ``.batch()`` etc. as needed.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n={n!r}: must be an integer >= 1")
-    return grain.MapDataset.source(_ArithmeticSource(n, seed))
+    return grain.MapDataset.source(_ArithmeticSource(n, seed, "".join(_check_difficulty(ops, max_digits)),
+                                                     max_digits))
 
 
-def write_arithmetic_jsonl(path: str | os.PathLike[str], n: int, seed: int = 0) -> str:
+def write_arithmetic_jsonl(path: str | os.PathLike[str], n: int, seed: int = 0, *,
+                           ops: str | tuple[str, ...] = OPS, max_digits: int = MAX_ADD_DIGITS) -> str:
     """Writes ``n`` examples as JSONL (``prompt``, ``completion``, ``answer`` per line) for ``source="sft"``.
 
     The file is written to a temporary name next to ``path`` and renamed into place, so a reader never sees a
@@ -181,7 +200,8 @@ def write_arithmetic_jsonl(path: str | os.PathLike[str], n: int, seed: int = 0) 
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         for i in range(n):
-            f.write(json.dumps(arithmetic_example(seed, i), ensure_ascii=False) + "\n")
+            ex = arithmetic_example(seed, i, ops=ops, max_digits=max_digits)
+            f.write(json.dumps(ex, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
     return path
 

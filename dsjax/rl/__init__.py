@@ -4,7 +4,8 @@ update (:mod:`dsjax.rl.grpo`) and the training loop (:mod:`dsjax.rl.trainer`, im
 from dsjax.rl.rewards import REWARDS, Reward, RewardFn, RewardRegistry, make_rewards, score_batch
 
 __all__ = ["REWARDS", "Reward", "RewardFn", "RewardRegistry", "make_rewards", "score_batch", "GRPOConfig",
-           "GRPOTrainer", "group_advantages", "make_grpo_step", "greedy_accuracy"]
+           "GRPOTrainer", "group_advantages", "make_grpo_step", "greedy_accuracy",
+           "rejection_sample", "RejectionStats"]
 
 
 def __getattr__(name):
@@ -16,4 +17,8 @@ def __getattr__(name):
         from dsjax.rl import trainer
 
         return getattr(trainer, name)
+    if name in ("rejection_sample", "RejectionStats"):
+        from dsjax.rl import rejection
+
+        return getattr(rejection, name)
     raise AttributeError(name)

@@ -149,12 +149,16 @@ def _aggregate(x: jax.Array, mask: jax.Array, cfg: GRPOConfig, n_rows: jax.Array
 
 
 def sequence_log_probs(model, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array,
-                       temperature: float, chunk_tokens: int = 4096) -> jax.Array:
-    """``log p(tokens[t+1] | tokens[<=t])`` at the sampling temperature, ``[M, T]`` (last column is 0)."""
+                       temperature: float, chunk_tokens: int = 4096, *, with_entropy: bool = False
+                       ) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """``log p(tokens[t+1] | tokens[<=t])`` at the sampling temperature, ``[M, T]`` (last column is 0); with
+    ``with_entropy`` also the entropy of each next-token distribution ``[M, T]`` (no gradient)."""
     out = model(tokens, segment_ids, positions, compute_logits=False, return_hidden=True)
     targets = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
-    lp = token_log_probs(out.hidden, model.logits_f32, targets, temperature, chunk_tokens)
-    return lp.at[:, -1].set(0.0)
+    res = token_log_probs(out.hidden, model.logits_f32, targets, temperature, chunk_tokens, with_entropy=with_entropy)
+    if with_entropy:
+        return res[0].at[:, -1].set(0.0), res[1]
+    return res.at[:, -1].set(0.0)
 
 
 @jax.tree_util.register_dataclass
@@ -198,7 +202,8 @@ def make_grpo_step(cfg: GRPOConfig, optim: OptimConfig, total_steps: int, graphd
 
     def loss_fn(params, rest, batch):
         model = merge(params, rest)
-        logp = sequence_log_probs(model, batch["tokens"], batch["segment_ids"], batch["positions"], cfg.temperature)
+        logp, entropy = sequence_log_probs(model, batch["tokens"], batch["segment_ids"], batch["positions"],
+                                           cfg.temperature, with_entropy=True)
         mask = batch["completion_mask"].astype(bool)
         ref = batch["ref_logp"] if cfg.beta > 0 else None
         tok_loss, diag = grpo_token_loss(logp, batch["old_logp"], ref, batch["advantages"], cfg)
@@ -213,7 +218,7 @@ def make_grpo_step(cfg: GRPOConfig, optim: OptimConfig, total_steps: int, graphd
                    "ratio_min": jnp.min(jnp.where(mask, diag["ratio"], jnp.inf)),
                    "clip_frac_low": tm(diag["clip_low"].astype(jnp.float32)),
                    "clip_frac_high": tm(diag["clip_high"].astype(jnp.float32)),
-                   "train_tokens": n_tok}
+                   "entropy": tm(entropy), "train_tokens": n_tok}
         if "kl" in diag:
             metrics["kl"] = tm(diag["kl"])
             metrics["kl_loss"] = cfg.beta * agg(diag["kl"])

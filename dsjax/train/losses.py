@@ -77,15 +77,27 @@ def chunked_cross_entropy(hidden: jax.Array, head: Callable[[jax.Array], jax.Arr
 
 
 def token_log_probs(hidden: jax.Array, head: Callable[[jax.Array], jax.Array], targets: jax.Array,
-                    temperature: float = 1.0, chunk_tokens: int = 4096) -> jax.Array:
-    """Per-token ``log p(target)`` ``[B, T]`` (float32) under ``softmax(logits / temperature)``, chunked."""
+                    temperature: float = 1.0, chunk_tokens: int = 4096, *, with_entropy: bool = False
+                    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Per-token ``log p(target)`` ``[B, T]`` (float32) under ``softmax(logits / temperature)``, chunked.
+
+    With ``with_entropy`` also returns the per-token entropy ``H = logsumexp(z) - sum softmax(z) z`` of that
+    distribution (``[B, T]``, float32, no gradient: a diagnostic), computed in the same chunk as the log-prob.
+    """
     b, t, d = hidden.shape
     (h, tg), _, _, n = _chunk(chunk_tokens, hidden.reshape(-1, d), targets.reshape(-1))
 
     @jax.checkpoint
     def chunk(hc, tc):
         logits = head(hc).astype(jnp.float32) / temperature
-        return jnp.take_along_axis(logits, tc[:, None], -1)[:, 0] - jax.nn.logsumexp(logits, -1)
+        lse = jax.nn.logsumexp(logits, -1)
+        lp = jnp.take_along_axis(logits, tc[:, None], -1)[:, 0] - lse
+        if not with_entropy:
+            return lp
+        z = jax.lax.stop_gradient(logits)
+        ent = jax.lax.stop_gradient(lse) - jnp.sum(jax.nn.softmax(z, -1) * z, -1)
+        return lp, ent
 
     out = jax.lax.map(lambda xs: chunk(*xs), (h, tg))
-    return out.reshape(-1)[:n].reshape(b, t)
+    unchunk = lambda x: x.reshape(-1)[:n].reshape(b, t)
+    return (unchunk(out[0]), unchunk(out[1])) if with_entropy else unchunk(out)
