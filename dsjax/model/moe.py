@@ -42,6 +42,7 @@ from pallas_kernels import grouped_matmul
 
 from dsjax.configs import ModelConfig
 from dsjax.model.layers import MLP, FP8Scale, RoutingBias, dtype_of, make_param
+from dsjax.sharding import current_plan
 
 __all__ = ["RouterOutput", "Router", "RoutedExperts", "MoE", "route"]
 
@@ -216,19 +217,30 @@ class MoE(nnx.Module):
 
         ``stats``: ``counts [E]`` float32 tokens routed to each expert (valid tokens only), ``balance`` scalar
         sequence-wise balance term ``mean_b sum_i f_{b,i} P_{b,i}`` (multiply by ``aux_loss_alpha``), and
-        ``indices [B,S,K]`` the chosen experts.
+        ``indices [B,S,K]`` the chosen experts; under a sharding plan also ``dropped``, the (token, expert)
+        pairs the expert-parallel dispatch dropped (float32 scalar).
         """
         b, s, d = x.shape
         flat_x = x.reshape(b * s, d)
         with jax.named_scope("router"):
             r = self.gate(flat_x)
+        plan = current_plan()
         with jax.named_scope("routed_experts"):
-            y = self.experts(flat_x, r.indices, r.weights).reshape(b, s, d)
+            if plan is None:
+                y = self.experts(flat_x, r.indices, r.weights).reshape(b, s, d)
+            else:  # on a mesh: shard_map, tokens travel to their experts (dsjax.model.moe_ep)
+                from dsjax.model.moe_ep import expert_parallel
+
+                y, dropped = expert_parallel(self.experts, flat_x, r.indices, r.weights, plan)
+                y = y.reshape(b, s, d)
         if self.shared_experts is not None:
             with jax.named_scope("shared_experts"):
                 y = y + self.shared_experts(x)
         with jax.named_scope("routing_stats"):
-            return y, self._stats(r, valid, b, s)
+            stats = self._stats(r, valid, b, s)
+        if plan is not None:
+            stats["dropped"] = dropped
+        return y, stats
 
     def _stats(self, r: RouterOutput, valid, b: int, s: int) -> dict[str, jax.Array]:
         e, k = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
