@@ -24,12 +24,16 @@ flags.DEFINE_enum("preset", "cpu", ["cpu", "gpu"], "Model size and step counts."
 flags.DEFINE_string("workdir", "workdirs/r1", "Run directory (one sub-folder per stage).")
 flags.DEFINE_integer("eval_examples", 128, "Held-out prompts for greedy accuracy.")
 flags.DEFINE_integer("grpo_steps", None, "Override the preset's GRPO steps.")
+flags.DEFINE_float("grpo_lr", None, "Override the preset's GRPO learning rate.")
+flags.DEFINE_string("ops", None, "Override the preset's operators (subset of '+-*').")
+flags.DEFINE_integer("digits", None, "Override the preset's most digits per operand (1..5).")
+flags.DEFINE_integer("rejection_prompts", 64, "After GRPO: rejection-sample this many prompts (0: skip).")
 
 PRESETS = {
-    "cpu": dict(model="tiny", pre_steps=300, sft_steps=150, grpo_steps=60, seq_len=128, batch=16, G=8, prompts=8,
-                lr=2e-3, sft_lr=1e-3, grpo_lr=2e-5, max_new=96),
-    "gpu": dict(model="small", pre_steps=600, sft_steps=300, grpo_steps=200, seq_len=256, batch=32, G=16,
-                prompts=32, lr=1e-3, sft_lr=3e-4, grpo_lr=3e-6, max_new=128),
+    "cpu": dict(model="tiny", ops="+", digits=3, pre_steps=300, sft_steps=150, grpo_steps=40, seq_len=128, batch=16,
+                G=8, prompts=8, lr=2e-3, sft_lr=1e-3, grpo_lr=1e-4, max_new=64),
+    "gpu": dict(model="small", ops="+-*", digits=5, pre_steps=600, sft_steps=300, grpo_steps=200, seq_len=256,
+                batch=32, G=16, prompts=32, lr=1e-3, sft_lr=3e-4, grpo_lr=3e-6, max_new=128),
 }
 
 
@@ -47,8 +51,12 @@ def main(argv):
     from dsjax.train import config as tc
     from dsjax.train.loop import load_params_from_workdir, run
 
-    p = PRESETS[FLAGS.preset]
-    grpo_steps = FLAGS.grpo_steps or p["grpo_steps"]
+    p = dict(PRESETS[FLAGS.preset])
+    for k in ("grpo_steps", "grpo_lr", "ops", "digits"):
+        if getattr(FLAGS, k) is not None:
+            p[k] = getattr(FLAGS, k)
+    grpo_steps = p["grpo_steps"]
+    task = dict(ops=p["ops"], max_digits=p["digits"])
     root = pathlib.Path(FLAGS.workdir)
     root.mkdir(parents=True, exist_ok=True)
     quiet = dict(log_fn=lambda s: print("   ", s, flush=True))
@@ -56,7 +64,7 @@ def main(argv):
             "progress_bar=false", "log_every=50"]
     model_cfg = tc.get("tiny" if p["model"] == "tiny" else "small").model
     rewards = make_rewards(["accuracy", ("format", 0.5)])
-    held_out = [arithmetic_example(10_000, i) for i in range(FLAGS.eval_examples)]
+    held_out = [arithmetic_example(10_000, i, **task) for i in range(FLAGS.eval_examples)]
     report = []
     t0 = time.perf_counter()
 
@@ -68,7 +76,8 @@ def main(argv):
 
     # 1. pretraining on task text
     pre = tc.apply_overrides(tc.get(p["model"] if p["model"] == "tiny" else "small"), base + [
-        "data.source=arithmetic", f"steps={p['pre_steps']}", f"optim.learning_rate={p['lr']}",
+        "data.source=arithmetic", f"data.arithmetic_ops={p['ops']}", f"data.arithmetic_max_digits={p['digits']}",
+        f"steps={p['pre_steps']}", f"optim.learning_rate={p['lr']}",
         "optim.warmup_steps=30", f"checkpoint.every={p['pre_steps']}"])
     print(f"== stage 1: pretraining {p['model']} for {p['pre_steps']} steps", flush=True)
     run(pre, root / "pretrain", **quiet)
@@ -78,7 +87,7 @@ def main(argv):
 
     # 2. cold-start SFT on formatted reasoning (completion-only loss)
     sft_data = root / "sft.jsonl"
-    write_arithmetic_jsonl(sft_data, 20_000, seed=1)
+    write_arithmetic_jsonl(sft_data, 20_000, seed=1, **task)
     sft = tc.apply_overrides(tc.sft_tiny(model=model_cfg), base + [
         "data.source=sft", f"data.paths={sft_data}", f"steps={p['sft_steps']}", f"optim.learning_rate={p['sft_lr']}",
         f"init_from={root / 'pretrain'}", f"checkpoint.every={p['sft_steps']}"])
@@ -93,11 +102,24 @@ def main(argv):
     trainer = GRPOTrainer(model, tok, rewards, gcfg, steps=grpo_steps, prompts_per_step=p["prompts"],
                           optim=OptimConfig(learning_rate=p["grpo_lr"], warmup_steps=0, schedule="constant",
                                             weight_decay=0.0, clip_norm=1.0))
-    stream = (arithmetic_example(2, i) for i in itertools.count())
+    stream = (arithmetic_example(2, i, **task) for i in itertools.count())
     print(f"== stage 3: GRPO for {grpo_steps} steps (G={p['G']}, {p['prompts']} prompts/step)", flush=True)
     history = trainer.train(stream, grpo_steps, log_fn=lambda s: print("   ", s, flush=True))
     (root / "grpo_metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     evaluate("GRPO", trainer.model(), tok)
+
+    # 4. rejection sampling from the GRPO policy: SFT data for a next round (R1's stage 3)
+    rs_line = ""
+    if FLAGS.rejection_prompts:
+        from dsjax.rl import rejection_sample
+
+        prompts = [arithmetic_example(3, i, **task) for i in range(FLAGS.rejection_prompts)]
+        _, st = rejection_sample(trainer.model(), tok, prompts, rewards, num_samples=p["G"], temperature=1.0,
+                                 max_new_tokens=p["max_new"], out_path=root / "rejection_sampled.jsonl")
+        rs_line = (f"Rejection sampling ({p['G']} samples x {st.prompts} new prompts, accuracy = 1 and format = 1): "
+                   f"{st.accepted}/{st.generated} accepted ({st.acceptance_rate:.1%}), {st.prompts_kept} prompts "
+                   f"kept, {st.written} rows -> rejection_sampled.jsonl\n")
+        print("== stage 4:", rs_line, flush=True)
 
     lines = ["| stage | held-out greedy accuracy | format rate |", "|---|---|---|"]
     lines += [f"| {s} | {a:.3f} | {f:.3f} |" for s, a, f in report]
@@ -105,7 +127,8 @@ def main(argv):
     dev = jax.devices()[0]
     text = (f"# R1 in miniature ({FLAGS.preset} preset, {dev.device_kind}, {time.perf_counter() - t0:.0f}s)\n\n"
             f"{table}\n\nGRPO: {grpo_steps} steps, G={p['G']}, {p['prompts']} prompts/step; rewards accuracy + 0.5 "
-            f"format; {len(held_out)} held-out prompts (seed 10000).\n")
+            f"format; {len(held_out)} held-out prompts (seed 10000). Task: ops {p['ops']!r}, up to {p['digits']} "
+            f"digits.\n\n{rs_line}")
     (root / "r1_report.md").write_text(text)
     print(text)
     try:
