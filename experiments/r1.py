@@ -30,8 +30,8 @@ flags.DEFINE_integer("digits", None, "Override the preset's most digits per oper
 flags.DEFINE_integer("rejection_prompts", 64, "After GRPO: rejection-sample this many prompts (0: skip).")
 
 PRESETS = {
-    "cpu": dict(model="tiny", ops="+", digits=3, pre_steps=300, sft_steps=150, grpo_steps=40, seq_len=128, batch=16,
-                G=8, prompts=8, lr=2e-3, sft_lr=1e-3, grpo_lr=1e-4, max_new=64),
+    "cpu": dict(model="tiny", ops="+", digits=2, pre_steps=300, sft_steps=150, grpo_steps=40, seq_len=128, batch=16,
+                G=8, prompts=8, lr=2e-3, sft_lr=1e-3, grpo_lr=5e-5, max_new=96),
     "gpu": dict(model="small", ops="+-*", digits=5, pre_steps=600, sft_steps=300, grpo_steps=200, seq_len=256,
                 batch=32, G=16, prompts=32, lr=1e-3, sft_lr=3e-4, grpo_lr=3e-6, max_new=128),
 }

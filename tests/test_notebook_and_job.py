@@ -10,10 +10,10 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def test_quickstart_notebook_executes():
+def _execute_notebook(name: str) -> str:
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    nb = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
+    nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
     env_platform = os.environ.get("JAX_PLATFORMS")
     os.environ["JAX_PLATFORMS"] = "cpu"
     try:
@@ -24,10 +24,20 @@ def test_quickstart_notebook_executes():
             os.environ.pop("JAX_PLATFORMS", None)
         else:
             os.environ["JAX_PLATFORMS"] = env_platform
-    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "max |absorbed - naive|" in outputs and "deepseek-v3" in outputs
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
+    return "".join(o.get("text", "") or str(o.get("data", {}).get("text/plain", ""))
+                   for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+
+
+def test_quickstart_notebook_executes():
+    outputs = _execute_notebook("quickstart.ipynb")
+    assert "max |absorbed - naive|" in outputs and "deepseek-v3" in outputs
+
+
+def test_grpo_notebook_executes():
+    outputs = _execute_notebook("grpo.ipynb")
+    assert "held-out greedy 'digits' reward:" in outputs and "accepted " in outputs and "entropy" in outputs
 
 
 def test_default_job_runs():
