@@ -117,8 +117,8 @@ DEFAULT_RULES: dict[str, Any] = make_rules("default")
 class MeshConfig:
     """Device mesh ``data x fsdp x expert x tensor`` and how the model is laid out on it.
 
-    All sizes 1 (the default) means no mesh: one device, the plain single-device code path. One size may be -1: it
-    takes the devices left over (``data=-1`` on 8 devices with ``expert=2`` gives ``data=4``).
+    All sizes 1 (the default) means no mesh: the default device, the plain single-device code path. One size may
+    be -1: it takes the devices left over (``data=-1`` on 8 devices with ``expert=2`` gives ``data=4``).
 
     Attributes:
       data, fsdp, expert, tensor: mesh axis sizes; their product must equal the number of devices.
@@ -237,13 +237,11 @@ class Plan:
 
 
 def make_plan(cfg: MeshConfig | None, devices: Sequence[jax.Device] | None = None) -> Plan | None:
-    """The :class:`Plan` for ``cfg`` over ``devices``; ``None`` when there is nothing to split (one device, all sizes
-    1) -- callers then take the plain single-device path, with no ``shard_map`` and no sharding annotations."""
-    if cfg is None:
+    """The :class:`Plan` for ``cfg`` over ``devices``; ``None`` for ``MeshConfig()`` (all sizes 1) -- callers then
+    take the plain single-device path on the default device, with no ``shard_map`` and no sharding annotations."""
+    if cfg is None or cfg.is_single_device:
         return None
     devices = list(jax.devices() if devices is None else devices)
-    if cfg.is_single_device and len(devices) == 1:
-        return None
     cfg = cfg.resolve(len(devices))
     return Plan(mesh=make_mesh(cfg, devices), rules=make_rules(cfg.rules), config=cfg)
 

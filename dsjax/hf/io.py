@@ -109,8 +109,9 @@ class _Assembler:
         if path not in self.arrays:
             zeros = functools.partial(jnp.zeros, spec.shape, spec.dtype)
             self.arrays[path] = jax.jit(zeros, out_shardings=sharding)() if sharding is not None else zeros()
-        self.arrays[path] = _write_slice(self.arrays[path], jnp.asarray(value), np.asarray(index, np.int32),
-                                         len(index))
+        # with a sharding, numpy goes straight to the jitted update (no single-device copy; multi-process safe)
+        value = value if sharding is not None else jnp.asarray(value)
+        self.arrays[path] = _write_slice(self.arrays[path], value, np.asarray(index, np.int32), len(index))
 
 
 def _to_leaf(rule: TensorRule, arr: np.ndarray) -> np.ndarray:
@@ -152,7 +153,7 @@ def _report(missing, unexpected, mismatched, path) -> None:
 
 def load_hf(path: str | os.PathLike, *, dtype=jnp.bfloat16, compute_dtype=None, keep_fp8: bool = False,
             mtp: bool = True, scan_layers: bool = False, remat_policy: str = "none",
-            sharding_fn: Callable[[tuple, Any], Any] | None = None) -> Transformer:
+            sharding_fn: Callable[[tuple, Any], Any] | None = None, plan: Any = None) -> Transformer:
     """Builds a :class:`~dsjax.Transformer` from a local hub-layout folder.
 
     Args:
@@ -166,6 +167,7 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.bfloat16, compute_dtype=None, 
       scan_layers / remat_policy: dsjax runtime options of the built model.
       sharding_fn: optional ``(leaf_path, abstract_variable) -> jax.sharding.Sharding``; tensors are placed with
         it as they are read (shard by shard), so the model never materialises on one device.
+      plan: a :class:`dsjax.sharding.Plan`: shorthand for ``sharding_fn`` from its mesh and rules table.
     """
     _enable_numpy_ml_dtypes()
     from safetensors import safe_open
@@ -184,6 +186,10 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.bfloat16, compute_dtype=None, 
     graphdef, abstract_state = nnx.split(abstract_model)
     flat = list(nnx.to_flat_state(abstract_state))
     specs = {p: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype) for p, v in flat}
+    if sharding_fn is None and plan is not None:
+        from dsjax.sharding import sharding_fn as plan_sharding_fn
+
+        sharding_fn = plan_sharding_fn(plan)
     shardings = {p: sharding_fn(p, v) for p, v in flat} if sharding_fn is not None else {}
     rules = leaf_rules(cfg, {p: s.shape for p, s in specs.items()})
     by_name = {r.hf_name: r for r in rules}

@@ -17,6 +17,7 @@ from typing import Any, Callable
 from dsjax import configs as model_configs
 from dsjax.configs import ConfigError, ModelConfig
 from dsjax.data import DataConfig
+from dsjax.sharding import MeshConfig
 
 __all__ = ["OptimConfig", "LossConfig", "BalanceConfig", "CheckpointConfig", "TrainConfig", "get", "names",
            "apply_overrides", "to_dict", "from_dict"]
@@ -124,7 +125,8 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """Everything a run needs. ``micro_batches`` splits ``data.batch_size`` for gradient accumulation."""
+    """Everything a run needs. ``micro_batches`` splits ``data.batch_size`` for gradient accumulation; ``mesh``
+    lays the run out on several devices (:class:`~dsjax.sharding.MeshConfig`, e.g. ``--set mesh.data=-1``)."""
 
     model: ModelConfig
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -132,6 +134,7 @@ class TrainConfig:
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     balance: BalanceConfig = dataclasses.field(default_factory=BalanceConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # all 1: one device, no sharding
     steps: int = 1000
     micro_batches: int = 1
     seed: int = 0
@@ -302,6 +305,7 @@ def from_dict(d: dict[str, Any]) -> TrainConfig:
     d = dict(d)
     model = ModelConfig.from_dict(d.pop("model"))
     data = DataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("data").items()})
-    parts = {"optim": OptimConfig, "loss": LossConfig, "balance": BalanceConfig, "checkpoint": CheckpointConfig}
+    parts = {"optim": OptimConfig, "loss": LossConfig, "balance": BalanceConfig, "checkpoint": CheckpointConfig,
+             "mesh": MeshConfig}
     kwargs = {k: cls(**d.pop(k)) for k, cls in parts.items() if k in d}
     return TrainConfig(model=model, data=data, **kwargs, **d)

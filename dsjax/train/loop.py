@@ -34,6 +34,7 @@ from dsjax.data import check_vocab, make_dataset, make_tokenizer
 from dsjax.model import Transformer
 from dsjax.train import config as train_config
 from dsjax.train.config import TrainConfig
+from dsjax.train import parallel
 from dsjax.train.metrics import MetricWriter, Progress, peak_flops_per_device
 from dsjax.train.step import (TrainState, abstract_state, flops_per_token, init_state, make_train_step,
                               split_model, state_from_model)
@@ -48,13 +49,13 @@ class TrainingAborted(RuntimeError):
     """Too many consecutive non-finite steps (or another unrecoverable training condition)."""
 
 
-def _meta(cfg: TrainConfig, step: int) -> dict[str, Any]:
+def _meta(cfg: TrainConfig, step: int, plan=None) -> dict[str, Any]:
     import flax
     import optax
 
     return {"step": step, "config": train_config.to_dict(cfg), "dsjax": dsjax.__version__, "jax": jax.__version__,
             "flax": flax.__version__, "optax": optax.__version__, "process_count": jax.process_count(),
-            "devices": [str(d) for d in jax.devices()], "mesh": None}
+            "devices": [str(d) for d in jax.devices()], "mesh": plan.describe() if plan is not None else None}
 
 
 @jax.jit
@@ -83,14 +84,15 @@ def load_params_from_workdir(workdir: str | pathlib.Path) -> tuple[TrainConfig, 
     return cfg, nnx.merge(graphdef, p, r)
 
 
-def _initial_state(cfg: TrainConfig) -> TrainState:
+def _initial_state(cfg: TrainConfig, plan=None) -> TrainState:
     if cfg.init_from:
         src = pathlib.Path(cfg.init_from)
         if (src / "checkpoints").exists():
             src_cfg, model = load_params_from_workdir(src)
         elif (src / "config.json").exists():
             model = dsjax.load_hf(src, dtype=jnp.dtype(cfg.model.param_dtype), compute_dtype=cfg.model.dtype,
-                                  scan_layers=cfg.model.scan_layers, remat_policy=cfg.model.remat_policy)
+                                  scan_layers=cfg.model.scan_layers, remat_policy=cfg.model.remat_policy,
+                                  plan=plan)
         else:
             raise FileNotFoundError(f"init_from={cfg.init_from!r} is neither a dsjax workdir nor an HF folder")
         state = state_from_model(cfg, model)
@@ -99,7 +101,9 @@ def _initial_state(cfg: TrainConfig) -> TrainState:
         if want != have:
             raise ValueError(f"init_from={cfg.init_from!r}: its model does not match config.model. Fix: use the "
                              f"same model config as the source")
-        return state
+        return state if plan is None else jax.device_put(state, parallel.state_shardings(cfg, plan))
+    if plan is not None:
+        return parallel.init_state_sharded(cfg, jax.random.key(cfg.seed), plan)
     return jax.jit(init_state, static_argnums=0)(cfg, jax.random.key(cfg.seed))
 
 
@@ -111,9 +115,13 @@ def run(cfg: TrainConfig, workdir: str | pathlib.Path, *, log_fn=print) -> dict[
     if main:
         (workdir / "config.json").write_text(json.dumps(train_config.to_dict(cfg), indent=2))
 
+    plan = parallel.plan_for(cfg)  # None on one device: the plain single-device path
+    if plan is None and jax.process_count() > 1:
+        raise ValueError(f"{jax.process_count()} processes but no mesh. Fix: --set mesh.data=-1 (or another "
+                         f"data/fsdp/expert/tensor split of the {jax.device_count()} devices)")
     ckpt = Checkpointer(workdir / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
                         async_save=cfg.checkpoint.async_save)
-    target = abstract_state(cfg)
+    target = abstract_state(cfg) if plan is None else parallel.abstract_state_sharded(cfg, plan)
     latest = ckpt.latest_step()
     data_state = None
     if latest is not None:
@@ -121,7 +129,7 @@ def run(cfg: TrainConfig, workdir: str | pathlib.Path, *, log_fn=print) -> dict[
         start = int(latest)
         log_fn(f"resumed from {workdir / 'checkpoints' / str(latest)} (step {start})")
     else:
-        state = _initial_state(cfg)
+        state = _initial_state(cfg, plan)
         start = 0
 
     # Data comes after the restore so that it starts exactly where the checkpoint left it.
@@ -132,7 +140,10 @@ def run(cfg: TrainConfig, workdir: str | pathlib.Path, *, log_fn=print) -> dict[
         it.set_state(data_state)
 
     graphdef, params_t, rest_t = split_model(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
-    step_fn = jax.jit(make_train_step(cfg, graphdef, params_t, rest_t), donate_argnums=0)
+    if plan is None:
+        step_fn = jax.jit(make_train_step(cfg, graphdef, params_t, rest_t), donate_argnums=0)
+    else:
+        step_fn = parallel.jit_train_step(cfg, plan, graphdef, params_t, rest_t)
 
     writer = MetricWriter(workdir, start_step=start, tensorboard=cfg.tensorboard, enabled=main)
     progress = Progress(cfg.steps, start, enabled=main and cfg.progress_bar)
@@ -206,7 +217,10 @@ def run(cfg: TrainConfig, workdir: str | pathlib.Path, *, log_fn=print) -> dict[
             except StopIteration:
                 log_fn(f"data exhausted after {step} steps (data.num_epochs={cfg.data.num_epochs})")
                 break
-            batch = {k: jnp.asarray(np.asarray(batch[k], np.int32)) for k in BATCH_KEYS}
+            if plan is None:
+                batch = {k: jnp.asarray(np.asarray(batch[k], np.int32)) for k in BATCH_KEYS}
+            else:  # every process reads the same global batch and hands over its own devices' rows
+                batch = parallel.put_batch({k: batch[k] for k in BATCH_KEYS}, plan)
             state, metrics = step_fn(state, batch)
             pending.append((step + 1, metrics))
             if step == start:  # first step = compile + run: report it separately, time the rest from here
@@ -225,7 +239,7 @@ def run(cfg: TrainConfig, workdir: str | pathlib.Path, *, log_fn=print) -> dict[
             saved = False
             if due and int(last_metrics.get("consecutive_skips", 0)) == 0:
                 if _tree_all_finite(state.params):
-                    saved = ckpt.save(step + 1, state, it.get_state(), _meta(cfg, step + 1), force=done)
+                    saved = ckpt.save(step + 1, state, it.get_state(), _meta(cfg, step + 1, plan), force=done)
                 else:
                     log_fn(f"step {step + 1}: parameters are not finite; checkpoint NOT written")
             if signum is not None:

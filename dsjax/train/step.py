@@ -188,6 +188,9 @@ def make_train_step(cfg: TrainConfig, graphdef: Any, params_template: nnx.State,
         aux["counts"] = out.moe["counts"] if out.moe is not None else jnp.zeros((0, mcfg.n_routed_experts))
         aux["mtp_counts"] = out.mtp_moe["counts"] if out.mtp_moe is not None else \
             jnp.zeros((depth, mcfg.n_routed_experts))
+        dropped = [jnp.sum(o["dropped"]) for o in (out.moe, out.mtp_moe) if o is not None and "dropped" in o]
+        if dropped:  # expert parallelism on a mesh: (token, expert) pairs over capacity
+            aux["moe_dropped"] = sum(dropped)
         return loss, aux
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)

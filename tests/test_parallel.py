@@ -1,0 +1,252 @@
+"""Meshes, rules, validation, sharded init/loading and expert parallelism on 8 fake CPU devices.
+
+The equivalence tests train ``tiny`` for a few steps on each mesh (data x fsdp x expert x tensor) and compare with
+one device: losses, gradient norms, gradients, parameters and routing biases agree to float32 tolerance.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from dsjax import configs
+from dsjax.configs import ConfigError
+from dsjax.data import DataConfig
+from dsjax.model import Transformer
+from dsjax.model.moe_ep import dispatch_mode
+from dsjax.sharding import (DEFAULT_RULES, MeshConfig, logical_to_spec, make_mesh, make_plan, make_rules, use_plan,
+                            validate)
+from dsjax.train import OptimConfig, TrainConfig, make_train_step
+from dsjax.train import parallel
+from dsjax.train.step import init_state, split_model
+
+MESHES = [(8, 1, 1, 1), (2, 2, 2, 1), (1, 1, 8, 1), (2, 1, 2, 2)]
+STEPS = 3
+
+
+def _mesh(sizes, **kw):
+    return MeshConfig(**dict(zip(("data", "fsdp", "expert", "tensor"), sizes)), **kw)
+
+
+def _model(**kw):
+    return configs.tiny(**{"num_hidden_layers": 2, **kw})        # 1 dense + 1 MoE layer (+ the MTP block's MoE)
+
+
+def _cfg(mesh=None, **model):
+    return TrainConfig(model=_model(**model), data=DataConfig(source="default", seq_len=32, batch_size=8),
+                       # eps well above |g|: updates are smooth in g (Adam's first step is ~lr * sign(g) otherwise,
+                       # which turns float32 noise in near-zero gradients into whole-step differences)
+                       optim=OptimConfig(learning_rate=1e-2, warmup_steps=0, schedule="constant", eps=1e-3),
+                       mesh=mesh or MeshConfig(), steps=10)
+
+
+def _batches(n, b=8, t=32, vocab=512):
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        seg = np.ones((b, t), np.int32)
+        seg[:, t // 2:] = 2                                      # two packed documents per row
+        seg[0, -4:] = 0                                          # some padding
+        pos = np.concatenate([np.arange(t // 2), np.arange(t - t // 2)])[None].repeat(b, 0).astype(np.int32)
+        out.append({"tokens": rng.integers(3, vocab, (b, t)).astype(np.int32), "segment_ids": seg,
+                    "positions": pos, "loss_mask": np.ones((b, t), np.int32)})
+    return out
+
+
+def _train(cfg, batches):
+    """Runs len(batches) steps from the (sharded) init; returns per-step metrics, host copies of the initial params
+    and of (params, rest) after step 1 and the last step, and the final state."""
+    plan = parallel.plan_for(cfg)
+    graphdef, p, r = split_model(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
+    if plan is None:
+        step = jax.jit(make_train_step(cfg, graphdef, p, r), donate_argnums=0)
+        state = jax.jit(init_state, static_argnums=0)(cfg, jax.random.key(0))
+        put = lambda b: {k: jnp.asarray(v) for k, v in b.items()}
+    else:
+        step = parallel.jit_train_step(cfg, plan, graphdef, p, r)
+        state = parallel.init_state_sharded(cfg, jax.random.key(0), plan)
+        put = lambda b: parallel.put_batch(b, plan)
+    metrics, snaps = [], [jax.device_get(state.params)]
+    for i, b in enumerate(batches):
+        state, m = step(state, put(b))
+        metrics.append(jax.device_get(m))
+        if i == 0 or i == len(batches) - 1:
+            snaps.append(jax.device_get((state.params, state.rest)))
+    return metrics, snaps, state
+
+
+def _loss_fn(graphdef, p_t, r_t):
+    def loss(params, rest, batch):
+        ps, rs = nnx.State(p_t), nnx.State(r_t)
+        nnx.replace_by_pure_dict(ps, params)
+        nnx.replace_by_pure_dict(rs, rest)
+        out = nnx.merge(graphdef, ps, rs)(batch["tokens"], batch["segment_ids"], batch["positions"],
+                                          return_mtp=True)
+        logp = jax.nn.log_softmax(out.logits[:, :-1].astype(jnp.float32))
+        ce = -jnp.mean(jnp.take_along_axis(logp, batch["tokens"][:, 1:, None], -1))
+        mtp = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(out.mtp_logits[0][:, :-2]),
+                                            batch["tokens"][:, 2:, None], -1))
+        return ce + 0.3 * mtp + 0.01 * jnp.sum(out.moe["balance"]), out.moe["counts"]
+    return loss
+
+
+def _close(a, b, rtol=2e-5, atol=2e-6, what=""):
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
+                                   err_msg=f"{what} {jax.tree_util.keystr(path)}")
+
+
+# ------------------------------------------------------------------------------------------------ mesh, rules
+def test_mesh_config_product_fill_and_errors():
+    assert make_plan(MeshConfig()) is None                      # all 1: the single-device path
+    mesh = make_mesh(MeshConfig(data=-1, expert=2))
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "expert": 2, "tensor": 1}
+    assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+    with pytest.raises(ConfigError, match=r"2 x 2 x 1 x 1 = 4 devices, but 8 are available"):
+        make_plan(MeshConfig(data=2, fsdp=2))
+    with pytest.raises(ConfigError, match="at most one axis may be -1"):
+        MeshConfig(data=-1, fsdp=-1)
+    with pytest.raises(ConfigError, match="'zero' is not a rules preset"):
+        MeshConfig(rules="fsdp+zero")
+    with pytest.raises(ConfigError, match="ep_dispatch"):
+        MeshConfig(ep_dispatch="nccl")
+    with pytest.raises(ConfigError, match="capacity_factor"):
+        MeshConfig(capacity_factor=0.0)
+
+
+def test_rules_presets_and_activation_axes():
+    dp, fsdp, default = make_rules("dp"), make_rules("fsdp"), make_rules("default")
+    assert default == DEFAULT_RULES
+    expert_w = ("expert", "embed", "moe_mlp")
+    assert logical_to_spec(expert_w, dp) == P(None, None, None)
+    assert logical_to_spec(expert_w, fsdp) == P(None, "fsdp", None)
+    assert logical_to_spec(expert_w, make_rules("fsdp+ep")) == P("expert", "fsdp", None)
+    assert logical_to_spec(expert_w, default) == P("expert", "fsdp", "tensor")
+    assert logical_to_spec(("vocab", "embed"), make_rules("tp")) == P("tensor", None)
+    for rules in (dp, fsdp, default):                            # every preset splits the batch the same way
+        assert logical_to_spec(("batch", "seq", "act_embed"), rules) == P(("data", "fsdp", "expert"), None, None)
+    assert logical_to_spec(("batch", "seq", "act_heads"), default) == P(("data", "fsdp", "expert"), None, "tensor")
+
+
+def test_validation_names_the_problem():
+    plan = make_plan(MeshConfig(data=1, tensor=8))
+    with pytest.raises(ConfigError, match=r"num_attention_heads=4 is not divisible by the 8 devices"):
+        validate(configs.tiny(), plan)
+    with pytest.raises(ConfigError, match=r"n_routed_experts=12 is not divisible by the 8 devices"):
+        validate(configs.tiny(n_routed_experts=12), make_plan(MeshConfig(expert=8)))
+    with pytest.raises(ConfigError, match=r"vocab_size=511 is not divisible"):
+        validate(configs.tiny(vocab_size=511), make_plan(MeshConfig(data=4, tensor=2)))
+    with pytest.raises(ConfigError, match=r"6 sequences per micro-batch .* not divisible by data x fsdp x expert = 4"):
+        validate(configs.tiny(), make_plan(MeshConfig(data=4, tensor=2)), batch_size=12, micro_batches=2)
+    abstract = nnx.state(nnx.eval_shape(lambda: Transformer(configs.tiny(hidden_size=60), rngs=nnx.Rngs(0))))
+    with pytest.raises(ConfigError, match=r"dimension .* \(60\) is not divisible by mesh axes 'fsdp' \(8 devices\)"):
+        validate(configs.tiny(hidden_size=60), make_plan(MeshConfig(fsdp=8)), state=abstract)
+    with pytest.raises(ConfigError, match="not divisible"):          # the loop validates through plan_for
+        parallel.plan_for(_cfg(MeshConfig(tensor=8)))
+
+
+# ------------------------------------------------------------------------------------------------ equivalence
+@pytest.fixture(scope="module")
+def reference():
+    cfg = _cfg()
+    return _train(cfg, _batches(STEPS))[:2]
+
+
+@pytest.mark.parametrize("sizes", MESHES, ids=["x".join(map(str, m)) for m in MESHES])
+def test_training_on_a_mesh_matches_one_device(sizes, reference):
+    ref_metrics, ref_snaps = reference
+    cfg = _cfg(_mesh(sizes))
+    metrics, snaps, state = _train(cfg, _batches(STEPS))
+    # parameters are born sharded (jit out_shardings) with the single-device values, and keep their layout
+    _close(snaps[0], ref_snaps[0], rtol=0, atol=0, what="init")
+    plan = parallel.plan_for(cfg)
+    w = state.params["layers"][1]["mlp"]["experts"]["gate_proj"]                     # [E, D, F]
+    assert w.sharding.spec == P("expert", "fsdp", "tensor")
+    assert w.addressable_shards[0].data.shape == (16 // sizes[2], 64 // sizes[1], 32 // sizes[3])
+    moments = [x for p, x in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
+               if jax.tree_util.keystr(p).endswith("['layers'][1]['mlp']['experts']['gate_proj']")]
+    assert len(moments) == 2 and all(x.sharding == w.sharding for x in moments)     # mu, nu follow the param
+    assert state.params["embed_tokens"]["embedding"].sharding == plan.sharding(("vocab", "embed"))
+    for i, (m, r) in enumerate(zip(metrics, ref_metrics)):
+        for key in ("loss", "ce", "grad_norm", "balance_loss", "load_max", "load_min", "bias_spread"):
+            np.testing.assert_allclose(m[key], r[key], rtol=2e-5 if i == 0 else 1e-4, err_msg=f"step {i + 1} {key}")
+        assert m["moe_dropped"] == 0 and m["data_checksum"] == r["data_checksum"]
+    # params + routing biases (equal biases: the counts behind the bias update are global)
+    _close(snaps[1], ref_snaps[1], what="after step 1")
+    _close(snaps[2], ref_snaps[2], rtol=1e-4, atol=1e-5, what=f"after step {STEPS}")
+
+
+def test_gradients_on_a_mesh_match_one_device():
+    """Every gradient leaf, with data + expert + tensor parallelism and the MoE shard_map inside a layer scan."""
+    cfg = _cfg(_mesh((2, 1, 2, 2)), scan_layers=True)
+    graphdef, p_t, r_t = split_model(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
+    state = jax.jit(init_state, static_argnums=0)(cfg, jax.random.key(0))
+    batch = _batches(1)[0]
+    fn = jax.value_and_grad(_loss_fn(graphdef, p_t, r_t), has_aux=True)
+    (l_ref, c_ref), g_ref = jax.jit(fn)(state.params, state.rest, {k: jnp.asarray(v) for k, v in batch.items()})
+    plan = parallel.plan_for(cfg)
+    sh = parallel.state_shardings(cfg, plan)
+    params, rest = jax.device_put((state.params, state.rest), (sh.params, sh.rest))
+    (l, c), g = jax.jit(plan.wrap(fn))(params, rest, parallel.put_batch(batch, plan))
+    np.testing.assert_allclose(l, l_ref, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(c), np.asarray(c_ref))  # global per-expert counts
+    _close(jax.device_get(g), jax.device_get(g_ref), rtol=1e-4, atol=1e-7, what="grad")
+
+
+# ------------------------------------------------------------------------------------------------ dispatch paths
+def _forward(cfg_model, plan, ids):
+    model = Transformer(cfg_model, rngs=nnx.Rngs(0))
+    gd, st = nnx.split(model)
+    run = lambda st, ids: (lambda o: (o.logits, o.moe))(nnx.merge(gd, st)(ids))
+    if plan is None:
+        return jax.jit(run)(st, ids)
+    return jax.jit(plan.wrap(run))(st, ids)
+
+
+@pytest.mark.parametrize("dispatch", ["capacity", "ragged_emulated"])
+def test_capacity_drops_are_counted_and_ample_capacity_is_exact(dispatch):
+    cfg = _model(num_hidden_layers=3, num_nextn_predict_layers=0)
+    ids = jax.random.randint(jax.random.key(1), (8, 16), 3, 512)
+    ref_logits, ref_moe = _forward(cfg, None, ids)
+    exact = make_plan(MeshConfig(expert=8, ep_dispatch=dispatch))
+    assert dispatch_mode(exact) == dispatch
+    logits, moe = _forward(cfg, exact, ids)
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(moe["counts"], ref_moe["counts"])
+    assert np.all(np.asarray(moe["dropped"]) == 0)
+    tight = make_plan(MeshConfig(expert=8, ep_dispatch=dispatch, capacity_factor=0.5))
+    logits, moe = _forward(cfg, tight, ids)
+    dropped = np.asarray(moe["dropped"])                          # per MoE layer, pairs over the whole batch
+    assert np.all(dropped > 0) and np.all(dropped < 8 * 16 * cfg.num_experts_per_tok)
+    assert np.all(np.isfinite(logits)) and not np.allclose(logits, ref_logits, atol=1e-3)
+    np.testing.assert_array_equal(moe["counts"][0], ref_moe["counts"][0])  # the first MoE layer routes the same
+
+
+def test_auto_dispatch_is_capacity_on_cpu_and_single_device_path_has_no_shard_map():
+    assert dispatch_mode(make_plan(MeshConfig(expert=8))) == "capacity"
+    cfg = configs.tiny()
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    ids = jnp.ones((2, 8), jnp.int32)
+    assert "shard_map" not in str(jax.make_jaxpr(lambda i: model(i).logits)(ids))
+    with use_plan(make_plan(MeshConfig(data=2, expert=4))):
+        assert "shard_map" in str(jax.make_jaxpr(lambda i: model(i).logits)(ids))
+
+
+def test_load_hf_places_tensors_on_the_mesh(tmp_path):
+    import dsjax
+
+    cfg = configs.tiny()
+    model = Transformer(cfg, rngs=nnx.Rngs(3))
+    dsjax.save_hf(model, cfg, tmp_path)
+    plan = make_plan(MeshConfig(data=2, expert=2, tensor=2))
+    loaded = dsjax.load_hf(tmp_path, dtype=jnp.float32, plan=plan)
+    w = loaded.layers[1].mlp.experts.gate_proj.get_value()
+    assert w.sharding.spec == P("expert", "fsdp", "tensor") and w.addressable_shards[0].data.shape == (8, 64, 16)
+    q = loaded.layers[0].self_attn.q_b_proj.kernel.get_value()
+    assert q.sharding.spec == plan.spec(loaded.layers[0].self_attn.q_b_proj.kernel.get_metadata()["logical_axes"])
+    _close(jax.device_get(nnx.to_pure_dict(nnx.state(loaded))), jax.device_get(nnx.to_pure_dict(nnx.state(model))),
+           rtol=0, atol=0, what="load_hf")
