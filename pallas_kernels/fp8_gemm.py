@@ -1,0 +1,432 @@
+"""FP8 (E4M3) GEMM with DeepSeek-V3 blockwise scales and FP32 promotion every 128 of K.
+
+``out[M, N] = sum_kb (A8[:, kb] @ B8[:, kb]^T) * sa[m, kb] * sb[., kb]`` where ``kb`` runs over 128-wide K blocks:
+
+* ``variant="1d2d"`` (forward, activation gradient): ``sb[N/128, K/128]``, one scale per 128x128 weight block,
+  i.e. ``sb[n // 128, kb]``. ``B8[N, K]`` is the weight as checkpoints store it (``[out, in]``, K-major).
+* ``variant="1d1d"`` (weight gradient): ``sb[N, K/128]``, one scale per row and 128-wide K group on both operands.
+
+Letters: ``M`` rows of A (tokens), ``N`` rows of B (output features), ``K`` the contraction, ``Kb = K / 128``.
+``a [M, K]`` e4m3, ``sa [M, Kb]`` f32, ``b [N, K]`` e4m3, ``sb [N/128, Kb]`` or ``[N, Kb]`` f32 -> ``[M, N]`` in
+``out_dtype`` (bf16 or f32).
+
+Backends (``implementation=``):
+
+* ``"xla"``: the reference -- dequantise both operands to f32 and ``dot`` (any platform, any shape, partial edge
+  tiles included).
+* ``"pallas"``: Mosaic GPU on Hopper (sm_90): a persistent, warp-specialised kernel (one TMA producer warpgroup,
+  two wgmma consumer warpgroups, FP8 wgmma with a fresh f32 accumulator per 128-wide K step that is scaled and
+  added to an f32 register accumulator -- optionally one K step behind the tensor cores so promotion overlaps the
+  next wgmma), planar-snake tile order, epilogue through SMEM and TMA. On TPU (and on CPU, interpreted) a Mosaic TPU
+  ``pl.pallas_call`` with an f32 VMEM accumulator. Needs ``K % 128 == 0`` and ``N % 64 == 0`` (GPU) /
+  ``N % 128 == 0`` (TPU); M is padded.
+* ``"auto"`` (default): Pallas where supported, XLA otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = ["GemmConfig", "fp8_gemm", "gemm_reference", "mosaic_gpu_supported", "default_config"]
+
+BLOCK = 128
+Variant = Literal["1d2d", "1d1d"]
+Implementation = Literal["auto", "xla", "pallas"]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+    """Tiling of the Mosaic GPU kernel. Each of the two consumer warpgroups owns a ``64 x tile_n`` output tile;
+    ``wg_dim="m"`` stacks them along M (CTA tile 128 x tile_n), ``"n"`` along N (CTA tile 64 x 2 tile_n).
+    ``overlap``: promote K step k-1 while the wgmma of step k runs. ``grid_minor``/``grid_width`` set the
+    planar-snake raster order of the persistent loop."""
+    tile_n: int = 128
+    wg_dim: Literal["m", "n"] = "m"
+    stages: int = 4
+    overlap: bool = False
+    grid_minor: Literal["m", "n"] = "n"
+    grid_width: int = 8
+
+    def __post_init__(self):
+        if self.tile_n not in (64, 128):
+            raise ValueError(f"GemmConfig.tile_n={self.tile_n} is unsupported; use 64 or 128")
+        if self.wg_dim not in ("m", "n"):
+            raise ValueError(f"GemmConfig.wg_dim={self.wg_dim!r}; use 'm' or 'n'")
+        if self.grid_minor not in ("m", "n"):
+            raise ValueError(f"GemmConfig.grid_minor={self.grid_minor!r}; use 'm' or 'n'")
+        if not 2 <= self.stages <= 8:
+            raise ValueError(f"GemmConfig.stages={self.stages}; use 2..8 (SMEM limits larger values)")
+        if self.grid_width < 1:
+            raise ValueError(f"GemmConfig.grid_width={self.grid_width} must be >= 1")
+
+    @property
+    def cta(self) -> tuple[int, int]:
+        return (128, self.tile_n) if self.wg_dim == "m" else (64, 2 * self.tile_n)
+
+
+def default_config(m: int, n: int, k: int) -> GemmConfig:
+    """Heuristic tiling: 128x128 CTA tiles for large problems; 64-wide N tiles when N is not a multiple of 128 or
+    when the 128x128 grid would leave most of the SMs idle (small M)."""
+    if n % 128:
+        return GemmConfig(tile_n=64, wg_dim="m")
+    if _cdiv(m, 128) * (n // 128) < 132:
+        return GemmConfig(tile_n=64, wg_dim="m")
+    return GemmConfig()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------------------------
+
+def _check(a, sa, b, sb, variant):
+    if a.ndim != 2 or b.ndim != 2 or sa.ndim != 2 or sb.ndim != 2:
+        raise ValueError(f"fp8_gemm expects 2-D a, sa, b, sb; got {a.shape}, {sa.shape}, {b.shape}, {sb.shape}")
+    m, k = a.shape
+    n, k2 = b.shape
+    if k != k2:
+        raise ValueError(f"fp8_gemm: a [M, K] = {a.shape} and b [N, K] = {b.shape} disagree on K "
+                         f"(b is the weight in [out, in] layout)")
+    kb = _cdiv(k, BLOCK)
+    if sa.shape != (m, kb):
+        raise ValueError(f"fp8_gemm: sa shape {sa.shape} should be (M, ceil(K/128)) = {(m, kb)}")
+    if variant == "1d2d":
+        want = (_cdiv(n, BLOCK), kb)
+    elif variant == "1d1d":
+        want = (n, kb)
+    else:
+        raise ValueError(f"fp8_gemm: variant={variant!r}; use '1d2d' (128x128 weight blocks) or '1d1d' (per-row)")
+    if sb.shape != want:
+        raise ValueError(f"fp8_gemm: sb shape {sb.shape} should be {want} for variant {variant!r}")
+
+
+def gemm_reference(a, sa, b, sb, *, variant: Variant = "1d2d", out_dtype=jnp.bfloat16) -> jax.Array:
+    """Dequantise to f32 and multiply (``precision=HIGHEST``): the semantics every backend must match."""
+    _check(a, sa, b, sb, variant)
+    m, k = a.shape
+    n = b.shape[0]
+    sa_full = jnp.repeat(sa.astype(jnp.float32), BLOCK, axis=1)[:, :k]
+    if variant == "1d2d":
+        sb_full = jnp.repeat(jnp.repeat(sb.astype(jnp.float32), BLOCK, axis=0), BLOCK, axis=1)[:n, :k]
+    else:
+        sb_full = jnp.repeat(sb.astype(jnp.float32), BLOCK, axis=1)[:, :k]
+    a, b = lax.optimization_barrier((a, b))     # keep XLA GPU from folding a quantise/dequantise round trip
+    a32 = a.astype(jnp.float32) * sa_full
+    b32 = b.astype(jnp.float32) * sb_full
+    out = lax.dot_general(a32, b32, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
+                          preferred_element_type=jnp.float32)
+    return out.astype(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mosaic TPU kernel (pl.pallas_call; tested with interpret=True)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _tpu_kernel(a_ref, b_ref, sa_ref, sb_ref, o_ref, acc_ref, *, variant, bn):
+    from jax.experimental import pallas as pl
+
+    kk = pl.program_id(2)
+
+    @pl.when(kk == 0)
+    def _():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    part = lax.dot_general(a_ref[...], b_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    sa = sa_ref[pl.ds(kk, 1), :]                                          # (1, bm)  MN-major row of scales
+    if variant == "1d2d":
+        sb = sb_ref[pl.program_id(1) * (bn // BLOCK), kk]                 # scalar from SMEM
+        scale = sa.T * sb
+    else:
+        scale = sa.T * sb_ref[pl.ds(kk, 1), :]                            # (bm, 1) * (1, bn)
+    acc_ref[...] += part * scale
+
+    @pl.when(kk == pl.num_programs(2) - 1)
+    def _():
+        o_ref[...] = acc_ref[...].astype(o_ref.dtype)
+
+
+def _tpu_gemm(a, sa_t, b, sb, *, variant, out_dtype, interpret, bm=128, bn=128):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import tpu as pltpu
+
+    m, k = a.shape
+    n = b.shape[0]
+    kb = k // BLOCK                                                       # sa_t: (Kb, M) MN-major
+    grid = (m // bm, n // bn, kb)
+    if variant == "1d2d":
+        sb_spec = pl.BlockSpec(memory_space=pltpu.SMEM)
+        sb_in = sb
+    else:
+        sb_spec = pl.BlockSpec((kb, bn), lambda i, j, kk: (0, j))
+        sb_in = sb.T                                                      # (Kb, N)
+    return pl.pallas_call(
+        functools.partial(_tpu_kernel, variant=variant, bn=bn),
+        grid=grid,
+        in_specs=[pl.BlockSpec((bm, BLOCK), lambda i, j, kk: (i, kk)),
+                  pl.BlockSpec((bn, BLOCK), lambda i, j, kk: (j, kk)),
+                  pl.BlockSpec((kb, bm), lambda i, j, kk: (0, i)),
+                  sb_spec],
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+        scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=interpret,
+    )(a, b, sa_t, sb_in)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mosaic GPU kernel (Hopper)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _num_sms() -> int:
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is not None and getattr(mesh, "abstract_device", None) is not None:
+        return mesh.abstract_device.num_cores
+    return jax.devices()[0].core_count
+
+
+def _mgpu_gemm(a, sa_t, b, sb, *, variant, out_dtype, cfg: GemmConfig, interpret=None, b_kn=False, num_sms=None):
+    """a [M, K], sa_t [Kb, M], b [N, K] (or [K, N] with ``b_kn``, a test-only layout for the GPU interpreter,
+    which cannot run wgmma on a transposed SMEM view), sb [Nb, Kb] (1d2d) or sb_t [Kb, N] (1d1d)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    m, k = a.shape
+    n = b.shape[1] if b_kn else b.shape[0]
+    kb = k // BLOCK
+    tile_m, tile_n = 64, cfg.tile_n
+    cta_m, cta_n = cfg.cta
+    if m % cta_m or n % cta_n or k % BLOCK:
+        raise ValueError(f"Mosaic GPU fp8_gemm: shape {(m, n, k)} is not a multiple of the CTA tile "
+                         f"{(cta_m, cta_n, BLOCK)}")
+    m_iters, n_iters = m // cta_m, n // cta_n
+    out_dtype = jnp.dtype(out_dtype)
+    fp8_tr = (plgpu.TilingTransform((8, BLOCK)), plgpu.SwizzleTransform(128))  # 128 e4m3 = one 128-byte swizzle
+    out_swz = plgpu.find_swizzle(tile_n * out_dtype.itemsize * 8)
+    out_tr = (plgpu.TilingTransform((8, out_swz // out_dtype.itemsize)), plgpu.SwizzleTransform(out_swz))
+
+    def kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, o_gmem):
+        def get_pipeline(body, compute_context):
+            specs = [
+                plgpu.BlockSpec((cta_m, BLOCK), lambda kk: (0, kk), transforms=fp8_tr),
+                (plgpu.BlockSpec((BLOCK, cta_n), lambda kk: (kk, 0), transforms=fp8_tr) if b_kn else
+                 plgpu.BlockSpec((cta_n, BLOCK), lambda kk: (0, kk), transforms=fp8_tr)),
+                plgpu.BlockSpec((1, cta_m), lambda kk: (kk, 0)),
+            ]
+            if variant == "1d1d":
+                specs.append(plgpu.BlockSpec((1, cta_n), lambda kk: (kk, 0)))
+            return plgpu.emit_pipeline_warp_specialized(
+                body, grid=(kb,), memory_registers=40, in_specs=specs, wg_axis="wg", num_compute_wgs=2,
+                max_concurrent_steps=cfg.stages, compute_context=compute_context)
+
+        ignore = lambda *_, **__: None  # noqa: E731
+        sample = [a_gmem.at[pl.ds(0, cta_m), :],
+                  b_gmem.at[:, pl.ds(0, cta_n)] if b_kn else b_gmem.at[pl.ds(0, cta_n), :],
+                  sa_gmem.at[:, pl.ds(0, cta_m)]]
+        if variant == "1d1d":
+            sample.append(sb_gmem.at[:, pl.ds(0, cta_n)])
+
+        @functools.partial(pl.run_scoped,
+                           allocs=get_pipeline(ignore, ignore).get_allocations(*sample),
+                           o_smem=plgpu.SMEM((2, tile_m, tile_n), out_dtype, transforms=out_tr),
+                           collective_axes="wg")
+        def _scope(allocs, o_smem):
+            wg = lax.axis_index("wg")
+            wg_m = pl.ds(wg * tile_m, tile_m) if cfg.wg_dim == "m" else pl.ds(0, tile_m)
+            wg_n = pl.ds(wg * tile_n, tile_n) if cfg.wg_dim == "n" else pl.ds(0, tile_n)
+
+            @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+            def _tile_loop(info):
+                (lin,) = info.index
+                mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1 if cfg.grid_minor == "n" else 0,
+                                            cfg.grid_width)
+                nb = (ni * cta_n + (wg * tile_n if cfg.wg_dim == "n" else 0)) // BLOCK
+
+                def scale_of(ki, sa_smem, sb_smem):
+                    sa = sa_smem[0, wg_m]                                          # (64,) row scales
+                    if variant == "1d2d":
+                        return sa * sb_gmem[nb, ki], None
+                    return sa, sb_smem[0, wg_n]                                    # (tile_n,) column scales
+
+                def apply(part, sa, sb):
+                    s = lax.broadcast_in_dim(sa, (tile_m, tile_n), (0,))
+                    if sb is not None:
+                        s = s * lax.broadcast_in_dim(sb, (tile_m, tile_n), (1,))
+                    return part * s
+
+                def body(idxs, a_smem, b_smem, sa_smem, *rest):
+                    (ki,) = idxs
+                    sb_smem = rest[0] if variant == "1d1d" else None
+                    carry = rest[-1]
+                    rhs = b_smem.at[:, wg_n] if b_kn else b_smem.at[wg_n].transpose((1, 0))
+                    sa, sb = scale_of(ki, sa_smem, sb_smem)
+                    if cfg.overlap:
+                        total, prev, prev_sa, prev_sb = carry
+
+                        def mma(acc_ref):
+                            plgpu.wgmma(acc_ref, a_smem.at[wg_m], rhs)
+                            new_total = total + apply(prev, prev_sa, prev_sb)     # overlaps the async wgmma
+                            return new_total, acc_ref[...]
+
+                        new_total, part = pl.run_scoped(mma, plgpu.ACC((tile_m, tile_n), jnp.float32))
+                        return new_total, part, sa, (sb if sb is not None else prev_sb)
+
+                    def mma(acc_ref):
+                        plgpu.wgmma(acc_ref, a_smem.at[wg_m], rhs)
+                        return acc_ref[...]
+
+                    part = pl.run_scoped(mma, plgpu.ACC((tile_m, tile_n), jnp.float32))
+                    return carry + apply(part, sa, sb)
+
+                def compute_context(eval_pipeline):
+                    zeros = jnp.zeros((tile_m, tile_n), jnp.float32)
+                    if cfg.overlap:
+                        zsb = jnp.zeros((tile_n,), jnp.float32) if variant == "1d1d" else None
+                        total, prev, prev_sa, prev_sb = eval_pipeline(
+                            (zeros, zeros, jnp.zeros((tile_m,), jnp.float32), zsb))
+                        acc = total + apply(prev, prev_sa, prev_sb)
+                    else:
+                        acc = eval_pipeline(zeros)
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)               # previous tile's store is done
+                    o_smem[wg] = acc.astype(out_dtype)
+                    plgpu.commit_smem()
+                    rows = pl.ds(mi * cta_m + (wg * tile_m if cfg.wg_dim == "m" else 0), tile_m)
+                    cols = pl.ds(ni * cta_n + (wg * tile_n if cfg.wg_dim == "n" else 0), tile_n)
+                    plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[rows, cols])
+
+                args = [a_gmem.at[pl.ds(mi * cta_m, cta_m), :],
+                        b_gmem.at[:, pl.ds(ni * cta_n, cta_n)] if b_kn else b_gmem.at[pl.ds(ni * cta_n, cta_n), :],
+                        sa_gmem.at[:, pl.ds(mi * cta_m, cta_m)]]
+                if variant == "1d1d":
+                    args.append(sb_gmem.at[:, pl.ds(ni * cta_n, cta_n)])
+                get_pipeline(body, compute_context)(*args, allocations=allocs)
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    kw = {} if interpret is None else {"interpret": interpret}
+    f = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid=(num_sms or _num_sms(),),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        **kw,
+    )
+    return f(a, sa_t, b, sb)
+
+
+def _batchable(kernel_fn, a, sa_t, b, sb, **kw):
+    """``kernel_fn(a, sa_t [Kb, M], b, sb)`` with a vmap rule: a batch on the activation only is folded into M (one
+    launch); any other batching runs the kernel once per batch element (``lax.map``)."""
+
+    @jax.custom_batching.custom_vmap
+    def call(a, sa_t, b, sb):
+        return kernel_fn(a, sa_t, b, sb, **kw)
+
+    @call.def_vmap
+    def _rule(axis_size, in_batched, a, sa_t, b, sb):
+        a_b, sa_b, b_b, sb_b = in_batched
+        if not b_b and not sb_b:
+            a = a if a_b else jnp.broadcast_to(a, (axis_size, *a.shape))
+            sa_t = sa_t if sa_b else jnp.broadcast_to(sa_t, (axis_size, *sa_t.shape))
+            bsz, m, k = a.shape
+            out = call(a.reshape(bsz * m, k), jnp.moveaxis(sa_t, 0, 1).reshape(sa_t.shape[1], bsz * m), b, sb)
+            return out.reshape(bsz, m, -1), True
+        args = [x if bt else jnp.broadcast_to(x, (axis_size, *x.shape)) for x, bt in zip((a, sa_t, b, sb),
+                                                                                        in_batched)]
+        return lax.map(lambda t: call(*t), tuple(args)), True
+
+    return call(a, sa_t, b, sb)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dispatch
+# ----------------------------------------------------------------------------------------------------------------
+
+def _is_hopper() -> bool:
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError:
+        return False
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9.")
+
+
+def mosaic_gpu_supported(m: int, n: int, k: int) -> bool:
+    """Whether ``implementation="pallas"`` can run this (M, N, K) on the current GPU."""
+    return _is_hopper() and k % BLOCK == 0 and n % 64 == 0 and m > 0
+
+
+def _pallas_supported(m, n, k) -> bool:
+    backend = jax.default_backend()
+    if backend == "gpu":
+        return mosaic_gpu_supported(m, n, k)
+    return k % BLOCK == 0 and n % BLOCK == 0
+
+
+def fp8_gemm(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, *, variant: Variant = "1d2d",
+             out_dtype=jnp.bfloat16, implementation: Implementation = "auto", config: GemmConfig | None = None,
+             interpret=None) -> jax.Array:
+    """Blockwise-scaled FP8 GEMM ``a [M, K] x b [N, K]^T -> [M, N]`` (see the module docstring for scales).
+
+    Args:
+      a, sa: e4m3 activations and their 1x128 scales ``[M, ceil(K/128)]``.
+      b, sb: e4m3 weight ``[N, K]`` and its scales, ``[ceil(N/128), ceil(K/128)]`` for ``variant="1d2d"`` or
+        ``[N, ceil(K/128)]`` for ``"1d1d"``.
+      out_dtype: bf16 or f32 (accumulation is f32 either way).
+      implementation: ``"auto"``, ``"xla"`` or ``"pallas"`` (Mosaic GPU on Hopper, Mosaic TPU elsewhere).
+      config: Mosaic GPU tiling (default: ``default_config``).
+      interpret: for the TPU kernel off-TPU (default: interpret on CPU).
+    """
+    _check(a, sa, b, sb, variant)
+    if jnp.dtype(out_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+        raise ValueError(f"fp8_gemm: out_dtype={out_dtype} is unsupported; use bfloat16 or float32")
+    m, k = a.shape
+    n = b.shape[0]
+    if implementation == "auto":
+        implementation = "pallas" if _pallas_supported(m, n, k) and jax.default_backend() in ("gpu", "tpu") \
+            else "xla"
+    if implementation == "xla":
+        return gemm_reference(a, sa, b, sb, variant=variant, out_dtype=out_dtype)
+    if implementation != "pallas":
+        raise ValueError(f"fp8_gemm: implementation={implementation!r} is unknown; use 'auto', 'xla' or 'pallas'")
+    if a.dtype != jnp.float8_e4m3fn or b.dtype != jnp.float8_e4m3fn:
+        raise TypeError(f"fp8_gemm(implementation='pallas') needs float8_e4m3fn operands, got {a.dtype}, {b.dtype}")
+    if not _pallas_supported(m, n, k):
+        raise ValueError(f"fp8_gemm(implementation='pallas') does not support (M, N, K) = {(m, n, k)} on "
+                         f"{jax.default_backend()}: needs K % 128 == 0 and N % 64 == 0 (GPU, Hopper only) or "
+                         f"N % 128 == 0 (TPU). Fix: implementation='xla' or 'auto'")
+    sa = sa.astype(jnp.float32)
+    sb = sb.astype(jnp.float32)
+    if jax.default_backend() == "gpu":
+        cfg = config or default_config(m, n, k)
+        cta_m = cfg.cta[0]
+        if n % cfg.cta[1]:
+            cfg = dataclasses.replace(cfg, tile_n=64, wg_dim="m")
+            cta_m = 128
+        mp = _cdiv(m, cta_m) * cta_m
+        if mp != m:
+            a = jnp.pad(a, ((0, mp - m), (0, 0)))
+            sa = jnp.pad(sa, ((0, mp - m), (0, 0)))
+        out = _batchable(_mgpu_gemm, a, sa.T, b, sb if variant == "1d2d" else sb.T, variant=variant,
+                         out_dtype=jnp.dtype(out_dtype), cfg=cfg)
+        return out[:m]
+    mp = _cdiv(m, 128) * 128
+    if mp != m:
+        a = jnp.pad(a, ((0, mp - m), (0, 0)))
+        sa = jnp.pad(sa, ((0, mp - m), (0, 0)))
+    if interpret is None and jax.default_backend() != "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+        interpret = pltpu.InterpretParams()
+    return _batchable(_tpu_gemm, a, sa.T, b, sb, variant=variant, out_dtype=jnp.dtype(out_dtype),
+                      interpret=interpret or False)[:m]

@@ -1,0 +1,128 @@
+"""``fp8_linear(x, w)``: a linear layer whose three GEMMs run in FP8 the way DeepSeek-V3 trains.
+
+``y [..., N] = x [..., K] @ w [K, N]`` (``w`` in the Flax ``(in, out)`` layout; ``w_layout="nk"`` takes the
+checkpoint ``[out, in]`` layout instead), differentiable through ``jax.custom_vjp``:
+
+* forward  ``Y = X W``:         X in 1x128 tiles along K, W in 128x128 blocks (``fp8_gemm`` 1d2d), output in
+  ``x.dtype`` (or ``out_dtype``);
+* dgrad    ``dX = dY W^T``:     dY in 1x128 tiles along N, the same W blocks stored transposed (1d2d);
+* wgrad    ``dW = X^T dY``:     X and dY in 128x1 tiles (128-token groups) on both operands (1d1d), f32 output,
+  returned in ``w.dtype``.
+
+Quantisation is straight-through (its gradient is the identity; scales carry no gradient). The residuals saved
+for the backward pass are FP8: X in 128x1 tiles (for wgrad) and W's transposed blocks (for dgrad).
+``quantize=False`` turns every quantisation off (the same three GEMMs in f32), which ``check_grads`` can verify.
+
+Leading axes of ``x`` are flattened into the token axis. The function works under ``jit``, ``vmap`` (the kernels
+have batching rules; the Mosaic GPU GEMM folds a batched activation into more rows) and inside ``shard_map`` (it
+only sees local shards).
+Shapes whose K or N is not a multiple of 128 use the XLA path with partial edge tiles.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.fp8_gemm import fp8_gemm
+from pallas_kernels.fp8_quant import BLOCK, act_quant, act_quant_dual, weight_quant_dual
+
+__all__ = ["fp8_linear"]
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _gemm_impl(implementation: str, n: int, k: int) -> str:
+    if implementation == "auto":
+        return "auto" if (n % BLOCK == 0 and k % BLOCK == 0) else "xla"
+    return implementation
+
+
+def _quant_impl(implementation: str) -> str:
+    # The quantisation kernels are Mosaic TPU kernels; on GPUs XLA fuses them (see fp8_quant).
+    if implementation == "pallas" and jax.default_backend() == "gpu":
+        return "xla"
+    return implementation
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _linear(x, w_nk, out_dtype, implementation, quantize):
+    return _fwd(x, w_nk, out_dtype, implementation, quantize)[0]
+
+
+def _fwd(x, w_nk, out_dtype, implementation, quantize):
+    n, k = w_nk.shape
+    if not quantize:
+        y = jnp.dot(x.astype(jnp.float32), w_nk.astype(jnp.float32).T, precision="highest")
+        return y.astype(out_dtype), (x, w_nk)
+    qi, gi = _quant_impl(implementation), _gemm_impl(implementation, n, k)
+    m = x.shape[0]
+    mp = _cdiv(m, BLOCK) * BLOCK                        # wgrad needs whole 128-token groups: pad with zero rows
+    xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
+    xq, xs, xtq, xts = act_quant_dual(xp, implementation=qi)
+    wq, ws, wtq, wts = weight_quant_dual(w_nk, implementation=qi)
+    y = fp8_gemm(xq[:m], xs[:m], wq, ws, out_dtype=out_dtype, implementation=gi)
+    # Zero-size arrays carry the token count and the dtypes (custom_vjp residuals must be arrays).
+    return y, (xtq, xts, wtq, wts, jnp.zeros((m, 0), x.dtype), jnp.zeros((0,), w_nk.dtype))
+
+
+def _linear_fwd(x, w_nk, out_dtype, implementation, quantize):
+    return _fwd(x, w_nk, out_dtype, implementation, quantize)
+
+
+def _linear_bwd(out_dtype, implementation, quantize, res, dy):
+    if not quantize:
+        x, w_nk = res
+        dy32 = dy.astype(jnp.float32)
+        dx = jnp.dot(dy32, w_nk.astype(jnp.float32), precision="highest")
+        dw = jnp.dot(dy32.T, x.astype(jnp.float32), precision="highest")
+        return dx.astype(x.dtype), dw.astype(w_nk.dtype)
+    xtq, xts, wtq, wts, x_like, w_like = res
+    m, x_dtype, w_dtype = x_like.shape[0], x_like.dtype, w_like.dtype
+    k, n = wtq.shape
+    qi = _quant_impl(implementation)
+    mp = xtq.shape[1]
+    dyp = jnp.pad(dy, ((0, mp - m), (0, 0))) if mp != m else dy
+    dyq, dys, dytq, dyts = act_quant_dual(dyp, implementation=qi)            # 1x128 along N, and 128x1
+    # dgrad: dX [M, K] = dY [M, N] . W^T, with W^T stored [K, N] (K-major for this GEMM), 128x128 blocks.
+    dx = fp8_gemm(dyq[:m], dys[:m], wtq, wts, out_dtype=x_dtype if x_dtype != jnp.float32 else jnp.float32,
+                  implementation=_gemm_impl(implementation, k, n))
+    # wgrad: dW [N, K] = dY^T [N, M] . X^T [K, M]^T, per-row scales on both operands, f32 out.
+    dw = fp8_gemm(dytq, dyts, xtq, xts, variant="1d1d", out_dtype=jnp.float32,
+                  implementation=_gemm_impl(implementation, k, mp))
+    return dx.astype(x_dtype), dw.astype(w_dtype)
+
+
+_linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+def fp8_linear(x: jax.Array, w: jax.Array, *, w_layout: Literal["kn", "nk"] = "kn", out_dtype=None,
+               implementation: Literal["auto", "xla", "pallas"] = "auto", quantize: bool = True) -> jax.Array:
+    """``x [..., K] @ w [K, N] -> [..., N]`` with FP8 forward and backward GEMMs (see the module docstring).
+
+    Args:
+      x: activations, any float dtype; leading axes are tokens.
+      w: the weight, ``[K, N]`` (``w_layout="kn"``, Flax kernels) or ``[N, K]`` (``"nk"``, checkpoints).
+      out_dtype: output dtype (default ``x.dtype``); bf16 or f32.
+      implementation: GEMM/quantisation backend, as in ``fp8_gemm``.
+      quantize: ``False`` runs the same custom_vjp without any quantisation (f32 GEMMs), for gradient checks.
+    """
+    if x.ndim < 1 or w.ndim != 2:
+        raise ValueError(f"fp8_linear expects x [..., K] and a 2-D w; got {x.shape}, {w.shape}")
+    if w_layout not in ("kn", "nk"):
+        raise ValueError(f"fp8_linear: w_layout={w_layout!r}; use 'kn' ([in, out]) or 'nk' ([out, in])")
+    w_nk = w.T if w_layout == "kn" else w
+    n, k = w_nk.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"fp8_linear: x has {x.shape[-1]} features but w ({w_layout}) {w.shape} expects {k}")
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    if out_dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+        out_dtype = jnp.dtype(jnp.float32)
+    lead = x.shape[:-1]
+    y = _linear(x.reshape(-1, k), w_nk, out_dtype, implementation, quantize)
+    return y.reshape(*lead, n)
