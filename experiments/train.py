@@ -7,6 +7,14 @@
 ``--config`` is a preset name (dsjax.train.config.names()) or a .py file defining ``get_config() -> TrainConfig``.
 ``--set key.sub=value`` (repeatable) overrides fields with type checking; unknown keys are errors. A workdir that
 holds checkpoints is resumed.
+
+Several devices / processes (see README, "Parallelism"): ``--set mesh.data=-1`` (or ``mesh.fsdp``, ``mesh.expert``,
+``mesh.tensor``) lays the run out on a mesh. Several processes (hosts) join through ``jax.distributed``:
+``--distributed`` detects SLURM / Open MPI / TPU / Kubernetes clusters from their environment variables;
+``--coordinator_address=host:port --num_processes=N --process_id=i`` names them explicitly.
+
+    python -m experiments.train --set mesh.data=-1                                   # all local GPUs, data parallel
+    srun python -m experiments.train --distributed --config=small --set mesh.expert=8 --set mesh.data=-1
 """
 
 from __future__ import annotations
@@ -24,6 +32,29 @@ flags.DEFINE_multi_string("set", [], "Override, e.g. --set optim.learning_rate=1
 flags.DEFINE_string("workdir", None, "Run directory (config.json, checkpoints/, metrics.jsonl, tensorboard/). "
                     "Default: workdirs/<config name>.")
 flags.DEFINE_bool("print_config", False, "Print the resolved config and exit.")
+flags.DEFINE_bool("distributed", False, "Initialise jax.distributed from the cluster environment (SLURM, Open MPI, "
+                  "TPU pods, Kubernetes).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process without a cluster manager).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+flags.DEFINE_integer("num_cpu_devices", None, "CPU only: number of (fake) CPU devices per process, for testing "
+                     "meshes without accelerators.")
+
+
+def init_devices() -> None:
+    """CPU device count and ``jax.distributed`` (before anything touches a JAX backend)."""
+    import jax
+
+    if FLAGS.num_cpu_devices:
+        jax.config.update("jax_num_cpu_devices", FLAGS.num_cpu_devices)
+    if FLAGS.coordinator_address or FLAGS.distributed:
+        # CPU collectives across processes need gloo (XLA:CPU's default has none); GPUs/TPUs ignore this option
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        if FLAGS.coordinator_address:
+            jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                                       num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+        else:
+            jax.distributed.initialize()
 
 
 def load_config(spec: str, overrides: list[str]):
@@ -49,6 +80,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.verbosity == 0:  # keep Orbax/JAX INFO chatter out of the progress output unless -v is given
         logging.set_verbosity(logging.WARNING)
+    init_devices()
     import jax
 
     from dsjax.configs import ConfigError
@@ -69,7 +101,8 @@ def main(argv):
         print(f"dsjax train: config {FLAGS.config!r}, workdir {workdir}, {jax.device_count()} {jax.devices()[0].platform} "
               f"device(s); model {cfg.model.num_hidden_layers} layers / {cfg.model.n_routed_experts} experts, "
               f"data {cfg.data.source} T={cfg.data.seq_len} B={cfg.data.batch_size}, {cfg.steps} steps", flush=True)
-    summary = run(cfg, workdir, log_fn=lambda s: print(s, flush=True))
+    main_process = jax.process_index() == 0
+    summary = run(cfg, workdir, log_fn=lambda s: print(s, flush=True) if main_process else None)
     last = summary.get("last", {})
     if jax.process_index() == 0 and last:
         print(f"done: step {summary['end_step']}, loss {last.get('loss', float('nan')):.4f}; metrics in "

@@ -119,6 +119,8 @@ def run(cfg: TrainConfig, workdir: str | pathlib.Path, *, log_fn=print) -> dict[
     if plan is None and jax.process_count() > 1:
         raise ValueError(f"{jax.process_count()} processes but no mesh. Fix: --set mesh.data=-1 (or another "
                          f"data/fsdp/expert/tensor split of the {jax.device_count()} devices)")
+    if plan is not None:
+        log_fn(f"mesh {dict(plan.mesh.shape)} over {jax.process_count()} process(es), rules {plan.config.rules!r}")
     ckpt = Checkpointer(workdir / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
                         async_save=cfg.checkpoint.async_save)
     target = abstract_state(cfg) if plan is None else parallel.abstract_state_sharded(cfg, plan)
@@ -135,7 +137,10 @@ def run(cfg: TrainConfig, workdir: str | pathlib.Path, *, log_fn=print) -> dict[
     # Data comes after the restore so that it starts exactly where the checkpoint left it.
     tokenizer = make_tokenizer(cfg.data)
     check_vocab(tokenizer, cfg.model.vocab_size)
-    it = iter(make_dataset(cfg.data, tokenizer))
+    if plan is None:
+        it = iter(make_dataset(cfg.data, tokenizer))
+    else:  # every process reads the whole global batch (same stream, and iterator state, for any process count);
+        it = iter(make_dataset(cfg.data, tokenizer, process_index=0, process_count=1))  # put_batch keeps its rows
     if data_state:
         it.set_state(data_state)
 
