@@ -29,7 +29,7 @@ from dsjax.sharding import Plan, flat_param_specs, make_plan, validate
 from dsjax.train.config import TrainConfig
 from dsjax.train.step import TrainState, abstract_state, init_state, make_train_step, split_model
 
-__all__ = ["plan_for", "state_shardings", "abstract_state_sharded", "init_state_sharded", "batch_sharding",
+__all__ = ["plan_for", "state_specs", "state_shardings", "abstract_state_sharded", "init_state_sharded", "batch_sharding",
            "put_batch", "jit_train_step"]
 
 
@@ -47,12 +47,10 @@ def plan_for(cfg: TrainConfig, devices=None) -> Plan | None:
     return plan
 
 
-def state_shardings(cfg: TrainConfig, plan: Plan) -> TrainState:
-    """A ``TrainState``-shaped tree of ``NamedSharding`` for ``cfg`` on ``plan``."""
-    abstract = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
-    specs = {path: (spec, shape) for path, (spec, shape, _) in flat_param_specs(nnx.state(abstract),
-                                                                               plan.rules).items()}
-    rep = NamedSharding(plan.mesh, PartitionSpec())
+def state_specs(cfg: TrainConfig, rules, abstract: TrainState | None = None) -> TrainState:
+    """A ``TrainState``-shaped tree of ``PartitionSpec`` under ``rules`` (no mesh needed: also for planning)."""
+    model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
+    specs = {path: (spec, shape) for path, (spec, shape, _) in flat_param_specs(nnx.state(model), rules).items()}
 
     def leaf(path, x):
         keys = _keys(path)
@@ -60,10 +58,16 @@ def state_shardings(cfg: TrainConfig, plan: Plan) -> TrainState:
         for i in range(len(keys)):  # parameters, biases, and optimizer moments that mirror a parameter's path
             hit = specs.get(keys[i:])
             if hit is not None and hit[1] == shape:
-                return NamedSharding(plan.mesh, hit[0])
-        return rep
+                return hit[0]
+        return PartitionSpec()
 
-    return jax.tree_util.tree_map_with_path(leaf, abstract_state(cfg))
+    return jax.tree_util.tree_map_with_path(leaf, abstract_state(cfg) if abstract is None else abstract)
+
+
+def state_shardings(cfg: TrainConfig, plan: Plan) -> TrainState:
+    """A ``TrainState``-shaped tree of ``NamedSharding`` for ``cfg`` on ``plan``."""
+    return jax.tree.map(lambda s: NamedSharding(plan.mesh, s), state_specs(cfg, plan.rules),
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def abstract_state_sharded(cfg: TrainConfig, plan: Plan) -> TrainState:
