@@ -191,6 +191,11 @@ class ModelConfig:
     attention_impl: str = "auto"
     # routed-expert grouped matmuls: "auto" (Mosaic GPU kernels on Hopper, else XLA ragged_dot), "xla", "mosaic_gpu"
     grouped_matmul_impl: str = "auto"
+    # FP8 training as DeepSeek-V3 does it: the MLA projections, dense MLPs and (shared and routed) expert matmuls
+    # run in E4M3 with 1x128 activation / 128x128 weight scales (pallas_kernels.fp8_linear; experts: per-group
+    # quantised operands through the bf16 grouped matmul); embedding, output head, router, norms and the attention
+    # core stay BF16/FP32.
+    fp8: bool = False
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self):
@@ -258,6 +263,8 @@ class ModelConfig:
                 _fail(f, getattr(self, f), "is not a supported dtype", f"use one of {DTYPES}")
         if self.remat_policy not in REMAT_POLICIES:
             _fail("remat_policy", self.remat_policy, "is unknown", f"use one of {REMAT_POLICIES}")
+        if not isinstance(self.fp8, bool):
+            _fail("fp8", self.fp8, "must be a bool", "use fp8=True for FP8 training GEMMs, False for BF16")
         if self.grouped_matmul_impl not in GROUPED_MATMUL_IMPLS:
             _fail("grouped_matmul_impl", self.grouped_matmul_impl, "is unknown", f"use one of {GROUPED_MATMUL_IMPLS}")
         if self.attention_impl not in ATTENTION_IMPLS:
@@ -372,7 +379,7 @@ class ModelConfig:
             "model_type": "deepseek_v3" if v3 else "deepseek_v2",
         }
         skip = {"rope_scaling", "quantization_config", "dtype", "param_dtype", "scan_layers", "remat_policy",
-                "attention_impl", "grouped_matmul_impl", "eos_token_id"}
+                "attention_impl", "grouped_matmul_impl", "eos_token_id", "fp8"}
         for f in dataclasses.fields(self):
             if f.name not in skip:
                 d[f.name] = getattr(self, f.name)
@@ -406,7 +413,7 @@ _HF_ALIASES = {"num_mtp_layers": "num_nextn_predict_layers", "num_experts": "n_r
 # Every other key that is not a ModelConfig field (auto_map, ep_size, use_cache, ...) carries no architecture
 # information and is ignored.
 _HF_IGNORED = {"dtype", "torch_dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
-               "grouped_matmul_impl"}
+               "grouped_matmul_impl", "fp8"}
 
 
 def _parse_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:

@@ -28,9 +28,10 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.fp8_gemm import fp8_gemm
-from pallas_kernels.fp8_quant import BLOCK, act_quant, act_quant_dual, weight_quant_dual
+from pallas_kernels.fp8_quant import BLOCK, act_quant, act_quant_dual, act_quant_t, dequant, weight_quant_dual
+from pallas_kernels.grouped_matmul import grouped_matmul
 
-__all__ = ["fp8_linear"]
+__all__ = ["fp8_linear", "fp8_grouped_linear"]
 
 
 def _cdiv(a, b):
@@ -126,3 +127,67 @@ def fp8_linear(x: jax.Array, w: jax.Array, *, w_layout: Literal["kn", "nk"] = "k
     lead = x.shape[:-1]
     y = _linear(x.reshape(-1, k), w_nk, out_dtype, implementation, quantize)
     return y.reshape(*lead, n)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Grouped (MoE expert) variant: XLA / bf16 grouped matmuls on FP8-quantised operands, per expert group
+# ----------------------------------------------------------------------------------------------------------------
+
+def _qdq_rows(x, dtype):
+    """1x128 tiles along the last axis, dequantised to ``dtype``."""
+    q, s = act_quant(x, implementation="xla")
+    return dequant(q, s, out_dtype=dtype)
+
+
+def _qdq_tokens(x, dtype):
+    """128x1 tiles (128 consecutive rows of one column), dequantised, in x's layout."""
+    qt, st = act_quant_t(x, implementation="xla")
+    return dequant(qt, st, out_dtype=dtype).T
+
+
+def _qdq_blocks(w, dtype):
+    """128x128 blocks of each ``w[g]`` (``[K, N]``), dequantised."""
+    def one(wg):
+        q, s, _, _ = weight_quant_dual(wg, implementation="xla")
+        return dequant(q, s, block=(BLOCK, BLOCK), out_dtype=dtype)
+    return jax.vmap(one)(w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _grouped(x, w, group_sizes, implementation, dtype):
+    return _grouped_fwd(x, w, group_sizes, implementation, dtype)[0]
+
+
+def _grouped_fwd(x, w, group_sizes, implementation, dtype):
+    wd = _qdq_blocks(w, dtype)
+    y = grouped_matmul(_qdq_rows(x, dtype), wd, group_sizes, implementation=implementation)
+    return y, (_qdq_tokens(x, dtype), wd, group_sizes, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+
+
+def _grouped_bwd(implementation, dtype, res, dy):
+    xt, wd, group_sizes, x_like, w_like = res
+    gmm = functools.partial(grouped_matmul, group_sizes=group_sizes, implementation=implementation)
+    _, vjp_x = jax.vjp(lambda a: gmm(a, wd), jnp.zeros(xt.shape, dtype))
+    (dx,) = vjp_x(_qdq_rows(dy, dtype))                                     # dgrad: dY in 1x128 tiles along N
+    _, vjp_w = jax.vjp(lambda b: gmm(xt, b), wd)
+    (dw,) = vjp_w(_qdq_tokens(dy, dtype))                                   # wgrad: X, dY in 128-token groups
+    return dx.astype(x_like.dtype), dw.astype(w_like.dtype), None
+
+
+_grouped.defvjp(_grouped_fwd, _grouped_bwd)
+
+
+def fp8_grouped_linear(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, compute_dtype=jnp.bfloat16,
+                       implementation: str = "auto") -> jax.Array:
+    """MoE experts with DeepSeek-V3 FP8 numerics: ``x [M, K]`` (rows sorted by group) ``x w [G, K, N] -> [M, N]``.
+
+    There is no grouped FP8 GEMM kernel yet: every operand is quantised exactly as in :func:`fp8_linear` (x and dY
+    in 1x128 tiles, each ``w[g]`` in 128x128 blocks, the weight gradient's x and dY in 128-token groups), then
+    dequantised to ``compute_dtype`` and multiplied by ``pallas_kernels.grouped_matmul`` (``implementation``: the
+    Mosaic GPU bf16 kernels on Hopper, ``lax.ragged_dot`` elsewhere). So the numerics are FP8's (up to the bf16
+    rounding of the dequantised values) but the speed is the bf16 grouped matmul's. Token groups of the weight
+    gradient run over the sorted stream and may straddle two experts (DeepSeek pads each expert to 128 rows).
+    """
+    if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"fp8_grouped_linear expects x [M, K] and w [G, K, N]; got {x.shape}, {w.shape}")
+    return _grouped(x, w, group_sizes.astype(jnp.int32), implementation, jnp.dtype(compute_dtype))

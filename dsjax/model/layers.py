@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels import weight_dequant
+from pallas_kernels import fp8_linear, weight_dequant
 
 from dsjax.configs import ModelConfig
 
@@ -110,15 +110,19 @@ class Linear(nnx.Module):
     ``q_b_proj`` has kernel ``(R_q, N, H)``. When the weight is kept in FP8 (``fp8=True``), ``kernel`` holds
     float8_e4m3fn values and ``scale_inv`` the float32 block scales over the flattened ``(prod I, prod O)``
     matrix; the kernel is dequantised on the fly (the FP8 GEMM kernels replace that in the FP8 path).
+    ``fp8_compute=True`` (FP8 *training*, ``ModelConfig.fp8``) runs the map through ``pallas_kernels.fp8_linear``:
+    E4M3 forward and backward GEMMs on the flattened ``(prod I, prod O)`` kernel.
     """
 
     def __init__(self, in_features: Sequence[int] | int, out_features: Sequence[int] | int, *,
                  in_axes: Sequence[str], out_axes: Sequence[str], param_dtype, dtype, rngs: nnx.Rngs,
-                 use_bias: bool = False, init_std: float = 0.02, fp8_block: tuple[int, int] | None = None):
+                 use_bias: bool = False, init_std: float = 0.02, fp8_block: tuple[int, int] | None = None,
+                 fp8_compute: bool = False):
         self.in_features = (in_features,) if isinstance(in_features, int) else tuple(in_features)
         self.out_features = (out_features,) if isinstance(out_features, int) else tuple(out_features)
         self.dtype = dtype
         self.fp8_block = fp8_block
+        self.fp8_compute = fp8_compute
         shape = self.in_features + self.out_features
         axes = tuple(in_axes) + tuple(out_axes)
         if fp8_block is None:
@@ -145,6 +149,12 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
         """``x [..., *I] -> [..., *O]`` in the compute dtype (or ``out_dtype``, accumulated in that dtype)."""
         n_in = len(self.in_features)
+        if self.fp8_compute and self.scale_inv is None:
+            lead = x.shape[:x.ndim - n_in]
+            w = self.kernel.get_value().reshape(math.prod(self.in_features), -1)   # quantised from the master copy
+            y = fp8_linear(x.astype(self.dtype).reshape(*lead, w.shape[0]), w, out_dtype=out_dtype or self.dtype)
+            y = y.reshape(*lead, *self.out_features)
+            return y if self.bias is None else y + self.bias.get_value().astype(y.dtype)
         if (out_dtype == jnp.float32 and n_in == 1 and len(self.out_features) == 1
                 and jnp.dtype(self.dtype).itemsize < 4):
             y = dot_f32_out(x.astype(self.dtype), self.weight())
@@ -185,7 +195,7 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, intermediate_size: int, *, rngs: nnx.Rngs, mlp_axis: str = "mlp",
                  fp8_block: tuple[int, int] | None = None):
         kw = dict(param_dtype=dtype_of(cfg.param_dtype), dtype=dtype_of(cfg.dtype), rngs=rngs,
-                  use_bias=cfg.mlp_bias, init_std=cfg.initializer_range, fp8_block=fp8_block)
+                  use_bias=cfg.mlp_bias, init_std=cfg.initializer_range, fp8_block=fp8_block, fp8_compute=cfg.fp8)
         d, f = cfg.hidden_size, intermediate_size
         self.gate_proj = Linear(d, f, in_axes=("embed",), out_axes=(mlp_axis,), **kw)
         self.up_proj = Linear(d, f, in_axes=("embed",), out_axes=(mlp_axis,), **kw)

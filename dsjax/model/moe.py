@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from pallas_kernels import grouped_matmul
+from pallas_kernels import fp8_grouped_linear, grouped_matmul
 
 from dsjax.configs import ModelConfig
 from dsjax.model.layers import MLP, FP8Scale, RoutingBias, dtype_of, make_param
@@ -193,6 +193,10 @@ class RoutedExperts(nnx.Module):
         # the grouped matmuls are custom calls, not "dots" to the remat policies: name them so they can be saved
         gmm = lambda a, name: checkpoint_name(grouped_matmul(a, self._w(name), group_sizes,
                                                              implementation=self.cfg.grouped_matmul_impl), "moe_gmm")
+        if self.cfg.fp8 and self.fp8_block is None:  # FP8 training: per-group quantised operands (fp8_grouped_linear)
+            gmm = lambda a, name: checkpoint_name(fp8_grouped_linear(  # noqa: E731
+                a, getattr(self, name).get_value(), group_sizes, compute_dtype=dt,
+                implementation=self.cfg.grouped_matmul_impl), "moe_gmm")
         h = jax.nn.silu(gmm(xs, "gate_proj")) * gmm(xs, "up_proj")
         ys = gmm(h.astype(dt), "down_proj")                      # [M, D]
         y = _permute(ys, inverse, order).reshape(t, k, -1)       # back to token order
