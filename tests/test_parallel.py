@@ -250,3 +250,39 @@ def test_load_hf_places_tensors_on_the_mesh(tmp_path):
     assert q.sharding.spec == plan.spec(loaded.layers[0].self_attn.q_b_proj.kernel.get_metadata()["logical_axes"])
     _close(jax.device_get(nnx.to_pure_dict(nnx.state(loaded))), jax.device_get(nnx.to_pure_dict(nnx.state(model))),
            rtol=0, atol=0, what="load_hf")
+
+
+@pytest.mark.gpu
+def test_ragged_all_to_all_dispatch_on_gpus_matches_one_device():
+    """The real ``ragged_all_to_all`` (XLA:CPU has none): logits, counts and gradients vs one device, dropless;
+    a tight capacity drops and counts pairs. Needs >= 2 GPUs (``JAX_PLATFORMS=cuda pytest -m gpu``)."""
+    n = jax.device_count()
+    if n < 2:
+        pytest.skip("needs at least 2 GPUs")
+    ep = max(d for d in (2, 4, 8, 16) if d <= n and 16 % d == 0)
+    devices = jax.devices()[:ep]
+    cfg = _model(num_hidden_layers=3)
+    ids = jax.random.randint(jax.random.key(1), (2 * ep, 16), 3, 512)
+    ref_logits, ref_moe = _forward(cfg, None, ids)
+    plan = make_plan(MeshConfig(expert=ep, ep_dispatch="ragged"), devices)
+    assert dispatch_mode(plan) == "ragged"
+    logits, moe = _forward(cfg, plan, ids)
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(moe["counts"], ref_moe["counts"])
+    assert np.all(np.asarray(moe["dropped"]) == 0)
+    _, moe = _forward(cfg, make_plan(MeshConfig(expert=ep, ep_dispatch="ragged", capacity_factor=0.5), devices), ids)
+    assert np.all(np.asarray(moe["dropped"]) > 0)
+
+    tcfg = dataclasses.replace(_cfg(MeshConfig(expert=ep, ep_dispatch="ragged")), model=cfg,
+                               data=DataConfig(source="default", seq_len=32, batch_size=2 * ep))
+    graphdef, p_t, r_t = split_model(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    state = jax.jit(init_state, static_argnums=0)(tcfg, jax.random.key(0))
+    batch = _batches(1, b=2 * ep)[0]
+    fn = jax.value_and_grad(_loss_fn(graphdef, p_t, r_t), has_aux=True)
+    (l_ref, _), g_ref = jax.jit(fn)(state.params, state.rest, {k: jnp.asarray(v) for k, v in batch.items()})
+    plan = parallel.plan_for(tcfg, devices)
+    sh = parallel.state_shardings(tcfg, plan)
+    params, rest = jax.device_put((state.params, state.rest), (sh.params, sh.rest))
+    (l, _), g = jax.jit(plan.wrap(fn))(params, rest, parallel.put_batch(batch, plan))
+    np.testing.assert_allclose(l, l_ref, rtol=1e-5)
+    _close(jax.device_get(g), jax.device_get(g_ref), rtol=1e-3, atol=1e-6, what="grad")

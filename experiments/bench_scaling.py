@@ -1,0 +1,166 @@
+"""Multi-device scaling of the train step: tokens/s of data parallelism (weak scaling) and expert parallelism.
+
+    python -m experiments.bench_scaling --config=small --devices=1,2,4 --record
+    python -m experiments.bench_scaling --config=small --devices=1,2,4,8 --modes=dp,ep,ep:1.25,fsdp --steps=10
+    python -m experiments.bench_scaling --config=tiny --devices=1,2 --batch_per_device=2 --seq_len=128   # CPU smoke
+
+Weak scaling: every device gets ``--batch_per_device`` sequences of ``--seq_len`` tokens, so the global batch grows
+with the device count; efficiency = tokens/s on n devices / (n x tokens/s of the single-device path). Modes (each on
+the first n devices, skipped for counts larger than the machine):
+
+* ``dp``       -- ``MeshConfig(data=n)``: replicated weights, gradients all-reduced (n=1: the plain single-device
+  code path, the baseline);
+* ``fsdp``     -- ``MeshConfig(fsdp=n)``: weights and optimizer state split along D, gathered per layer;
+* ``ep``       -- ``MeshConfig(expert=n)``: routed experts split over the devices, tokens sent to them by
+  all-to-all (``ragged_all_to_all`` on GPU), dropless (receive buffers sized for the worst case);
+* ``ep:CF``    -- the same with ``capacity_factor=CF`` (buffers of CF x the average load; dropped pairs are
+  reported in the ``dropped`` column as a fraction of all routed pairs).
+
+Batches are synthetic packed sequences (experiments/batches.py). ``--record`` appends the table with the date, the
+card and the command to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import gc
+import json
+import pathlib
+import sys
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("config", "small", "Training preset.")
+flags.DEFINE_list("devices", ["1", "2", "4"], "Device counts (the first n devices are used).")
+flags.DEFINE_list("modes", ["dp", "ep", "ep:1.25"], "Layouts: dp, fsdp, ep, ep:<capacity_factor>.")
+flags.DEFINE_integer("batch_per_device", 8, "Sequences per device (weak scaling).")
+flags.DEFINE_integer("seq_len", 2048, "Sequence length.")
+flags.DEFINE_integer("steps", 10, "Timed steps per row (after 2 warm-up steps).")
+flags.DEFINE_multi_string("set", [], "Extra --set style overrides for the training preset.")
+flags.DEFINE_bool("record", False, "Append the results to docs/benchmarks.md.")
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+from experiments.batches import synthetic_batch  # noqa: E402
+
+
+def _mesh_for(mode: str, n: int):
+    from dsjax.sharding import MeshConfig
+
+    name, _, cf = mode.partition(":")
+    if name == "dp":
+        return MeshConfig(data=n)
+    if name == "fsdp":
+        return MeshConfig(fsdp=n)
+    if name == "ep":
+        return MeshConfig(expert=n, capacity_factor=float(cf) if cf else None)
+    raise app.UsageError(f"--modes: unknown mode {mode!r}; use dp, fsdp, ep or ep:<capacity_factor>")
+
+
+def bench(mode: str, n: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from dsjax.model.moe_ep import dispatch_mode
+    from dsjax.train import config as tc
+    from dsjax.train import parallel
+    from dsjax.train.step import init_state, make_train_step
+
+    b = FLAGS.batch_per_device * n
+    cfg = tc.apply_overrides(tc.get(FLAGS.config), [f"data.batch_size={b}", f"data.seq_len={FLAGS.seq_len}",
+                                                    "optim.warmup_steps=2", *FLAGS.set])
+    mesh = _mesh_for(mode, n)  # n=1: MeshConfig() -> no plan -> the plain single-device path
+    cfg = dataclasses.replace(cfg, mesh=mesh)
+    devices = jax.devices()[:n]
+    plan = parallel.plan_for(cfg, devices)
+    graphdef, p, r = parallel.split_abstract(cfg)
+    batch_np = synthetic_batch(b, FLAGS.seq_len, cfg.model.vocab_size)
+    if plan is None:
+        step = jax.jit(make_train_step(cfg, graphdef, p, r), donate_argnums=0)
+        state = jax.jit(init_state, static_argnums=0)(cfg, jax.random.key(0))
+        batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
+    else:
+        step = parallel.jit_train_step(cfg, plan, graphdef, p, r)
+        state = parallel.init_state_sharded(cfg, jax.random.key(0), plan)
+        batch = parallel.put_batch(batch_np, plan)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    for _ in range(2):
+        state, m = compiled(state, batch)
+    jax.block_until_ready(m["loss"])
+    t0 = time.perf_counter()
+    for _ in range(FLAGS.steps):
+        state, m = compiled(state, batch)
+    m = jax.device_get(m)  # host sync
+    dt = (time.perf_counter() - t0) / FLAGS.steps
+    peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in devices) / 2**30
+    pairs = b * FLAGS.seq_len * cfg.model.num_experts_per_tok * (
+        cfg.model.num_hidden_layers - cfg.model.first_k_dense_replace + cfg.model.num_nextn_predict_layers)
+    row = {"mode": mode, "devices": n, "mesh": "single device" if plan is None else
+           "x".join(str(v) for v in plan.mesh.shape.values()),
+           "dispatch": dispatch_mode(plan) if plan is not None and plan.mesh.shape["expert"] > 1 else "-",
+           "global_batch": b, "step_ms": 1e3 * dt, "tokens_per_s": b * FLAGS.seq_len / dt, "compile_s": compile_s,
+           "peak_gib": peak, "loss": float(m["loss"]), "dropped": float(m.get("moe_dropped", 0.0)) / pairs}
+    del state, compiled, step, batch
+    gc.collect()
+    return row
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax
+
+    dev = jax.devices()[0]
+    counts = [int(x) for x in FLAGS.devices]
+    print(f"device: {dev.device_kind} x{jax.device_count()} ({dev.platform}), jax {jax.__version__}", flush=True)
+    skipped = [c for c in counts if c > jax.device_count()]
+    if skipped:
+        print(f"skipping device counts {skipped}: only {jax.device_count()} device(s) here", flush=True)
+    rows = []
+    for mode in FLAGS.modes:
+        for n in counts:
+            if n > jax.device_count() or (n == 1 and mode != "dp"):  # n=1 of every mode is the single-device path
+                continue
+            try:
+                rows.append(bench(mode, n))
+            except Exception as e:  # noqa: BLE001 - report OOM / unsupported layouts and go on
+                rows.append({"mode": mode, "devices": n, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            print(json.dumps(rows[-1]), flush=True)
+    base = next((r["tokens_per_s"] for r in rows if r.get("mode") == "dp" and r["devices"] == 1
+                 and "tokens_per_s" in r), None)
+    lines = ["| mode | devices | mesh (d x f x e x t) | dispatch | global batch | step ms | tokens/s | "
+             "tokens/s per device | weak-scaling efficiency | dropped pairs | peak GiB/device | compile s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['mode']} | {r['devices']} | error: {r['error'][:150]} | | | | | | | | | |")
+            continue
+        eff = f"{100 * r['tokens_per_s'] / (r['devices'] * base):.1f}%" if base else "n/a"
+        lines.append(f"| {r['mode']} | {r['devices']} | {r['mesh']} | {r['dispatch']} | {r['global_batch']} x "
+                     f"{FLAGS.seq_len} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['tokens_per_s'] / r['devices']:,.0f} | {eff} | {100 * r['dropped']:.2f}% | "
+                     f"{r['peak_gib']:.1f} | {r['compile_s']:.1f} |")
+    table = "\n".join(lines)
+    print(table)
+    if FLAGS.record:
+        cmd = "python -m experiments.bench_scaling " + " ".join(sys.argv[1:])
+        text = (f"\n## Scaling, `{FLAGS.config}`, {FLAGS.batch_per_device} x {FLAGS.seq_len} tokens per device "
+                f"({datetime.date.today().isoformat()}, {jax.device_count()} x {dev.device_kind}, "
+                f"jax {jax.__version__})\n\nCommand: `{cmd}`\n\nWeak-scaling efficiency = tokens/s / (devices x "
+                f"single-device tokens/s); dropped pairs as a fraction of all routed (token, expert) pairs.\n\n"
+                f"{table}\n")
+        path = ROOT / "docs" / "benchmarks.md"
+        if not path.exists():
+            path.write_text("# Benchmarks\n\nNumbers written by the benchmark scripts in `experiments/`; never "
+                            "edited by hand.\n")
+        with open(path, "a") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    app.run(main)
