@@ -122,15 +122,16 @@ def main(argv):
     if skipped:
         print(f"skipping device counts {skipped}: only {jax.device_count()} device(s) here", flush=True)
     rows = []
-    for mode in FLAGS.modes:
-        for n in counts:
-            if n > jax.device_count() or (n == 1 and mode != "dp"):  # n=1 of every mode is the single-device path
-                continue
-            try:
-                rows.append(bench(mode, n))
-            except Exception as e:  # noqa: BLE001 - report OOM / unsupported layouts and go on
-                rows.append({"mode": mode, "devices": n, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-            print(json.dumps(rows[-1]), flush=True)
+    jobs = [(m, n) for m in FLAGS.modes for n in counts
+            if n <= jax.device_count() and (n > 1 or m == "dp")]  # n=1 of every mode is the single-device path
+    if ("dp", 1) not in jobs:
+        jobs.insert(0, ("dp", 1))                                  # the baseline of the efficiency column
+    for mode, n in jobs:
+        try:
+            rows.append(bench(mode, n))
+        except Exception as e:  # noqa: BLE001 - report OOM / unsupported layouts and go on
+            rows.append({"mode": mode, "devices": n, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        print(json.dumps(rows[-1]), flush=True)
     base = next((r["tokens_per_s"] for r in rows if r.get("mode") == "dp" and r["devices"] == 1
                  and "tokens_per_s" in r), None)
     lines = ["| mode | devices | mesh (d x f x e x t) | dispatch | global batch | step ms | tokens/s | "
