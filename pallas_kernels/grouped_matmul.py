@@ -85,10 +85,44 @@ def _gmm_mgpu_bwd(res, dy):
     dy = dy.astype(x.dtype)
     dx = _mgpu_forward(dy, w, group_sizes, transpose_rhs=True)   # [M, N] x [G, K, N]^T -> [M, K]
     dw = _mgpu_weight_grad(x, dy, group_sizes)                    # per group x_g^T dy_g -> [G, K, N]
-    return dx, dw.astype(w.dtype), None
+    return _like(dx, x), _like(dw.astype(w.dtype), w), None
+
+
+def _like(ct: jax.Array, primal: jax.Array) -> jax.Array:
+    """Gives a cotangent computed inside ``shard_map`` the varying mesh axes of its primal: summed (psum) over the
+    axes the primal is invariant on (a replicated weight's gradient is the sum of the shards' contributions),
+    cast to varying over the axes the primal varies on. The identity outside ``shard_map``."""
+    extra = tuple(sorted(_varying_axes(ct) - _varying_axes(primal)))
+    if extra:
+        ct = jax.lax.psum(ct, extra)
+    missing = tuple(sorted(_varying_axes(primal) - _varying_axes(ct)))
+    return jax.lax.pcast(ct, missing, to="varying") if missing else ct
 
 
 _gmm_mgpu.defvjp(_gmm_mgpu_fwd, _gmm_mgpu_bwd)
+
+
+def _varying_axes(x: jax.Array) -> frozenset:
+    mat = getattr(jax.typeof(x), "manual_axis_type", None)
+    return frozenset(getattr(mat, "varying", ()) or ())
+
+
+def match_varying(*xs: jax.Array) -> tuple[jax.Array, ...]:
+    """Inside ``shard_map``, marks every operand as varying over the union of the operands' varying mesh axes.
+
+    A custom-VJP kernel must return cotangents of its inputs' types: a weight replicated over ``data`` (invariant)
+    multiplied with data-sharded (varying) tokens gets a varying gradient, which JAX rejects. Casting the weight to
+    varying *before* the custom VJP moves the sum over ``data`` into JAX's own transpose of the cast (a psum), as
+    for any built-in primitive. Outside ``shard_map`` this is the identity.
+    """
+    union = frozenset().union(*(_varying_axes(x) for x in xs))
+    if not union:
+        return xs
+    out = []
+    for x in xs:
+        missing = tuple(sorted(union - _varying_axes(x)))
+        out.append(jax.lax.pcast(x, missing, to="varying") if missing else x)
+    return tuple(out)
 
 
 def pad_rows(x: jax.Array, group_sizes: jax.Array, multiple: int) -> tuple[jax.Array, jax.Array]:
@@ -121,7 +155,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
                              f"Fix: use implementation='xla' or 'auto'")
         m = x.shape[0]
         xp, gs = pad_rows(x, group_sizes.astype(jnp.int32), 8)
-        return _gmm_mgpu(xp, w, gs)[:m]
+        return _gmm_mgpu(*match_varying(xp, w, gs))[:m]
     if implementation != "xla":
         raise ValueError(f"implementation={implementation!r} is unknown; use 'auto', 'xla' or 'mosaic_gpu'")
     return jax.lax.ragged_dot(x, w, group_sizes.astype(jnp.int32), preferred_element_type=preferred_element_type)
