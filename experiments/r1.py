@@ -23,8 +23,11 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "cpu", ["cpu", "gpu"], "Model size and step counts.")
 flags.DEFINE_string("workdir", "workdirs/r1", "Run directory (one sub-folder per stage).")
 flags.DEFINE_integer("eval_examples", 128, "Held-out prompts for greedy accuracy.")
+flags.DEFINE_integer("pre_steps", None, "Override the preset's pretraining steps.")
+flags.DEFINE_integer("sft_steps", None, "Override the preset's SFT steps.")
 flags.DEFINE_integer("grpo_steps", None, "Override the preset's GRPO steps.")
 flags.DEFINE_float("grpo_lr", None, "Override the preset's GRPO learning rate.")
+flags.DEFINE_float("sft_lr", None, "Override the preset's SFT learning rate.")
 flags.DEFINE_string("ops", None, "Override the preset's operators (subset of '+-*').")
 flags.DEFINE_integer("digits", None, "Override the preset's most digits per operand (1..5).")
 flags.DEFINE_integer("rejection_prompts", 64, "After GRPO: rejection-sample this many prompts (0: skip).")
@@ -32,9 +35,43 @@ flags.DEFINE_integer("rejection_prompts", 64, "After GRPO: rejection-sample this
 PRESETS = {
     "cpu": dict(model="tiny", ops="+", digits=2, pre_steps=300, sft_steps=150, grpo_steps=40, seq_len=128, batch=16,
                 G=8, prompts=8, lr=2e-3, sft_lr=1e-3, grpo_lr=5e-5, max_new=96),
-    "gpu": dict(model="small", ops="+-*", digits=5, pre_steps=600, sft_steps=300, grpo_steps=200, seq_len=256,
-                batch=32, G=16, prompts=32, lr=1e-3, sft_lr=3e-4, grpo_lr=3e-6, max_new=128),
+    "gpu": dict(model="small", ops="+-*", digits=3, pre_steps=200, sft_steps=100, grpo_steps=60, seq_len=256,
+                batch=32, G=16, prompts=16, lr=1e-3, sft_lr=3e-4, grpo_lr=1e-5, max_new=160),
 }
+
+
+def plot_curves(history: list[dict], path) -> None:
+    """Mean reward, sampled accuracy and completion length over GRPO steps (raw and EMA) to a PNG."""
+    try:
+        import matplotlib
+    except ImportError:
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [h for h in history if "reward_mean" in h]
+    steps = [h["step"] for h in rows]
+
+    def smooth(v, a=0.9):
+        out, m = [], None
+        for x in v:
+            m = x if m is None else a * m + (1 - a) * x
+            out.append(m)
+        return out
+
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.5))
+    for a, key, title in ((ax[0], "reward_mean", "mean reward"),
+                          (ax[1], "reward/accuracy", "accuracy reward (sampled, kept groups)"),
+                          (ax[2], "completion_len_mean", "completion length (tokens)")):
+        v = [h.get(key, float("nan")) for h in rows]
+        a.plot(steps, v, alpha=0.35, color="C0")
+        a.plot(steps, smooth(v), color="C0", label="EMA 0.9")
+        a.set_title(title)
+        a.set_xlabel("GRPO step")
+    ax[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main(argv):
@@ -52,7 +89,7 @@ def main(argv):
     from dsjax.train.loop import load_params_from_workdir, run
 
     p = dict(PRESETS[FLAGS.preset])
-    for k in ("grpo_steps", "grpo_lr", "ops", "digits"):
+    for k in ("pre_steps", "sft_steps", "grpo_steps", "grpo_lr", "sft_lr", "ops", "digits"):
         if getattr(FLAGS, k) is not None:
             p[k] = getattr(FLAGS, k)
     grpo_steps = p["grpo_steps"]
@@ -131,26 +168,7 @@ def main(argv):
             f"digits.\n\n{rs_line}")
     (root / "r1_report.md").write_text(text)
     print(text)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        steps = [h["step"] for h in history if "reward_mean" in h]
-        fig, ax = plt.subplots(1, 3, figsize=(13, 3.5))
-        ax[0].plot(steps, [h["reward_mean"] for h in history if "reward_mean" in h])
-        ax[0].set_title("mean reward")
-        ax[1].plot(steps, [h.get("reward/accuracy", float("nan")) for h in history if "reward_mean" in h])
-        ax[1].set_title("accuracy reward (sampled)")
-        ax[2].plot(steps, [h["completion_len_mean"] for h in history if "reward_mean" in h])
-        ax[2].set_title("completion length")
-        for a in ax:
-            a.set_xlabel("GRPO step")
-        fig.tight_layout()
-        fig.savefig(root / "r1_curves.png", dpi=100)
-    except ImportError:
-        pass
+    plot_curves(history, root / "r1_curves.png")
 
 
 if __name__ == "__main__":
