@@ -213,3 +213,27 @@ def test_rejection_sampling_keeps_accepted_unique_completions_and_writes_sft_jso
     assert stats.accepted == 0 and rows == []
     with pytest.raises(ValueError, match="no reward named"):
         rejection_sample(model, tok, examples, rewards, required={"accuracy": 1.0})
+
+
+def test_trainer_log_probs_equal_the_samplers():
+    """The update's log-probs of a rollout (completion_arrays layout: left-padded prompts, positions restarting at
+    each prompt) equal the per-token log-probs the sampler returned, so the ratio starts at 1 on-policy."""
+    from dsjax.inference import SamplingConfig, generate_tokens, pad_prompts
+    from dsjax.rl.grpo import sequence_log_probs
+
+    cfg = dsjax.configs.tiny(num_nextn_predict_layers=0)
+    model = dsjax.Transformer(cfg, rngs=nnx.Rngs(3))
+    prompts = [[1, 5, 9, 13], [1, 7], [1, 20, 30, 40, 50, 60]]
+    tokens, lengths = pad_prompts(prompts, 8)
+    s = SamplingConfig(max_new_tokens=10, temperature=0.8, length_bucket=8)
+    g, st = nnx.split(model)
+    out = generate_tokens(g, st, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.split(jax.random.key(0), 3),
+                          cfg=s)
+    comp, clen = np.asarray(out.tokens), np.asarray(out.lengths)
+    arr = completion_arrays(tokens, lengths, comp, clen)
+    lp = np.asarray(sequence_log_probs(model, *(jnp.asarray(arr[k]) for k in ("tokens", "segment_ids", "positions")),
+                                       0.8))
+    mask = arr["completion_mask"].astype(bool)
+    for i in range(3):
+        assert mask[i].sum() == clen[i] > 0
+        np.testing.assert_allclose(lp[i][mask[i]], np.asarray(out.logprobs)[i, :clen[i]], rtol=1e-4, atol=1e-4)
