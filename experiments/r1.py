@@ -1,7 +1,7 @@
 """The R1 recipe in miniature: pretrain on task text, cold-start SFT on formatted reasoning, GRPO with rule-based
 rewards, and held-out greedy accuracy after each stage.
 
-    python -m experiments.r1 --preset=cpu --workdir=workdirs/r1-cpu      # tiny model, ~10 minutes on a laptop CPU
+    python -m experiments.r1 --preset=cpu --workdir=workdirs/r1-cpu      # tiny model, ~12 minutes on 2 CPU cores
     python -m experiments.r1 --preset=gpu --workdir=workdirs/r1-gpu      # small model, one GPU
 
 Task: arithmetic with a scratchpad (dsjax.data.synthetic): prompts ``"Q: 47+85=?\\nA: "``, completions
@@ -28,13 +28,15 @@ flags.DEFINE_integer("sft_steps", None, "Override the preset's SFT steps.")
 flags.DEFINE_integer("grpo_steps", None, "Override the preset's GRPO steps.")
 flags.DEFINE_float("grpo_lr", None, "Override the preset's GRPO learning rate.")
 flags.DEFINE_float("sft_lr", None, "Override the preset's SFT learning rate.")
+flags.DEFINE_integer("prompts", None, "Override the preset's prompts per GRPO step.")
+flags.DEFINE_integer("G", None, "Override the preset's completions per prompt.")
 flags.DEFINE_string("ops", None, "Override the preset's operators (subset of '+-*').")
 flags.DEFINE_integer("digits", None, "Override the preset's most digits per operand (1..5).")
 flags.DEFINE_integer("rejection_prompts", 64, "After GRPO: rejection-sample this many prompts (0: skip).")
 
 PRESETS = {
-    "cpu": dict(model="tiny", ops="+", digits=2, pre_steps=300, sft_steps=150, grpo_steps=40, seq_len=128, batch=16,
-                G=8, prompts=8, lr=2e-3, sft_lr=1e-3, grpo_lr=5e-5, max_new=96),
+    "cpu": dict(model="tiny", ops="+", digits=2, pre_steps=600, sft_steps=150, grpo_steps=30, seq_len=128, batch=16,
+                G=8, prompts=32, lr=2e-3, sft_lr=2e-4, grpo_lr=5e-5, max_new=96),
     "gpu": dict(model="small", ops="+-*", digits=3, pre_steps=200, sft_steps=100, grpo_steps=60, seq_len=256,
                 batch=32, G=16, prompts=16, lr=1e-3, sft_lr=3e-4, grpo_lr=1e-5, max_new=160),
 }
@@ -89,7 +91,7 @@ def main(argv):
     from dsjax.train.loop import load_params_from_workdir, run
 
     p = dict(PRESETS[FLAGS.preset])
-    for k in ("pre_steps", "sft_steps", "grpo_steps", "grpo_lr", "sft_lr", "ops", "digits"):
+    for k in ("pre_steps", "sft_steps", "grpo_steps", "grpo_lr", "sft_lr", "prompts", "G", "ops", "digits"):
         if getattr(FLAGS, k) is not None:
             p[k] = getattr(FLAGS, k)
     grpo_steps = p["grpo_steps"]
