@@ -69,3 +69,18 @@ def test_main_training_job_runs(tmp_path):
     again = subprocess.run([sys.executable, "-m", "experiments.train", f"--workdir={wd}", "--set=steps=40"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "already complete" in again.stdout
+
+
+def test_r1_pipeline_runs_end_to_end(tmp_path):
+    """experiments.r1 (pretrain -> SFT -> GRPO -> rejection sampling), every stage shortened to a step or two."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    wd = tmp_path / "r1"
+    res = subprocess.run([sys.executable, "-m", "experiments.r1", "--preset=cpu", f"--workdir={wd}", "--pre_steps=3",
+                          "--sft_steps=2", "--grpo_steps=2", "--prompts=2", "--G=2", "--eval_examples=4",
+                          "--rejection_prompts=2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = (wd / "r1_report.md").read_text()
+    for stage in ("| pretrained |", "| SFT |", "| GRPO |", "Rejection sampling (2 samples x 2 new prompts"):
+        assert stage in report, report
+    assert (wd / "r1_curves.png").stat().st_size > 0 and (wd / "rejection_sampled.jsonl").exists()
+    assert len((wd / "grpo_metrics.jsonl").read_text().splitlines()) == 2
