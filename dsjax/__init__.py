@@ -7,14 +7,16 @@ Public surface (notebooks and the README use only this):
 * ``dsjax.count_params(cfg)`` / ``dsjax.format_param_table(cfg)`` -- parameter accounting without allocation.
 * ``dsjax.load_hf(path)`` / ``dsjax.save_hf(model, cfg, path)`` -- hub-layout safetensors checkpoints (FP8 too).
 * ``dsjax.generate(model, prompts, sampling=dsjax.SamplingConfig(...))`` -- batched decoding on the latent cache.
+* ``dsjax.sharding`` / ``dsjax.MeshConfig`` -- device meshes, the logical-axis rules table and sharding plans.
 """
 
-from dsjax import configs
+from dsjax import configs, sharding
 from dsjax.configs import ConfigError, ModelConfig
 from dsjax.model import (LatentCache, ModelOutput, RoutingBias, Transformer, cache_bytes_per_token, init_cache,
                          mha_cache_bytes_per_token)
 from dsjax.params import count_params, format_param_table, param_table
 from dsjax.inference import GenerateOutput, SamplingConfig, generate
+from dsjax.sharding import MeshConfig
 
 __version__ = "0.1.0"
 
@@ -34,7 +36,7 @@ def save_hf(*args, **kwargs):
 
 
 __all__ = [
-    "configs", "ConfigError", "ModelConfig", "Transformer", "ModelOutput", "LatentCache", "RoutingBias",
+    "configs", "sharding", "MeshConfig", "ConfigError", "ModelConfig", "Transformer", "ModelOutput", "LatentCache", "RoutingBias",
     "init_cache", "cache_bytes_per_token", "mha_cache_bytes_per_token", "count_params", "param_table",
     "format_param_table", "load_hf", "save_hf", "generate", "SamplingConfig", "GenerateOutput", "__version__",
 ]
