@@ -154,6 +154,7 @@ def _ragged(x, idx, wts, wg, wu, wd, *, axis, p, buf, impl, dt, a2a):
     a_flat = a.reshape(p, el * p)
     off = (jnp.cumsum(a_flat, -1) - a_flat).reshape(p, el, p)     # offset in dst's buffer: expert-major, then src
     sent = jnp.clip(buf - off, 0, a).astype(i32)                  # what fits in R rows (all devices agree)
+    off = jnp.minimum(off, buf)                                   # empty slices past the buffer: keep offsets in range
     in_off = (jnp.cumsum(cnt) - cnt).astype(i32)                  # [E] my sorted layout
     send_sizes = sent[:, :, me].reshape(e)                        # slice e = dst*El + l
     out_off = off[:, :, me].reshape(e).astype(i32)
