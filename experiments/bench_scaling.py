@@ -41,6 +41,9 @@ flags.DEFINE_integer("seq_len", 2048, "Sequence length.")
 flags.DEFINE_integer("steps", 10, "Timed steps per row (after 2 warm-up steps).")
 flags.DEFINE_multi_string("set", [], "Extra --set style overrides for the training preset.")
 flags.DEFINE_bool("record", False, "Append the results to docs/benchmarks.md.")
+flags.DEFINE_bool("isolate", True, "Run every row in its own process: a crash (OOM, a native abort) becomes an error "
+                  "row with the end of its log instead of ending the benchmark.")
+flags.DEFINE_string("row", None, "Internal: run one row 'mode@devices' and print it as 'ROW <json>'.")
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -110,10 +113,34 @@ def bench(mode: str, n: int) -> dict:
     return row
 
 
+def _run_isolated(mode: str, n: int) -> dict:
+    """One row in a child process (same flags); its failure, whatever the kind, is reported as an error row."""
+    import subprocess
+
+    args = [sys.executable, "-m", "experiments.bench_scaling", f"--row={mode}@{n}", f"--config={FLAGS.config}",
+            f"--batch_per_device={FLAGS.batch_per_device}", f"--seq_len={FLAGS.seq_len}", f"--steps={FLAGS.steps}",
+            *[f"--set={x}" for x in FLAGS.set]]
+    res = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    for line in res.stdout.splitlines():
+        if line.startswith("ROW "):
+            return json.loads(line[4:])
+    tail = " ".join((res.stderr or res.stdout).strip().splitlines()[-6:])
+    return {"mode": mode, "devices": n, "error": f"exit {res.returncode}: {tail[-280:]}"}
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import jax
+
+    if FLAGS.row:
+        mode, _, n = FLAGS.row.partition("@")
+        try:
+            row = bench(mode, int(n))
+        except Exception as e:  # noqa: BLE001 - reported as an error row by the parent
+            row = {"mode": mode, "devices": int(n), "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        print("ROW " + json.dumps(row), flush=True)
+        return
 
     dev = jax.devices()[0]
     counts = [int(x) for x in FLAGS.devices]
@@ -127,10 +154,13 @@ def main(argv):
     if ("dp", 1) not in jobs:
         jobs.insert(0, ("dp", 1))                                  # the baseline of the efficiency column
     for mode, n in jobs:
-        try:
-            rows.append(bench(mode, n))
-        except Exception as e:  # noqa: BLE001 - report OOM / unsupported layouts and go on
-            rows.append({"mode": mode, "devices": n, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        if FLAGS.isolate:
+            rows.append(_run_isolated(mode, n))
+        else:
+            try:
+                rows.append(bench(mode, n))
+            except Exception as e:  # noqa: BLE001 - report OOM / unsupported layouts and go on
+                rows.append({"mode": mode, "devices": n, "error": f"{type(e).__name__}: {str(e)[:300]}"})
         print(json.dumps(rows[-1]), flush=True)
     base = next((r["tokens_per_s"] for r in rows if r.get("mode") == "dp" and r["devices"] == 1
                  and "tokens_per_s" in r), None)
