@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.fp8_gemm import fp8_gemm
 from pallas_kernels.fp8_quant import BLOCK, act_quant, act_quant_dual, act_quant_t, dequant, weight_quant_dual
-from pallas_kernels.grouped_matmul import grouped_matmul
+from pallas_kernels.grouped_matmul import cotangent_like, grouped_matmul
 
 __all__ = ["fp8_linear", "fp8_grouped_linear"]
 
@@ -69,7 +69,8 @@ def _fwd(x, w_nk, out_dtype, implementation, quantize):
     wq, ws, wtq, wts = weight_quant_dual(w_nk, implementation=qi)
     y = fp8_gemm(xq[:m], xs[:m], wq, ws, out_dtype=out_dtype, implementation=gi)
     # Zero-size arrays carry the token count and the dtypes (custom_vjp residuals must be arrays).
-    return y, (xtq, xts, wtq, wts, jnp.zeros((m, 0), x.dtype), jnp.zeros((0,), w_nk.dtype))
+    # (sliced from x and w so they also carry their varying mesh axes inside shard_map).
+    return y, (xtq, xts, wtq, wts, x[:, :0], w_nk.reshape(-1)[:0])
 
 
 def _linear_fwd(x, w_nk, out_dtype, implementation, quantize):
@@ -82,7 +83,7 @@ def _linear_bwd(out_dtype, implementation, quantize, res, dy):
         dy32 = dy.astype(jnp.float32)
         dx = jnp.dot(dy32, w_nk.astype(jnp.float32), precision="highest")
         dw = jnp.dot(dy32.T, x.astype(jnp.float32), precision="highest")
-        return dx.astype(x.dtype), dw.astype(w_nk.dtype)
+        return cotangent_like(dx.astype(x.dtype), x), cotangent_like(dw.astype(w_nk.dtype), w_nk)
     xtq, xts, wtq, wts, x_like, w_like = res
     m, x_dtype, w_dtype = x_like.shape[0], x_like.dtype, w_like.dtype
     k, n = wtq.shape
@@ -96,7 +97,8 @@ def _linear_bwd(out_dtype, implementation, quantize, res, dy):
     # wgrad: dW [N, K] = dY^T [N, M] . X^T [K, M]^T, per-row scales on both operands, f32 out.
     dw = fp8_gemm(dytq, dyts, xtq, xts, variant="1d1d", out_dtype=jnp.float32,
                   implementation=_gemm_impl(implementation, k, mp))
-    return dx.astype(x_dtype), dw.astype(w_dtype)
+    # inside shard_map: a replicated weight's gradient is summed over the token shards (see cotangent_like)
+    return cotangent_like(dx.astype(x_dtype), x_like), cotangent_like(dw.astype(w_dtype), w_like)
 
 
 _linear.defvjp(_linear_fwd, _linear_bwd)

@@ -85,10 +85,10 @@ def _gmm_mgpu_bwd(res, dy):
     dy = dy.astype(x.dtype)
     dx = _mgpu_forward(dy, w, group_sizes, transpose_rhs=True)   # [M, N] x [G, K, N]^T -> [M, K]
     dw = _mgpu_weight_grad(x, dy, group_sizes)                    # per group x_g^T dy_g -> [G, K, N]
-    return _like(dx, x), _like(dw.astype(w.dtype), w), None
+    return cotangent_like(dx, x), cotangent_like(dw.astype(w.dtype), w), None
 
 
-def _like(ct: jax.Array, primal: jax.Array) -> jax.Array:
+def cotangent_like(ct: jax.Array, primal: jax.Array) -> jax.Array:
     """Gives a cotangent computed inside ``shard_map`` the varying mesh axes of its primal: summed (psum) over the
     axes the primal is invariant on (a replicated weight's gradient is the sum of the shards' contributions),
     cast to varying over the axes the primal varies on. The identity outside ``shard_map``."""

@@ -231,6 +231,17 @@ def test_fp8_linear_vmap_and_shard_map():
 
     np.testing.assert_allclose(sharded(x, w), loop, rtol=1e-6)
 
+    # gradients inside shard_map: the replicated weight's gradient sums the token shards' contributions
+    def sharded_loss(x, w):
+        f = jax.shard_map(lambda x, w: jax.lax.psum(_loss(x, w), "data"), mesh=mesh, in_specs=(P("data"), P()),
+                          out_specs=P())
+        return f(x.reshape(-1, x.shape[-1]), w)
+
+    gx, gw = jax.jit(jax.grad(sharded_loss, argnums=(0, 1)))(x, w)
+    rx, rw = jax.grad(lambda x, w: _loss(x.reshape(-1, x.shape[-1]), w), argnums=(0, 1))(x, w)
+    np.testing.assert_allclose(gw, rw, rtol=1e-4, atol=1e-4)   # |gw| ~ 50: f32 sums in another order
+    np.testing.assert_allclose(gx, rx, rtol=1e-4, atol=1e-6)
+
 
 @pytest.mark.gpu
 def test_mosaic_gpu_kernel_on_gpu():

@@ -50,7 +50,7 @@ def test_dispatch_on_cpu_and_errors():
 
 def test_custom_vjp_cotangents_take_the_primal_varying_axes_under_shard_map():
     """The Mosaic GPU grouped matmul's backward returns dW computed from data-sharded tokens (varying over
-    ``data``) for a replicated weight: ``_like`` sums it over ``data`` (and ``match_varying`` casts the weight before
+    ``data``) for a replicated weight: ``cotangent_like`` sums it over ``data`` (and ``match_varying`` casts the weight before
     the custom VJP). Checked with a custom VJP of the same structure on CPU against plain ``ragged_dot``."""
     import importlib
 
@@ -69,7 +69,7 @@ def test_custom_vjp_cotangents_take_the_primal_varying_axes_under_shard_map():
             grp = jnp.searchsorted(jnp.cumsum(gs), jnp.arange(x.shape[0]), side="right")
             onehot = (grp[:, None] == jnp.arange(w.shape[0])[None]).astype(x.dtype)
             dw = jnp.einsum("mg,mk,mn->gkn", onehot, x, dy)          # varying over data, like the kernel's
-            return (gm._like(dx, x), gm._like(dw, w), None) if fix else (dx, dw, None)
+            return (gm.cotangent_like(dx, x), gm.cotangent_like(dw, w), None) if fix else (dx, dw, None)
 
         f.defvjp(lambda x, w, gs: (f(x, w, gs), (x, w, gs)), f_bwd)
         return f
