@@ -163,17 +163,17 @@ def _grouped(x, w, group_sizes, implementation, dtype):
 def _grouped_fwd(x, w, group_sizes, implementation, dtype):
     wd = _qdq_blocks(w, dtype)
     y = grouped_matmul(_qdq_rows(x, dtype), wd, group_sizes, implementation=implementation)
-    return y, (_qdq_tokens(x, dtype), wd, group_sizes, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+    # zero-size likes sliced from x and w: their dtypes and (inside shard_map) varying mesh axes
+    return y, (_qdq_tokens(x, dtype), wd, group_sizes, x.reshape(-1)[:0], w.reshape(-1)[:0])
 
 
 def _grouped_bwd(implementation, dtype, res, dy):
     xt, wd, group_sizes, x_like, w_like = res
     gmm = functools.partial(grouped_matmul, group_sizes=group_sizes, implementation=implementation)
-    _, vjp_x = jax.vjp(lambda a: gmm(a, wd), jnp.zeros(xt.shape, dtype))
-    (dx,) = vjp_x(_qdq_rows(dy, dtype))                                     # dgrad: dY in 1x128 tiles along N
+    dx = gmm(_qdq_rows(dy, dtype), jnp.swapaxes(wd, 1, 2))                 # dgrad: dY in 1x128 tiles along N
     _, vjp_w = jax.vjp(lambda b: gmm(xt, b), wd)
     (dw,) = vjp_w(_qdq_tokens(dy, dtype))                                   # wgrad: X, dY in 128-token groups
-    return dx.astype(x_like.dtype), dw.astype(w_like.dtype), None
+    return cotangent_like(dx.astype(x_like.dtype), x_like), cotangent_like(dw.astype(w_like.dtype), w_like), None
 
 
 _grouped.defvjp(_grouped_fwd, _grouped_bwd)

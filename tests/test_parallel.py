@@ -286,3 +286,28 @@ def test_ragged_all_to_all_dispatch_on_gpus_matches_one_device():
     (l, _), g = jax.jit(plan.wrap(fn))(params, rest, parallel.put_batch(batch, plan))
     np.testing.assert_allclose(l, l_ref, rtol=1e-5)
     _close(jax.device_get(g), jax.device_get(g_ref), rtol=1e-3, atol=1e-6, what="grad")
+
+
+def test_fp8_experts_under_expert_parallelism():
+    """``fp8=True`` keeps FP8 expert numerics under the expert-parallel shard_map: the loss matches one device's
+    FP8 loss (activation and weight quantisation are local to a row / block) and differs from the BF16 loss; the
+    gradients agree within FP8 noise (the weight gradient's 128-token groups follow each device's own stream)."""
+    batch = _batches(1)[0]
+    out = {}
+    for fp8 in (False, True):
+        cfg = _cfg(_mesh((2, 1, 4, 1)), fp8=fp8)
+        graphdef, p_t, r_t = split_model(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
+        state = jax.jit(init_state, static_argnums=0)(cfg, jax.random.key(0))
+        fn = jax.value_and_grad(_loss_fn(graphdef, p_t, r_t), has_aux=True)
+        (l_ref, _), g_ref = jax.jit(fn)(state.params, state.rest, {k: jnp.asarray(v) for k, v in batch.items()})
+        plan = parallel.plan_for(cfg)
+        sh = parallel.state_shardings(cfg, plan)
+        params, rest = jax.device_put((state.params, state.rest), (sh.params, sh.rest))
+        (l, _), g = jax.jit(plan.wrap(fn))(params, rest, parallel.put_batch(batch, plan))
+        out[fp8] = (float(l), float(l_ref), jax.device_get(g), jax.device_get(g_ref))
+    l8, l8_ref, g8, g8_ref = out[True]
+    assert abs(l8 - l8_ref) <= 2e-6 * abs(l8_ref)
+    assert abs(l8 - out[False][0]) > 1e-5 * abs(l8)                 # FP8 numerics are in use on the mesh
+    num = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g8_ref)))
+    den = sum(float(jnp.sum(b ** 2)) for b in jax.tree.leaves(g8_ref))
+    assert np.sqrt(num / den) < 0.015, np.sqrt(num / den)   # measured 0.6%; BF16 experts on the mesh: 3.1%

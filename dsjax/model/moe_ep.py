@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels import grouped_matmul
+from pallas_kernels import fp8_grouped_linear, grouped_matmul
 
 from dsjax.model.layers import dtype_of
 from dsjax.model.moe import RoutedExperts, _dispatch, _permute
@@ -70,9 +70,14 @@ def _inverse(order: jax.Array) -> jax.Array:
     return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
 
 
-def _ffn(xs, wg, wu, wd, group_sizes, impl: str, dt):
-    """SwiGLU over rows grouped by expert: ``[R, D] -> [R, D]`` (three grouped matmuls, as in ``RoutedExperts``)."""
-    gmm = lambda a, w: checkpoint_name(grouped_matmul(a, w, group_sizes, implementation=impl), "moe_gmm")
+def _ffn(xs, wg, wu, wd, group_sizes, impl: str, dt, fp8: bool = False):
+    """SwiGLU over rows grouped by expert: ``[R, D] -> [R, D]`` (three grouped matmuls, as in ``RoutedExperts``;
+    with ``fp8`` on FP8-quantised operands through ``fp8_grouped_linear``, as there)."""
+    if fp8:
+        gmm = lambda a, w: checkpoint_name(fp8_grouped_linear(a, w, group_sizes, compute_dtype=dt,  # noqa: E731
+                                                              implementation=impl), "moe_gmm")
+    else:
+        gmm = lambda a, w: checkpoint_name(grouped_matmul(a, w, group_sizes, implementation=impl), "moe_gmm")
     h = jax.nn.silu(gmm(xs, wg)) * gmm(xs, wu)
     return gmm(h.astype(dt), wd)
 
@@ -82,18 +87,18 @@ def _combine(out: jax.Array, weights: jax.Array, t: int, k: int) -> jax.Array:
     return jnp.einsum("tkd,tk->td", out.reshape(t, k, -1).astype(jnp.float32), weights)
 
 
-def _local(x, idx, wts, wg, wu, wd, *, impl, dt):
+def _local(x, idx, wts, wg, wu, wd, *, impl, dt, fp8=False):
     """No expert axis: the single-device dropless path on this device's tokens."""
     t, k = idx.shape
     flat = idx.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     inverse = _inverse(order)
     gs = jnp.bincount(flat, length=wg.shape[0]).astype(jnp.int32)
-    ys = _ffn(_dispatch(x, order, inverse, k), wg, wu, wd, gs, impl, dt)
+    ys = _ffn(_dispatch(x, order, inverse, k), wg, wu, wd, gs, impl, dt, fp8)
     return _combine(_permute(ys, inverse, order), wts, t, k), jnp.float32(0)
 
 
-def _capacity(x, idx, wts, wg, wu, wd, *, axis, p, cap, impl, dt):
+def _capacity(x, idx, wts, wg, wu, wd, *, axis, p, cap, impl, dt, fp8=False):
     """Fixed-size ``[P, C, D]`` buffers and plain all-to-alls; pairs beyond C per destination are dropped."""
     t, k = idx.shape
     m, d, el = t * k, x.shape[1], wg.shape[0]
@@ -114,7 +119,7 @@ def _capacity(x, idx, wts, wg, wu, wd, *, axis, p, cap, impl, dt):
     inverse2 = _inverse(order2)
     gs = jnp.bincount(recv_e, length=el + 1).astype(jnp.int32)
     gs = gs[:el].at[-1].add(gs[el])                               # empty (zero) rows ride with the last expert
-    ys = _ffn(_permute(recv_x, order2, inverse2), wg, wu, wd, gs, impl, dt)
+    ys = _ffn(_permute(recv_x, order2, inverse2), wg, wu, wd, gs, impl, dt, fp8)
     ys = jnp.where((recv_e < el)[:, None], _permute(ys, inverse2, order2), 0)
     back = jax.lax.all_to_all(ys.reshape(p, cap, d), axis, 0, 0).reshape(p * cap, d)  # results of my slots
     slot = inverse - starts[dest]                                 # [M] position of each pair in its send row
@@ -138,7 +143,7 @@ def ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, outpu
     return output.at[dst.reshape(-1)].set(recv.reshape(-1, *operand.shape[1:]), mode="drop")
 
 
-def _ragged(x, idx, wts, wg, wu, wd, *, axis, p, buf, impl, dt, a2a):
+def _ragged(x, idx, wts, wg, wu, wd, *, axis, p, buf, impl, dt, a2a, fp8=False):
     """``ragged_all_to_all`` dispatch: one slice per (destination, local expert), expert-major receive layout."""
     t, k = idx.shape
     m, d, el = t * k, x.shape[1], wg.shape[0]
@@ -164,7 +169,7 @@ def _ragged(x, idx, wts, wg, wu, wd, *, axis, p, buf, impl, dt, a2a):
     mine = sent[me].sum(-1)                                       # [El] rows per local expert
     total = mine.sum()
     gs = mine.at[-1].add(buf - total).astype(i32)                 # padding rows ride with the last expert
-    ys = _ffn(recv, wg, wu, wd, gs, impl, dt)
+    ys = _ffn(recv, wg, wu, wd, gs, impl, dt, fp8)
     ys = jnp.where((jnp.arange(buf) < total)[:, None], ys, 0)
     # return trip: my slice (src, l) goes back to src at the offset of expert me*El + l in src's sorted layout
     src_off = (jnp.cumsum(all_cnt, -1) - all_cnt).astype(i32)     # [P(src), E]
@@ -186,6 +191,7 @@ def expert_parallel(experts: RoutedExperts, x: jax.Array, indices: jax.Array, we
     cfg = experts.cfg
     dt = dtype_of(cfg.dtype)
     impl = cfg.grouped_matmul_impl
+    fp8 = cfg.fp8 and experts.fp8_block is None
     mesh = plan.mesh
     batch = _axes(plan.rules.get("batch"))
     ep_axes = _axes(plan.rules.get("expert"))
@@ -206,13 +212,13 @@ def expert_parallel(experts: RoutedExperts, x: jax.Array, indices: jax.Array, we
     mode = dispatch_mode(plan) if p > 1 else "local"
     if mode == "capacity":
         cap = worst if cf is None else max(1, min(worst, math.ceil(cf * t * k / p)))
-        local = functools.partial(_capacity, axis=ep_axes[0], p=p, cap=cap, impl=impl, dt=dt)
+        local = functools.partial(_capacity, axis=ep_axes[0], p=p, cap=cap, impl=impl, dt=dt, fp8=fp8)
     elif mode in ("ragged", "ragged_emulated"):
         buf = p * worst if cf is None else max(1, min(p * worst, math.ceil(cf * t * k)))
         a2a = jax.lax.ragged_all_to_all if mode == "ragged" else ragged_all_to_all_emulated
-        local = functools.partial(_ragged, axis=ep_axes[0], p=p, buf=buf, impl=impl, dt=dt, a2a=a2a)
+        local = functools.partial(_ragged, axis=ep_axes[0], p=p, buf=buf, impl=impl, dt=dt, a2a=a2a, fp8=fp8)
     else:
-        local = functools.partial(_local, impl=impl, dt=dt)
+        local = functools.partial(_local, impl=impl, dt=dt, fp8=fp8)
 
     def body(x, idx, wts, wg, wu, wd):
         y, dropped = local(x, idx, wts, wg, wu, wd)
@@ -229,5 +235,7 @@ def expert_parallel(experts: RoutedExperts, x: jax.Array, indices: jax.Array, we
     fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, P(ep, None, tpa), P(ep, None, tpa),
                                                   P(ep, tpa, None)),
                        out_specs=(tok, P()))
-    w = [experts._w(n) for n in ("gate_proj", "up_proj", "down_proj")]
+    names = ("gate_proj", "up_proj", "down_proj")
+    # FP8 training quantises the master weights (as RoutedExperts does); otherwise the compute-dtype weights
+    w = [getattr(experts, n).get_value() if fp8 else experts._w(n) for n in names]
     return fn(x.astype(dt), indices, weights.astype(jnp.float32), *w)
