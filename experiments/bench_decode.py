@@ -21,6 +21,8 @@ import time
 
 from absl import app, flags
 
+from experiments.records import append_record
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "small", "Model preset.")
 flags.DEFINE_string("batch_sizes", "1,32,256", "Comma-separated batch sizes.")
@@ -123,12 +125,9 @@ def main(argv):
     table = "\n".join(lines)
     print(table)
     if FLAGS.record:
-        text = (f"\n## Decoding, `{FLAGS.config}`, prompt {FLAGS.prompt_len} + {FLAGS.new_tokens} new tokens "
-                f"({datetime.date.today().isoformat()}, {dev.device_kind}, jax {jax.__version__})\n\n"
-                f"Command: `python -m experiments.bench_decode {' '.join(sys.argv[1:])}`\n\n{table}\n")
-        with open(ROOT / "docs" / "benchmarks.md", "a") as f:
-            f.write(text)
-
+        append_record(f"Decoding, `{FLAGS.config}`, prompt {FLAGS.prompt_len} + {FLAGS.new_tokens} new tokens "
+                      f"({datetime.date.today().isoformat()}, {dev.device_kind}, jax {jax.__version__})", table,
+                      "bench_decode")
 
 if __name__ == "__main__":
     app.run(main)

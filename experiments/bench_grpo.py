@@ -23,6 +23,8 @@ import sys
 
 from absl import app, flags
 
+from experiments.records import append_record
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "small", "Model preset.")
 flags.DEFINE_integer("G", 16, "Completions per prompt.")
@@ -121,10 +123,7 @@ def main(argv):
     table = "\n".join(lines)
     print(table)
     if FLAGS.record:
-        cmd = "python -m experiments.bench_grpo " + " ".join(argv[1:] + sys.argv[1:])
-        with open(ROOT / "docs" / "benchmarks.md", "a") as f:
-            f.write(f"\n## GRPO step vs TRL ({datetime.date.today()}, {dev})\n\n`{cmd}`\n\n{table}\n")
-
+        append_record(f"GRPO step vs TRL ({datetime.date.today()}, {dev})", table, "bench_grpo")
 
 if __name__ == "__main__":
     app.run(main)

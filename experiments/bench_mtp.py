@@ -17,6 +17,8 @@ import time
 
 from absl import app, flags
 
+from experiments.records import append_record
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "small", "Training preset.")
 flags.DEFINE_integer("steps", 400, "Training steps.")
@@ -98,13 +100,10 @@ def main(argv):
     table = "\n".join(lines)
     print(table)
     if FLAGS.record:
-        with open(ROOT / "docs" / "benchmarks.md", "a") as f:
-            f.write(f"\n## MTP self-speculative decoding, `{FLAGS.config}` trained {FLAGS.steps} steps on arithmetic "
-                    f"({datetime.date.today().isoformat()}, {dev.device_kind}, jax {jax.__version__})\n\n"
-                    f"Command: `python -m experiments.bench_mtp {' '.join(sys.argv[1:])}`. Final train loss "
-                    f"{float(m['loss']):.3f} (CE {float(m['ce']):.3f}, MTP {float(m['mtp_loss_1']):.3f}).\n\n"
-                    f"{table}\n")
-
+        append_record(f"MTP self-speculative decoding, `{FLAGS.config}` trained {FLAGS.steps} steps on arithmetic "
+                      f"({datetime.date.today().isoformat()}, {dev.device_kind}, jax {jax.__version__})",
+                      f"Final train loss {float(m['loss']):.3f} (CE {float(m['ce']):.3f}, MTP "
+                      f"{float(m['mtp_loss_1']):.3f}).\n\n{table}", "bench_mtp")
 
 if __name__ == "__main__":
     app.run(main)

@@ -32,6 +32,8 @@ import time
 
 from absl import app, flags
 
+from experiments.records import append_record
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "small", "Training preset.")
 flags.DEFINE_list("devices", ["1", "2", "4"], "Device counts (the first n devices are used).")
@@ -179,19 +181,11 @@ def main(argv):
     table = "\n".join(lines)
     print(table)
     if FLAGS.record:
-        cmd = "python -m experiments.bench_scaling " + " ".join(sys.argv[1:])
-        text = (f"\n## Scaling, `{FLAGS.config}`, {FLAGS.batch_per_device} x {FLAGS.seq_len} tokens per device "
-                f"({datetime.date.today().isoformat()}, {jax.device_count()} x {dev.device_kind}, "
-                f"jax {jax.__version__})\n\nCommand: `{cmd}`\n\nWeak-scaling efficiency = tokens/s / (devices x "
-                f"single-device tokens/s); dropped pairs as a fraction of all routed (token, expert) pairs.\n\n"
-                f"{table}\n")
-        path = ROOT / "docs" / "benchmarks.md"
-        if not path.exists():
-            path.write_text("# Benchmarks\n\nNumbers written by the benchmark scripts in `experiments/`; never "
-                            "edited by hand.\n")
-        with open(path, "a") as f:
-            f.write(text)
-
+        append_record(f"Scaling, `{FLAGS.config}`, {FLAGS.batch_per_device} x {FLAGS.seq_len} tokens per device "
+                      f"({datetime.date.today().isoformat()}, {jax.device_count()} x {dev.device_kind}, "
+                      f"jax {jax.__version__})",
+                      "Weak-scaling efficiency = tokens/s / (devices x single-device tokens/s); dropped pairs as a "
+                      f"fraction of all routed (token, expert) pairs.\n\n{table}", "bench_scaling")
 
 if __name__ == "__main__":
     app.run(main)

@@ -25,6 +25,8 @@ import time
 
 from absl import app, flags
 
+from experiments.records import append_record
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "small", "Training preset.")
 flags.DEFINE_integer("batch_size", 8, "Global batch (sequences).")
@@ -137,17 +139,9 @@ def main(argv):
     table = "\n".join(lines)
     print(table)
     if FLAGS.record:
-        cmd = "python -m experiments.bench_train " + " ".join(sys.argv[1:])
-        text = (f"\n## Train step, `{FLAGS.config}`, batch {FLAGS.batch_size} x {FLAGS.seq_len} "
-                f"({datetime.date.today().isoformat()}, {dev.device_kind}, jax {jax.__version__})\n\n"
-                f"Command: `{cmd}`\n\n{table}\n")
-        path = ROOT / "docs" / "benchmarks.md"
-        if not path.exists():
-            path.write_text("# Benchmarks\n\nNumbers written by the benchmark scripts in `experiments/`; never "
-                            "edited by hand.\n")
-        with open(path, "a") as f:
-            f.write(text)
-
+        append_record(f"Train step, `{FLAGS.config}`, batch {FLAGS.batch_size} x {FLAGS.seq_len} "
+                      f"({datetime.date.today().isoformat()}, {dev.device_kind}, jax {jax.__version__})", table,
+                      "bench_train")
 
 if __name__ == "__main__":
     app.run(main)

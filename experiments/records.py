@@ -1,0 +1,20 @@
+"""One way for the benchmark scripts to append their results to ``docs/benchmarks.md``."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PATH = ROOT / "docs" / "benchmarks.md"
+
+
+def append_record(title: str, body: str, script: str) -> None:
+    """Appends ``## title``, the exact command (``python -m experiments.<script>`` + this process's arguments) and
+    ``body`` (tables, notes) to docs/benchmarks.md, creating it with its header if needed."""
+    if not PATH.exists():
+        PATH.write_text("# Benchmarks\n\nNumbers written by the benchmark scripts in `experiments/`; never edited by "
+                        "hand.\n")
+    cmd = f"python -m experiments.{script} " + " ".join(sys.argv[1:])
+    with open(PATH, "a") as f:
+        f.write(f"\n## {title}\n\nCommand: `{cmd.strip()}`\n\n{body.rstrip()}\n")
