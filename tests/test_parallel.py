@@ -180,18 +180,23 @@ def test_training_on_a_mesh_matches_one_device(sizes, reference):
     _close(snaps[2], ref_snaps[2], rtol=1e-4, atol=1e-5, what=f"after step {STEPS}")
 
 
-def test_gradients_on_a_mesh_match_one_device():
-    """Every gradient leaf, with data + expert + tensor parallelism and the MoE shard_map inside a layer scan."""
-    cfg = _cfg(_mesh((2, 1, 2, 2)), scan_layers=True)
+def _grads_mesh_and_single(cfg, batch):
+    """``((loss, counts), grads)`` of one batch on ``cfg.mesh`` and on one device, from the same initial state."""
     graphdef, p_t, r_t = split_model(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
     state = jax.jit(init_state, static_argnums=0)(cfg, jax.random.key(0))
-    batch = _batches(1)[0]
     fn = jax.value_and_grad(_loss_fn(graphdef, p_t, r_t), has_aux=True)
-    (l_ref, c_ref), g_ref = jax.jit(fn)(state.params, state.rest, {k: jnp.asarray(v) for k, v in batch.items()})
+    aux_ref, g_ref = jax.jit(fn)(state.params, state.rest, {k: jnp.asarray(v) for k, v in batch.items()})
     plan = parallel.plan_for(cfg)
     sh = parallel.state_shardings(cfg, plan)
     params, rest = jax.device_put((state.params, state.rest), (sh.params, sh.rest))
-    (l, c), g = jax.jit(plan.wrap(fn))(params, rest, parallel.put_batch(batch, plan))
+    aux, g = jax.jit(plan.wrap(fn))(params, rest, parallel.put_batch(batch, plan))
+    return aux, g, aux_ref, g_ref
+
+
+def test_gradients_on_a_mesh_match_one_device():
+    """Every gradient leaf, with data + expert + tensor parallelism and the MoE shard_map inside a layer scan."""
+    cfg = _cfg(_mesh((2, 1, 2, 2)), scan_layers=True)
+    (l, c), g, (l_ref, c_ref), g_ref = _grads_mesh_and_single(cfg, _batches(1)[0])
     np.testing.assert_allclose(l, l_ref, rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(c), np.asarray(c_ref))  # global per-expert counts
     _close(jax.device_get(g), jax.device_get(g_ref), rtol=1e-4, atol=1e-7, what="grad")
@@ -295,15 +300,7 @@ def test_fp8_experts_under_expert_parallelism():
     batch = _batches(1)[0]
     out = {}
     for fp8 in (False, True):
-        cfg = _cfg(_mesh((2, 1, 4, 1)), fp8=fp8)
-        graphdef, p_t, r_t = split_model(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
-        state = jax.jit(init_state, static_argnums=0)(cfg, jax.random.key(0))
-        fn = jax.value_and_grad(_loss_fn(graphdef, p_t, r_t), has_aux=True)
-        (l_ref, _), g_ref = jax.jit(fn)(state.params, state.rest, {k: jnp.asarray(v) for k, v in batch.items()})
-        plan = parallel.plan_for(cfg)
-        sh = parallel.state_shardings(cfg, plan)
-        params, rest = jax.device_put((state.params, state.rest), (sh.params, sh.rest))
-        (l, _), g = jax.jit(plan.wrap(fn))(params, rest, parallel.put_batch(batch, plan))
+        (l, _), g, (l_ref, _), g_ref = _grads_mesh_and_single(_cfg(_mesh((2, 1, 4, 1)), fp8=fp8), batch)
         out[fp8] = (float(l), float(l_ref), jax.device_get(g), jax.device_get(g_ref))
     l8, l8_ref, g8, g8_ref = out[True]
     assert abs(l8 - l8_ref) <= 2e-6 * abs(l8_ref)
