@@ -308,3 +308,37 @@ def test_fp8_experts_under_expert_parallelism():
     num = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g8_ref)))
     den = sum(float(jnp.sum(b ** 2)) for b in jax.tree.leaves(g8_ref))
     assert np.sqrt(num / den) < 0.015, np.sqrt(num / den)   # measured 0.6%; BF16 experts on the mesh: 3.1%
+
+
+@pytest.mark.parametrize("mesh", [MeshConfig(data=2), MeshConfig(expert=2, capacity_factor=1.25, ep_dispatch="ragged")])
+def test_gpu_code_paths_trace_on_a_mesh(mesh, monkeypatch):
+    """The train step with the Mosaic GPU grouped-matmul kernels (and, with an expert axis, ragged_all_to_all)
+    traces under a mesh: catches custom-VJP / varying-axes type errors on CPU, before a GPU run does. The kernels'
+    wrappers ask the device for its SM count, which a CPU device does not have: a stand-in answers."""
+    import importlib
+    import types
+
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu, transposed_ragged_dot_mgpu
+
+    from dsjax.train import config as tc
+    from experiments.batches import synthetic_batch
+
+    gm = importlib.import_module("pallas_kernels.grouped_matmul")
+    monkeypatch.setattr(gm, "mosaic_gpu_supported", lambda x, w: True)
+    fake_jax = types.SimpleNamespace(**{k: getattr(jax, k) for k in dir(jax) if not k.startswith("__")})
+    fake_jax.devices = lambda *a: [types.SimpleNamespace(core_count=132)]
+    for mod in (ragged_dot_mgpu, transposed_ragged_dot_mgpu):
+        monkeypatch.setattr(mod, "jax", fake_jax)
+    cfg = tc.apply_overrides(tc.get("tiny"), ["data.batch_size=4", "data.seq_len=32", "model.hidden_size=128",
+                                              "model.moe_intermediate_size=128", "model.num_hidden_layers=2",
+                                              "model.grouped_matmul_impl=mosaic_gpu"])
+    cfg = dataclasses.replace(cfg, mesh=mesh)
+    plan = parallel.plan_for(cfg, jax.devices()[:2])
+    graphdef, p, r = parallel.split_abstract(cfg)
+    step = parallel.jit_train_step(cfg, plan, graphdef, p, r)
+    state = jax.eval_shape(lambda: parallel.init_state_sharded(cfg, jax.random.key(0), plan))
+    batch = parallel.put_batch(synthetic_batch(4, 32, cfg.model.vocab_size), plan)
+    jaxpr = str(step.trace(state, batch).jaxpr)
+    assert "shard_map" in jaxpr and "wgmma" in jaxpr                  # the Mosaic GPU kernels are traced
+    if mesh.expert > 1:
+        assert "ragged_all_to_all" in jaxpr
