@@ -129,5 +129,6 @@ def main(argv):
                       f"({datetime.date.today().isoformat()}, {dev.device_kind}, jax {jax.__version__})", table,
                       "bench_decode")
 
+
 if __name__ == "__main__":
     app.run(main)

@@ -125,5 +125,6 @@ def main(argv):
     if FLAGS.record:
         append_record(f"GRPO step vs TRL ({datetime.date.today()}, {dev})", table, "bench_grpo")
 
+
 if __name__ == "__main__":
     app.run(main)

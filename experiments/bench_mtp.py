@@ -105,5 +105,6 @@ def main(argv):
                       f"Final train loss {float(m['loss']):.3f} (CE {float(m['ce']):.3f}, MTP "
                       f"{float(m['mtp_loss_1']):.3f}).\n\n{table}", "bench_mtp")
 
+
 if __name__ == "__main__":
     app.run(main)

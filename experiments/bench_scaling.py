@@ -187,5 +187,6 @@ def main(argv):
                       "Weak-scaling efficiency = tokens/s / (devices x single-device tokens/s); dropped pairs as a "
                       f"fraction of all routed (token, expert) pairs.\n\n{table}", "bench_scaling")
 
+
 if __name__ == "__main__":
     app.run(main)

@@ -143,5 +143,6 @@ def main(argv):
                       f"({datetime.date.today().isoformat()}, {dev.device_kind}, jax {jax.__version__})", table,
                       "bench_train")
 
+
 if __name__ == "__main__":
     app.run(main)
