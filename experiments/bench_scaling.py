@@ -14,7 +14,8 @@ the first n devices, skipped for counts larger than the machine):
 * ``ep``       -- ``MeshConfig(expert=n)``: routed experts split over the devices, tokens sent to them by
   all-to-all (``ragged_all_to_all`` on GPU), dropless (receive buffers sized for the worst case);
 * ``ep:CF``    -- the same with ``capacity_factor=CF`` (buffers of CF x the average load; dropped pairs are
-  reported in the ``dropped`` column as a fraction of all routed pairs).
+  reported in the ``dropped`` column as a fraction of all routed pairs);
+* ``.../D``    -- any ``ep`` mode with ``MeshConfig.ep_dispatch=D`` (``ep/capacity``, ``ep:1.25/ragged_emulated``).
 
 Batches are synthetic packed sequences (experiments/batches.py). ``--record`` appends the table with the date, the
 card and the command to docs/benchmarks.md.
@@ -45,6 +46,9 @@ flags.DEFINE_multi_string("set", [], "Extra --set style overrides for the traini
 flags.DEFINE_bool("record", False, "Append the results to docs/benchmarks.md.")
 flags.DEFINE_bool("isolate", True, "Run every row in its own process: a crash (OOM, a native abort) becomes an error "
                   "row with the end of its log instead of ending the benchmark.")
+flags.DEFINE_bool("baseline", True, "Also run the single-device row (the efficiency column's baseline).")
+flags.DEFINE_bool("profile", False, "Trace 3 steps of every row and print its device time by scope and kernel "
+                  "(first device).")
 flags.DEFINE_string("row", None, "Internal: run one row 'mode@devices' and print it as 'ROW <json>'.")
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -55,14 +59,16 @@ from experiments.batches import synthetic_batch  # noqa: E402
 def _mesh_for(mode: str, n: int):
     from dsjax.sharding import MeshConfig
 
+    mode, _, disp = mode.partition("/")
     name, _, cf = mode.partition(":")
     if name == "dp":
         return MeshConfig(data=n)
     if name == "fsdp":
         return MeshConfig(fsdp=n)
     if name == "ep":
-        return MeshConfig(expert=n, capacity_factor=float(cf) if cf else None)
-    raise app.UsageError(f"--modes: unknown mode {mode!r}; use dp, fsdp, ep or ep:<capacity_factor>")
+        return MeshConfig(expert=n, capacity_factor=float(cf) if cf else None, ep_dispatch=disp or "auto")
+    raise app.UsageError(f"--modes: unknown mode {mode!r}; use dp, fsdp, ep, ep:<capacity_factor> (optionally "
+                         f"/<dispatch>: ep/capacity, ep:1.25/ragged_emulated)")
 
 
 def bench(mode: str, n: int) -> dict:
@@ -102,6 +108,19 @@ def bench(mode: str, n: int) -> dict:
         state, m = compiled(state, batch)
     m = jax.device_get(m)  # host sync
     dt = (time.perf_counter() - t0) / FLAGS.steps
+    if FLAGS.profile:
+        import tempfile
+
+        from experiments.traces import summarize_trace
+
+        tmp = tempfile.mkdtemp()
+        jax.profiler.start_trace(tmp)
+        for _ in range(3):
+            state, m2 = compiled(state, batch)
+        jax.block_until_ready(m2)
+        jax.profiler.stop_trace()
+        print(f"--- profile of {mode}@{n}", flush=True)
+        summarize_trace(tmp, 3, device=f"/device:{devices[0].platform.upper()}:0")
     peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in devices) / 2**30
     pairs = b * FLAGS.seq_len * cfg.model.num_experts_per_tok * (
         cfg.model.num_hidden_layers - cfg.model.first_k_dense_replace + cfg.model.num_nextn_predict_layers)
@@ -121,12 +140,18 @@ def _run_isolated(mode: str, n: int) -> dict:
 
     args = [sys.executable, "-m", "experiments.bench_scaling", f"--row={mode}@{n}", f"--config={FLAGS.config}",
             f"--batch_per_device={FLAGS.batch_per_device}", f"--seq_len={FLAGS.seq_len}", f"--steps={FLAGS.steps}",
+            f"--profile={FLAGS.profile}",
             *[f"--set={x}" for x in FLAGS.set]]
     res = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
     for line in res.stdout.splitlines():
+        if FLAGS.profile and not line.startswith("ROW "):
+            print(line)
         if line.startswith("ROW "):
             return json.loads(line[4:])
-    tail = " ".join((res.stderr or res.stdout).strip().splitlines()[-6:])
+    log = (res.stderr or res.stdout).strip().splitlines()
+    print(f"--- row {mode}@{n} failed (exit {res.returncode}); end of its log:", *log[-40:], "---", sep="\n",
+          flush=True)
+    tail = " ".join(log[-6:])
     return {"mode": mode, "devices": n, "error": f"exit {res.returncode}: {tail[-280:]}"}
 
 
@@ -153,7 +178,7 @@ def main(argv):
     rows = []
     jobs = [(m, n) for m in FLAGS.modes for n in counts
             if n <= jax.device_count() and (n > 1 or m == "dp")]  # n=1 of every mode is the single-device path
-    if ("dp", 1) not in jobs:
+    if ("dp", 1) not in jobs and FLAGS.baseline:
         jobs.insert(0, ("dp", 1))                                  # the baseline of the efficiency column
     for mode, n in jobs:
         if FLAGS.isolate:

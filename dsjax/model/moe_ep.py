@@ -45,12 +45,13 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import fp8_grouped_linear, grouped_matmul
+from pallas_kernels.grouped_matmul import cotangent_like, match_varying
 
 from dsjax.model.layers import dtype_of
 from dsjax.model.moe import RoutedExperts, _dispatch, _permute
 from dsjax.sharding import Plan
 
-__all__ = ["expert_parallel", "dispatch_mode", "ragged_all_to_all_emulated"]
+__all__ = ["expert_parallel", "dispatch_mode", "ragged_all_to_all_emulated", "ragged_layout"]
 
 
 def dispatch_mode(plan: Plan) -> str:
@@ -143,15 +144,18 @@ def ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, outpu
     return output.at[dst.reshape(-1)].set(recv.reshape(-1, *operand.shape[1:]), mode="drop")
 
 
-def _ragged(x, idx, wts, wg, wu, wd, *, axis, p, buf, impl, dt, a2a, fp8=False):
-    """``ragged_all_to_all`` dispatch: one slice per (destination, local expert), expert-major receive layout."""
-    t, k = idx.shape
-    m, d, el = t * k, x.shape[1], wg.shape[0]
+def ragged_layout(flat: jax.Array, *, axis: str, p: int, el: int, buf: int) -> dict[str, jax.Array]:
+    """The bookkeeping of the ``ragged`` dispatch for this device's pairs ``flat [M]`` (global expert ids).
+
+    Slices are indexed ``dst*El + l`` on the sending side and ``src*El + l`` on the receiving side; the receive
+    buffer (R = ``buf`` rows) is expert-major, then source device. Returns int32 arrays: ``in_off`` (offset of each
+    global expert in my expert-sorted pairs), ``send`` (pairs I send per slice, after the buffer limit), ``out_off``
+    (where each of my slices lands in its receiver's buffer), ``recv`` (rows I receive per slice), ``back_off``
+    (where each received slice sits in my buffer), ``home_off`` (where it came from in its sender's sorted pairs),
+    ``mine`` (rows per local expert, [El]). The return trip is the dispatch with the roles swapped.
+    """
     e = p * el
     i32 = jnp.int32
-    flat = idx.reshape(m)
-    order = jnp.argsort(flat, stable=True)
-    inverse = _inverse(order)
     cnt = jnp.bincount(flat, length=e).astype(i32)                # [E] my pairs per global expert
     all_cnt = jax.lax.all_gather(cnt, axis)                       # [P(src), E]
     me = jax.lax.axis_index(axis)
@@ -159,28 +163,66 @@ def _ragged(x, idx, wts, wg, wu, wd, *, axis, p, buf, impl, dt, a2a, fp8=False):
     a_flat = a.reshape(p, el * p)
     off = (jnp.cumsum(a_flat, -1) - a_flat).reshape(p, el, p)     # offset in dst's buffer: expert-major, then src
     sent = jnp.clip(buf - off, 0, a).astype(i32)                  # what fits in R rows (all devices agree)
-    off = jnp.minimum(off, buf)                                   # empty slices past the buffer: keep offsets in range
-    in_off = (jnp.cumsum(cnt) - cnt).astype(i32)                  # [E] my sorted layout
-    send_sizes = sent[:, :, me].reshape(e)                        # slice e = dst*El + l
-    out_off = off[:, :, me].reshape(e).astype(i32)
-    recv_sizes = sent[me].T.reshape(e)                            # slice src*El + l
+    off = jnp.minimum(off, buf).astype(i32)                       # empty slices past the buffer: offsets in range
+    src_off = (jnp.cumsum(all_cnt, -1) - all_cnt).astype(i32)     # [P(src), E] every device's sorted layout
+    return dict(in_off=src_off[me], send=sent[:, :, me].reshape(e), out_off=off[:, :, me].reshape(e),
+                recv=sent[me].T.reshape(e), back_off=off[me].T.reshape(e),
+                home_off=jax.lax.dynamic_slice_in_dim(src_off, me * el, el, axis=1).reshape(e),
+                mine=sent[me].sum(-1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _ragged_send(a2a, axis, rows, x, in_off, send, out_off, recv, rev_in_off, rev_out_off):
+    """``a2a(x -> [rows, D])`` whose backward is the same collective in the reverse direction with the layout we
+    computed (``rev_*``), rather than the offsets JAX's transpose rule re-derives with two ``all_to_all``s."""
+    out, x = match_varying(jnp.zeros((rows, *x.shape[1:]), x.dtype), x)
+    return a2a(x, out, in_off, send, out_off, recv, axis_name=axis)
+
+
+def _ragged_send_fwd(a2a, axis, rows, x, *layout):
+    return _ragged_send(a2a, axis, rows, x, *layout), (x[:, :0], layout)   # x[:, :0]: x's rows and varying axes
+
+
+def _ragged_send_bwd(a2a, axis, rows, res, ct):
+    x0, (in_off, send, out_off, recv, rev_in_off, rev_out_off) = res
+    out, ct = match_varying(jnp.zeros((x0.shape[0], *ct.shape[1:]), ct.dtype), ct)
+    dx = a2a(ct, out, rev_in_off, recv, rev_out_off, send, axis_name=axis)
+    return (cotangent_like(dx, x0[:, :1]),) + (None,) * 6
+
+
+_ragged_send.defvjp(_ragged_send_fwd, _ragged_send_bwd)
+
+
+def _ragged(x, idx, wts, wg, wu, wd, *, axis, p, buf, impl, dt, a2a, fp8=False, own_vjp=True):
+    """``ragged_all_to_all`` dispatch: one slice per (destination, local expert), expert-major receive layout."""
+    t, k = idx.shape
+    m, el = t * k, wg.shape[0]
+    flat = idx.reshape(m)
+    order = jnp.argsort(flat, stable=True)
+    inverse = _inverse(order)
+    lay = ragged_layout(flat, axis=axis, p=p, el=el, buf=buf)
     xs = _dispatch(x, order, inverse, k)                          # [M, D] sorted by expert
-    recv = a2a(xs, jnp.zeros((buf, d), xs.dtype), in_off, send_sizes, out_off, recv_sizes, axis_name=axis)
-    mine = sent[me].sum(-1)                                       # [El] rows per local expert
-    total = mine.sum()
-    gs = mine.at[-1].add(buf - total).astype(i32)                 # padding rows ride with the last expert
+    fwd = (lay["in_off"], lay["send"], lay["out_off"], lay["recv"])
+    rev = (lay["back_off"], lay["recv"], lay["home_off"], lay["send"])
+    if own_vjp:
+        send = functools.partial(_ragged_send, a2a, axis)
+        recv = send(buf, xs, *fwd, *rev[::2])
+    else:
+        recv = a2a(xs, jnp.zeros((buf, xs.shape[1]), xs.dtype), *fwd, axis_name=axis)
+    total = lay["mine"].sum()
+    gs = lay["mine"].at[-1].add(buf - total).astype(jnp.int32)    # padding rows ride with the last expert
     ys = _ffn(recv, wg, wu, wd, gs, impl, dt, fp8)
     ys = jnp.where((jnp.arange(buf) < total)[:, None], ys, 0)
     # return trip: my slice (src, l) goes back to src at the offset of expert me*El + l in src's sorted layout
-    src_off = (jnp.cumsum(all_cnt, -1) - all_cnt).astype(i32)     # [P(src), E]
-    r_out_off = jax.lax.dynamic_slice_in_dim(src_off, me * el, el, axis=1).reshape(e)
-    back = a2a(ys, jnp.zeros((m, d), ys.dtype), off[me].T.reshape(e).astype(i32), recv_sizes, r_out_off,
-               send_sizes, axis_name=axis)                         # [M, D] sorted pair order
+    if own_vjp:
+        back = send(m, ys, *rev, *fwd[::2])                       # [M, D] sorted pair order
+    else:
+        back = a2a(ys, jnp.zeros((m, ys.shape[1]), ys.dtype), *rev, axis_name=axis)
     ex = jnp.take(flat, order)
-    kept = (jnp.arange(m) - jnp.take(in_off, ex)) < jnp.take(send_sizes, ex)
+    kept = (jnp.arange(m) - jnp.take(lay["in_off"], ex)) < jnp.take(lay["send"], ex)
     back = jnp.where(kept[:, None], back, 0)
     out = _permute(back, inverse, order)
-    return _combine(out, wts, t, k), (m - jnp.sum(send_sizes)).astype(jnp.float32)
+    return _combine(out, wts, t, k), (m - jnp.sum(lay["send"])).astype(jnp.float32)
 
 
 def expert_parallel(experts: RoutedExperts, x: jax.Array, indices: jax.Array, weights: jax.Array, plan: Plan
