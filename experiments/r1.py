@@ -2,7 +2,9 @@
 rewards, and held-out greedy accuracy after each stage.
 
     python -m experiments.r1 --preset=cpu --workdir=workdirs/r1-cpu      # tiny model, ~12 minutes on 2 CPU cores
-    python -m experiments.r1 --preset=gpu --workdir=workdirs/r1-gpu      # small model, one GPU
+    python -m experiments.r1 --preset=gpu --workdir=workdirs/r1-gpu      # small model, one GPU, ~30 minutes
+    python -m experiments.r1 --preset=gpu --workdir=workdirs/r1-gpu --grpo_time_limit_min=8   # the same in parts:
+                                                                          # repeat the command until it reports
 
 Task: arithmetic with a scratchpad (dsjax.data.synthetic): prompts ``"Q: 47+85=?\\nA: "``, completions
 ``"<think>...</think> <answer>132</answer>"``. Stage 1 pretrains on the task text, stage 2 fine-tunes on
@@ -33,12 +35,19 @@ flags.DEFINE_integer("G", None, "Override the preset's completions per prompt.")
 flags.DEFINE_string("ops", None, "Override the preset's operators (subset of '+-*').")
 flags.DEFINE_integer("digits", None, "Override the preset's most digits per operand (1..5).")
 flags.DEFINE_integer("rejection_prompts", 64, "After GRPO: rejection-sample this many prompts (0: skip).")
+flags.DEFINE_float("grpo_time_limit_min", None, "Stop GRPO after this many minutes of this process (checkpointed); "
+                   "running the same command again resumes every stage where it stopped, so a long run can be split "
+                   "over several jobs (e.g. sessions with a per-command time limit).")
+flags.DEFINE_integer("grpo_checkpoint_every", 20, "GRPO checkpoint interval in steps (<workdir>/grpo).")
 
 PRESETS = {
     "cpu": dict(model="tiny", ops="+", digits=2, pre_steps=600, sft_steps=150, grpo_steps=30, seq_len=128, batch=16,
                 G=8, prompts=32, lr=2e-3, sft_lr=2e-4, grpo_lr=5e-5, max_new=96),
-    "gpu": dict(model="small", ops="+-*", digits=3, pre_steps=200, sft_steps=100, grpo_steps=60, seq_len=256,
-                batch=32, G=16, prompts=16, lr=1e-3, sft_lr=3e-4, grpo_lr=1e-5, max_new=160),
+    # gpu: sized for the issue's budget of 30 minutes on one GPU (~3.3 s per GRPO step on an H200 measured at
+    # 16 x G16); earlier runs: 50 steps at lr 1e-5 and 80 at 5e-5 both gave +9.3 points with the sampled accuracy
+    # still rising (docs/r1.md)
+    "gpu": dict(model="small", ops="+-*", digits=3, pre_steps=200, sft_steps=100, grpo_steps=400, seq_len=256,
+                batch=32, G=16, prompts=16, lr=1e-3, sft_lr=3e-4, grpo_lr=3e-5, max_new=160),
 }
 
 
@@ -106,9 +115,16 @@ def main(argv):
     held_out = [arithmetic_example(10_000, i, **task) for i in range(FLAGS.eval_examples)]
     report = []
     t0 = time.perf_counter()
+    stages_file = root / "r1_stages.json"   # held-out scores of finished stages (a resumed run re-uses them)
+    stages = json.loads(stages_file.read_text()) if stages_file.exists() else {}
 
     def evaluate(stage, model, tok):
-        scores = greedy_accuracy(model, tok, held_out, rewards, max_new_tokens=p["max_new"])
+        if stage in stages:
+            scores = stages[stage]
+        else:
+            scores = greedy_accuracy(model, tok, held_out, rewards, max_new_tokens=p["max_new"])
+            stages[stage] = {k: float(v) for k, v in scores.items()}
+            stages_file.write_text(json.dumps(stages, indent=1))
         report.append((stage, scores.get("accuracy", float("nan")), scores.get("format", float("nan"))))
         print(f"== {stage}: held-out greedy accuracy {scores.get('accuracy', 0):.3f}, format "
               f"{scores.get('format', 0):.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
@@ -143,8 +159,16 @@ def main(argv):
                                             weight_decay=0.0, clip_norm=1.0))
     stream = (arithmetic_example(2, i, **task) for i in itertools.count())
     print(f"== stage 3: GRPO for {grpo_steps} steps (G={p['G']}, {p['prompts']} prompts/step)", flush=True)
-    history = trainer.train(stream, grpo_steps, log_fn=lambda s: print("   ", s, flush=True))
+    limit = None if FLAGS.grpo_time_limit_min is None else 60 * FLAGS.grpo_time_limit_min
+    history = trainer.train(stream, grpo_steps, log_fn=lambda s: print("   ", s, flush=True),
+                            checkpoint_dir=root / "grpo", checkpoint_every=FLAGS.grpo_checkpoint_every,
+                            time_limit_s=limit)
     (root / "grpo_metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    if not trainer.finished:
+        plot_curves(history, root / "r1_curves.png")
+        print(f"== GRPO stopped at step {len(history)} of {grpo_steps} (time limit); run the same command again "
+              f"to resume from {root / 'grpo'}", flush=True)
+        return
     evaluate("GRPO", trainer.model(), tok)
 
     # 4. rejection sampling from the GRPO policy: SFT data for a next round (R1's stage 3)

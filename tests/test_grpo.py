@@ -164,6 +164,48 @@ def test_trainer_runs_end_to_end_on_cpu():
     assert 0.0 <= acc["accuracy"] <= 1.0
 
 
+def test_trainer_resumes_from_checkpoints_along_the_same_trajectory(tmp_path):
+    """A GRPO run cut by a time limit after every step and resumed from its checkpoint in a fresh trainer (as a run
+    split over several processes) ends with the same state and metrics as one uninterrupted run."""
+    import itertools
+
+    from dsjax.data import DataConfig, make_tokenizer
+    from dsjax.data.synthetic import arithmetic_example
+    from dsjax.rl.rewards import Reward, make_rewards
+    from dsjax.rl.trainer import GRPOTrainer
+
+    tok = make_tokenizer(DataConfig())
+    cfg_m = dsjax.configs.tiny(num_hidden_layers=2, num_nextn_predict_layers=0)
+    rewards = make_rewards([Reward("even", lambda text, ex: float(len(text) % 2 == 0))])   # varies at random init
+    cfg = GRPOConfig(num_generations=4, beta=0.01, max_new_tokens=6, temperature=1.5, dynamic_sampling=True)
+
+    def fresh():
+        model = dsjax.Transformer(cfg_m, rngs=nnx.Rngs(0))
+        return GRPOTrainer(model, tok, rewards, cfg, steps=3, prompts_per_step=2, log_samples_every=100)
+
+    def stream():
+        return (arithmetic_example(0, i) for i in itertools.count())
+
+    straight = fresh()
+    ref = straight.train(stream(), log_fn=lambda s: None)
+    runs, logs = 0, []
+    while True:
+        t = fresh()
+        hist = t.train(stream(), log_fn=logs.append, checkpoint_dir=tmp_path / "grpo", checkpoint_every=10,
+                       time_limit_s=0.0)
+        runs += 1
+        if t.finished:
+            break
+        assert runs < 5
+    assert runs == 3 and sum("resumed GRPO" in line for line in logs) == 2
+    assert [h["step"] for h in hist] == [1, 2, 3]
+    timing = lambda d: {k: v for k, v in d.items() if "time" not in k and "per_s" not in k}  # noqa: E731
+    assert [timing(a) for a in hist] == [timing(b) for b in ref]
+    assert any("reward_mean" in h for h in hist)
+    for x, y in zip(jax.tree.leaves(t.state), jax.tree.leaves(straight.state)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_token_entropy_matches_direct_computation():
     from dsjax.train.losses import token_log_probs
 

@@ -75,10 +75,16 @@ def test_r1_pipeline_runs_end_to_end(tmp_path):
     """experiments.r1 (pretrain -> SFT -> GRPO -> rejection sampling), every stage shortened to a step or two."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     wd = tmp_path / "r1"
-    res = subprocess.run([sys.executable, "-m", "experiments.r1", "--preset=cpu", f"--workdir={wd}", "--pre_steps=3",
-                          "--sft_steps=2", "--grpo_steps=2", "--prompts=2", "--G=2", "--eval_examples=4",
-                          "--rejection_prompts=2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    cmd = [sys.executable, "-m", "experiments.r1", "--preset=cpu", f"--workdir={wd}", "--pre_steps=3",
+           "--sft_steps=2", "--grpo_steps=2", "--prompts=2", "--G=2", "--eval_examples=4", "--rejection_prompts=2",
+           "--grpo_time_limit_min=0"]
+    # a time limit of 0 stops GRPO after its first step; the same command again resumes every stage and finishes
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "GRPO stopped at step 1 of 2" in res.stdout and not (wd / "r1_report.md").exists()
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed GRPO" in res.stdout and "already complete" in res.stdout + res.stderr
     report = (wd / "r1_report.md").read_text()
     for stage in ("| pretrained |", "| SFT |", "| GRPO |", "Rejection sampling (2 samples x 2 new prompts"):
         assert stage in report, report

@@ -17,6 +17,7 @@ grad norm, lr, rollout and train tokens/s and the time split (rollout / referenc
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any, Callable, Iterator, Sequence
 
@@ -82,6 +83,7 @@ class GRPOTrainer:
         self.prompts_per_step = prompts_per_step
         self.seed = seed
         self.log_samples_every = log_samples_every
+        self.finished = False  # set by train(): whether the last call ran every planned step
         optim = optim or OptimConfig(learning_rate=1e-5, warmup_steps=0, schedule="constant", weight_decay=0.0)
         self.graphdef, p, r = split_model(model)
         self.model_cfg = model.cfg
@@ -207,11 +209,45 @@ class GRPOTrainer:
         return metrics, samples
 
     def train(self, examples: Iterator[dict], steps: int | None = None, *, log_fn: Callable[[str], None] = print,
-              on_step: Callable[[int, dict], None] | None = None) -> list[dict[str, float]]:
-        """Runs ``steps`` GRPO steps; returns the metrics history."""
-        history = []
-        for step in range(steps or self.steps):
-            metrics, samples = self.step(examples, step)
+              on_step: Callable[[int, dict], None] | None = None, checkpoint_dir: str | os.PathLike | None = None,
+              checkpoint_every: int = 25, time_limit_s: float | None = None) -> list[dict[str, float]]:
+        """Runs GRPO up to step ``steps`` (default: the planned ``self.steps``); returns the metrics history.
+
+        With ``checkpoint_dir`` the state (policy, optimizer, reference), the metrics history and the number of
+        examples drawn are saved every ``checkpoint_every`` steps and at the end (Orbax, keep 2); a later call with
+        the same directory and a fresh ``examples`` iterator resumes from the newest checkpoint: it skips the
+        examples already drawn and continues with the same rollout keys (``fold_in(seed, step)``), so a run split
+        over several processes follows the same trajectory as one. ``time_limit_s`` stops after the first step that
+        ends past the limit (checkpointed; :attr:`finished` tells whether all steps ran).
+        """
+        total = steps or self.steps
+        history: list[dict[str, float]] = []
+        drawn = [0]
+
+        def counted():
+            for ex in examples:
+                drawn[0] += 1
+                yield ex
+
+        stream = counted()
+        ckpt, start = None, 0
+        if checkpoint_dir is not None:
+            from dsjax.checkpoint import Checkpointer
+
+            ckpt = Checkpointer(checkpoint_dir, every=checkpoint_every, keep=2, async_save=False)
+            last = ckpt.latest_step()
+            if last is not None:
+                self.state, data, meta = ckpt.restore(last, jax.eval_shape(lambda: self.state))
+                history = list(meta.get("history", []))
+                for _ in range(int(data["examples_drawn"])):
+                    next(stream)
+                start = last
+                log_fn(f"resumed GRPO from {checkpoint_dir} at step {last} ({drawn[0]} examples skipped)")
+        t0 = time.perf_counter()
+        self.finished = True
+        step = start
+        for step in range(start, total):
+            metrics, samples = self.step(stream, step)
             metrics["step"] = step + 1
             history.append(metrics)
             if on_step:
@@ -222,4 +258,15 @@ class GRPOTrainer:
                    f"kl {metrics.get('kl', 0.0):.4f} ({metrics.get('step_time_s', 0):.1f}s)")
             for prompt, text, r in samples:
                 log_fn(f"  sample (reward {r:.2f}): {prompt!r} -> {text[:160]!r}")
+            out_of_time = time_limit_s is not None and time.perf_counter() - t0 > time_limit_s and step + 1 < total
+            if ckpt is not None:
+                ckpt.save(step + 1, self.state, {"examples_drawn": drawn[0]}, {"history": history},
+                          force=out_of_time or step + 1 == total)
+            if out_of_time:
+                self.finished = False
+                log_fn(f"time limit ({time_limit_s:.0f}s) reached after step {step + 1} of {total}"
+                       + (f"; resume with the same checkpoint_dir ({checkpoint_dir})" if ckpt is not None else ""))
+                break
+        if ckpt is not None:
+            ckpt.close()
         return history
