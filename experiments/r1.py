@@ -3,8 +3,10 @@ rewards, and held-out greedy accuracy after each stage.
 
     python -m experiments.r1 --preset=cpu --workdir=workdirs/r1-cpu      # tiny model, ~12 minutes on 2 CPU cores
     python -m experiments.r1 --preset=gpu --workdir=workdirs/r1-gpu      # small model, one GPU, ~30 minutes
-    python -m experiments.r1 --preset=gpu --workdir=workdirs/r1-gpu --grpo_time_limit_min=8   # the same in parts:
-                                                                          # repeat the command until it reports
+    python -m experiments.r1 --preset=gpu --workdir=workdirs/r1-gpu --grpo_time_limit_min=8  # the same in parts
+
+(With ``--grpo_time_limit_min`` repeat the command until it prints the report: every stage resumes from its
+checkpoints and GRPO continues on the same trajectory.)
 
 Task: arithmetic with a scratchpad (dsjax.data.synthetic): prompts ``"Q: 47+85=?\\nA: "``, completions
 ``"<think>...</think> <answer>132</answer>"``. Stage 1 pretrains on the task text, stage 2 fine-tunes on
