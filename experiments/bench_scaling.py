@@ -15,7 +15,9 @@ the first n devices, skipped for counts larger than the machine):
   all-to-all (``ragged_all_to_all`` on GPU), dropless (receive buffers sized for the worst case);
 * ``ep:CF``    -- the same with ``capacity_factor=CF`` (buffers of CF x the average load; dropped pairs are
   reported in the ``dropped`` column as a fraction of all routed pairs);
-* ``.../D``    -- any ``ep`` mode with ``MeshConfig.ep_dispatch=D`` (``ep/capacity``, ``ep:1.25/ragged_emulated``).
+* ``.../D``    -- any ``ep`` mode with ``MeshConfig.ep_dispatch=D`` (``ep/capacity``, ``ep:1.25/ragged_emulated``);
+* ``...+V``    -- a variant from ``VARIANTS`` (XLA flags for the row's process and/or overrides), e.g.
+  ``dp+split_ar``, ``dp+unrolled``: ``--modes=dp,dp+split_ar,dp+pipelined`` compares them in one call.
 
 Batches are synthetic packed sequences (experiments/batches.py). ``--record`` appends the table with the date, the
 card and the command to docs/benchmarks.md.
@@ -27,6 +29,7 @@ import dataclasses
 import datetime
 import gc
 import json
+import os
 import pathlib
 import sys
 import time
@@ -53,12 +56,35 @@ flags.DEFINE_string("row", None, "Internal: run one row 'mode@devices' and print
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
+# ``mode+NAME`` variants of a row (A/B tests of communication overlap in one call): XLA flags set for that row's
+# process (needs --isolate) and/or extra overrides. The gradient all-reduces of a scanned model sit in the backward
+# loop body, one combined all-reduce per layer at the end of its backward: split_ar keeps them apart so each can
+# overlap the rest of the layer's backward.
+VARIANTS = {
+    "lhs": dict(xla="--xla_gpu_enable_latency_hiding_scheduler=true"),
+    "split_ar": dict(xla="--xla_gpu_enable_latency_hiding_scheduler=true "
+                         "--xla_gpu_all_reduce_combine_threshold_bytes=1048576"),
+    "pipelined": dict(xla="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_pipelined_all_reduce=true "
+                          "--xla_gpu_enable_while_loop_double_buffering=true"),
+    "no_cmd_buffer": dict(xla="--xla_gpu_enable_command_buffer="),
+    "unrolled": dict(set=["model.scan_layers=false"]),
+    "bf16_master": dict(set=["model.param_dtype=bfloat16"]),
+}
+
+
+def _variant(mode: str) -> tuple[str, dict]:
+    base, _, name = mode.partition("+")
+    if name and name not in VARIANTS:
+        raise app.UsageError(f"--modes: unknown variant +{name} in {mode!r}; known: {sorted(VARIANTS)}")
+    return base, VARIANTS.get(name, {})
+
 from experiments.batches import synthetic_batch  # noqa: E402
 
 
 def _mesh_for(mode: str, n: int):
     from dsjax.sharding import MeshConfig
 
+    mode = _variant(mode)[0]
     mode, _, disp = mode.partition("/")
     name, _, cf = mode.partition(":")
     if name == "dp":
@@ -82,7 +108,8 @@ def bench(mode: str, n: int) -> dict:
 
     b = FLAGS.batch_per_device * n
     cfg = tc.apply_overrides(tc.get(FLAGS.config), [f"data.batch_size={b}", f"data.seq_len={FLAGS.seq_len}",
-                                                    "optim.warmup_steps=2", *FLAGS.set])
+                                                    "optim.warmup_steps=2", *FLAGS.set,
+                                                    *_variant(mode)[1].get("set", [])])
     mesh = _mesh_for(mode, n)  # n=1: MeshConfig() -> no plan -> the plain single-device path
     cfg = dataclasses.replace(cfg, mesh=mesh)
     devices = jax.devices()[:n]
@@ -142,7 +169,11 @@ def _run_isolated(mode: str, n: int) -> dict:
             f"--batch_per_device={FLAGS.batch_per_device}", f"--seq_len={FLAGS.seq_len}", f"--steps={FLAGS.steps}",
             f"--profile={FLAGS.profile}",
             *[f"--set={x}" for x in FLAGS.set]]
-    res = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    env = dict(os.environ)
+    extra = _variant(mode)[1].get("xla")
+    if extra:
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {extra}".strip()
+    res = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env)
     for line in res.stdout.splitlines():
         if FLAGS.profile and not line.startswith("ROW "):
             print(line)
@@ -175,6 +206,8 @@ def main(argv):
     skipped = [c for c in counts if c > jax.device_count()]
     if skipped:
         print(f"skipping device counts {skipped}: only {jax.device_count()} device(s) here", flush=True)
+    if not FLAGS.isolate and any(_variant(m)[1].get("xla") for m in FLAGS.modes):
+        raise app.UsageError("variants with XLA flags need --isolate (flags are read when a process starts)")
     rows = []
     jobs = [(m, n) for m in FLAGS.modes for n in counts
             if n <= jax.device_count() and (n > 1 or m == "dp")]  # n=1 of every mode is the single-device path
