@@ -52,6 +52,8 @@ MESH_AXES = ("data", "fsdp", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
 #: Expert-parallel dispatch implementations (see :mod:`dsjax.model.moe_ep`).
 EP_DISPATCH = ("auto", "ragged", "capacity", "ragged_emulated")
+GRAD_SYNC = ("gspmd", "after_backward")
+GRAD_SYNC_DTYPES = (None, "float32", "bfloat16")
 
 #: Every logical axis name a parameter or activation may use, with what it indexes.
 LOGICAL_AXES: dict[str, str] = {
@@ -130,6 +132,13 @@ class MeshConfig:
         dropped (exact, but the grouped matmuls then run over ``expert``-times more rows).
       ep_dispatch: ``auto`` (``ragged`` on GPU/TPU, where XLA has ``ragged-all-to-all``, ``capacity`` elsewhere),
         ``ragged``, ``capacity``, or ``ragged_emulated`` (the ragged bookkeeping over plain all-to-alls; for tests).
+      grad_sync: how data-parallel gradients are summed. ``gspmd`` (default): XLA's partitioner all-reduces each
+        layer's weight gradients where they are produced, inside the backward loop of a scanned model.
+        ``after_backward`` (pure data parallelism: only ``data`` > 1): every device runs the whole backward on its
+        rows (``shard_map``) and one all-reduce of all gradients follows: large messages, no per-layer
+        synchronisation; same values up to float32 summation order.
+      grad_sync_dtype: with ``after_backward``, the dtype of that all-reduce (``bfloat16`` halves the bytes and
+        rounds the summed gradients to bf16; ``None``: the gradients' own dtype).
     """
 
     data: int = 1
@@ -139,6 +148,8 @@ class MeshConfig:
     rules: str = "default"
     capacity_factor: float | None = None
     ep_dispatch: str = "auto"
+    grad_sync: str = "gspmd"
+    grad_sync_dtype: str | None = None
 
     def __post_init__(self):
         sizes = self.sizes
@@ -153,6 +164,15 @@ class MeshConfig:
                               f"dropless worst-case buffers")
         if self.ep_dispatch not in EP_DISPATCH:
             raise ConfigError(f"mesh.ep_dispatch={self.ep_dispatch!r} is unknown. Fix: use one of {EP_DISPATCH}")
+        if self.grad_sync not in GRAD_SYNC:
+            raise ConfigError(f"mesh.grad_sync={self.grad_sync!r} is unknown. Fix: use one of {GRAD_SYNC}")
+        if self.grad_sync_dtype not in GRAD_SYNC_DTYPES:
+            raise ConfigError(f"mesh.grad_sync_dtype={self.grad_sync_dtype!r} is unknown. Fix: use one of "
+                              f"{GRAD_SYNC_DTYPES}")
+        if self.grad_sync == "after_backward" and (self.fsdp, self.expert, self.tensor) != (1, 1, 1):
+            raise ConfigError(f"mesh.grad_sync='after_backward' is for pure data parallelism, but fsdp={self.fsdp}, "
+                              f"expert={self.expert}, tensor={self.tensor}. Fix: set them to 1 or use "
+                              f"grad_sync='gspmd'")
 
     @property
     def sizes(self) -> tuple[int, int, int, int]:

@@ -68,6 +68,9 @@ VARIANTS = {
                           "--xla_gpu_enable_while_loop_double_buffering=true"),
     "no_cmd_buffer": dict(xla="--xla_gpu_enable_command_buffer="),
     "unrolled": dict(set=["model.scan_layers=false"]),
+    # one all-reduce of all gradients after a per-device backward (MeshConfig.grad_sync), float32 or bf16
+    "ar_after": dict(set=["mesh.grad_sync=after_backward"]),
+    "ar_after_bf16": dict(set=["mesh.grad_sync=after_backward", "mesh.grad_sync_dtype=bfloat16"]),
     "bf16_master": dict(set=["model.param_dtype=bfloat16"]),
 }
 
@@ -111,7 +114,8 @@ def bench(mode: str, n: int) -> dict:
                                                     "optim.warmup_steps=2", *FLAGS.set,
                                                     *_variant(mode)[1].get("set", [])])
     mesh = _mesh_for(mode, n)  # n=1: MeshConfig() -> no plan -> the plain single-device path
-    cfg = dataclasses.replace(cfg, mesh=mesh)
+    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(mesh, grad_sync=cfg.mesh.grad_sync,  # from --set / +V
+                                                            grad_sync_dtype=cfg.mesh.grad_sync_dtype))
     devices = jax.devices()[:n]
     plan = parallel.plan_for(cfg, devices)
     graphdef, p, r = parallel.split_abstract(cfg)

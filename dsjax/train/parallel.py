@@ -101,7 +101,7 @@ def jit_train_step(cfg: TrainConfig, plan: Plan, graphdef: Any, params_template:
                                                          tuple[TrainState, dict[str, jax.Array]]]:
     """The jitted train step on ``plan``: sharded state in and out (donated), sharded batch, replicated metrics."""
     shardings = state_shardings(cfg, plan)
-    step = plan.wrap(make_train_step(cfg, graphdef, params_template, rest_template))
+    step = plan.wrap(make_train_step(cfg, graphdef, params_template, rest_template, plan=plan))
     return jax.jit(step, in_shardings=(shardings, batch_sharding(plan)),
                    out_shardings=(shardings, NamedSharding(plan.mesh, PartitionSpec())), donate_argnums=0)
 

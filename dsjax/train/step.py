@@ -144,9 +144,14 @@ def _load_stats(counts: jax.Array) -> dict[str, jax.Array]:
             "load_min_mean": jnp.mean(ratio.min(-1))}
 
 
-def make_train_step(cfg: TrainConfig, graphdef: Any, params_template: nnx.State, rest_template: nnx.State
+def make_train_step(cfg: TrainConfig, graphdef: Any, params_template: nnx.State, rest_template: nnx.State,
+                    plan: Any = None
                     ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
-    """Builds the pure train step for ``cfg``. ``*_template`` are the model's ``nnx.State`` splits (any values)."""
+    """Builds the pure train step for ``cfg``. ``*_template`` are the model's ``nnx.State`` splits (any values).
+
+    ``plan`` (a :class:`~dsjax.sharding.Plan`, given by :func:`dsjax.train.parallel.jit_train_step`) matters only
+    for ``cfg.mesh.grad_sync == "after_backward"``: the gradients are then computed per device in a ``shard_map``
+    over the batch axes and summed by one all-reduce after the backward pass."""
     mcfg = cfg.model
     depth = mcfg.num_nextn_predict_layers
     alpha = cfg.balance_alpha
@@ -161,7 +166,7 @@ def make_train_step(cfg: TrainConfig, graphdef: Any, params_template: nnx.State,
         nnx.replace_by_pure_dict(r, rest)
         return nnx.merge(graphdef, p, r)
 
-    def micro_loss(params, rest, mb, norms):
+    def micro_loss(params, rest, mb, norms, balance_scale=1.0):
         model = merge(params, rest)
         out = model(mb["tokens"], mb["segment_ids"], mb["positions"], return_mtp=depth > 0 and lam > 0,
                     return_hidden=True, compute_logits=False)
@@ -183,6 +188,7 @@ def make_train_step(cfg: TrainConfig, graphdef: Any, params_template: nnx.State,
             balance = balance + jnp.sum(out.moe["balance"]) / m
         if out.mtp_moe is not None:
             balance = balance + jnp.sum(out.mtp_moe["balance"]) / m
+        balance = balance * balance_scale   # 1 / devices under after_backward: each device adds its share
         aux["balance_loss"] = alpha * balance
         loss = loss + alpha * balance
         aux["counts"] = out.moe["counts"] if out.moe is not None else jnp.zeros((0, mcfg.n_routed_experts))
@@ -195,26 +201,38 @@ def make_train_step(cfg: TrainConfig, graphdef: Any, params_template: nnx.State,
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-    def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+    def grads_of(params, rest, batch, norms, balance_scale=1.0):
+        """``(loss, aux, grads)`` of ``batch``, accumulated over ``m`` micro-batches."""
         b = batch["tokens"].shape[0]
-        # valid targets per head over the whole batch: the loss normalisers
-        norms = [jnp.maximum(shifted_targets(batch["tokens"], batch["segment_ids"], batch["loss_mask"], k)[1].sum(),
-                             1.0) for k in range(1, depth + 2)]
         micro = jax.tree.map(lambda x: x.reshape((m, b // m) + x.shape[1:]), batch)
 
         def acc(carry, mb):
-            (loss, aux), g = grad_fn(state.params, state.rest, mb, norms)
+            (loss, aux), g = grad_fn(params, rest, mb, norms, balance_scale)
             g_acc, l_acc, a_acc = carry
             return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss, jax.tree.map(jnp.add, a_acc, aux)), None
 
         if m == 1:
-            (loss, aux), grads = grad_fn(state.params, state.rest, jax.tree.map(lambda x: x[0], micro), norms)
+            (loss, aux), grads = grad_fn(params, rest, jax.tree.map(lambda x: x[0], micro), norms, balance_scale)
         else:
-            zeros_g = jax.tree.map(jnp.zeros_like, state.params)
-            aux_shape = jax.eval_shape(lambda: grad_fn(state.params, state.rest, jax.tree.map(lambda x: x[0], micro),
-                                                       norms)[0][1])
+            zeros_g = jax.tree.map(jnp.zeros_like, params)
+            aux_shape = jax.eval_shape(lambda: grad_fn(params, rest, jax.tree.map(lambda x: x[0], micro), norms,
+                                                       balance_scale)[0][1])
             zeros_a = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
             (grads, loss, aux), _ = jax.lax.scan(acc, (zeros_g, jnp.float32(0), zeros_a), micro)
+        return loss, aux, grads
+
+    sync_after = None
+    if plan is not None and cfg.mesh.grad_sync == "after_backward":
+        sync_after = _after_backward_sync(grads_of, plan, cfg.mesh.grad_sync_dtype, cfg.data.batch_size, m)
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+        # valid targets per head over the whole batch: the loss normalisers
+        norms = [jnp.maximum(shifted_targets(batch["tokens"], batch["segment_ids"], batch["loss_mask"], k)[1].sum(),
+                             1.0) for k in range(1, depth + 2)]
+        if sync_after:
+            loss, aux, grads = sync_after(state.params, state.rest, batch, norms)
+        else:
+            loss, aux, grads = grads_of(state.params, state.rest, batch, norms)
 
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -266,3 +284,39 @@ def make_train_step(cfg: TrainConfig, graphdef: Any, params_template: nnx.State,
         return new_state, metrics
 
     return train_step
+
+
+def _after_backward_sync(grads_of: Callable, plan: Any, dtype: str | None, batch_size: int, micro_batches: int
+                         ) -> Callable:
+    """``grads_of`` per device in a ``shard_map`` over the batch axes, then one all-reduce of every gradient.
+
+    Each device differentiates its own rows with the model's single-device code (no plan inside): CE/MTP/z sums are
+    divided by the *global* token counts (``norms``) and the balance term by the device count, so the sum over
+    devices of the local losses is the global loss and ``psum`` of the local gradients is its gradient. The
+    parameters enter as varying (``pcast``) so that JAX adds no per-use ``psum`` inside the backward pass.
+    """
+    from jax.sharding import PartitionSpec as P
+
+    from dsjax.configs import ConfigError
+    from dsjax.sharding import use_plan
+
+    axes = tuple(a for a in plan.mesh.axis_names if plan.mesh.shape[a] > 1)
+    n = 1
+    for a in axes:
+        n *= plan.mesh.shape[a]
+    if batch_size % (n * micro_batches):
+        raise ConfigError(f"data.batch_size={batch_size} must be divisible by devices x micro_batches = {n} x "
+                          f"{micro_batches} with mesh.grad_sync='after_backward'. Fix: change the batch size")
+    sync_dtype = None if dtype is None else jnp.dtype(dtype)
+
+    def local(params, rest, batch, norms):
+        with use_plan(None):  # the single-device model code on this device's rows
+            params = jax.tree.map(lambda x: jax.lax.pcast(x, axes, to="varying"), params)
+            loss, aux, grads = grads_of(params, rest, batch, norms, 1.0 / n)
+        if sync_dtype is not None:
+            grads = jax.tree.map(lambda g: jax.lax.psum(g.astype(sync_dtype), axes).astype(g.dtype), grads)
+        else:
+            grads = jax.lax.psum(grads, axes)
+        return jax.lax.psum(loss, axes), jax.lax.psum(aux, axes), grads
+
+    return jax.shard_map(local, mesh=plan.mesh, in_specs=(P(), P(), P(axes), P()), out_specs=(P(), P(), P()))
