@@ -5,7 +5,10 @@
         --hf --record
 
 Each ``--variant`` is a comma-separated list of ``--set``-style overrides applied to the training preset. Batches are
-synthetic packed sequences (random tokens, documents of random length), so the data pipeline is not measured.
+synthetic packed sequences (random tokens, documents of random length), so the data pipeline is not measured; the
+item ``unpacked`` in a variant drops the segment ids instead (one document per row: causal attention without a
+mask tensor, which is what the HF baseline trains; e.g. ``--variant=unpacked,model.num_nextn_predict_layers=0,
+loss.mtp_lambda=0`` is the HF-equivalent workload).
 ``--hf`` times HF transformers' DeepseekV3 training step (torch, bf16, AdamW, ``grouped_mm`` experts, sdpa) for the
 same model shape and batch in a subprocess (experiments/bench_train_hf.py). ``--record`` appends the table to
 docs/benchmarks.md with the date, the card and the command.
@@ -52,6 +55,9 @@ def bench_variant(overrides: list[str]) -> dict:
     from dsjax.train.metrics import peak_flops_per_device
     from dsjax.train.step import flops_per_token, init_state, make_train_step, split_model
 
+    label = ",".join(overrides) or "(preset)"
+    unpacked = "unpacked" in overrides
+    overrides = [o for o in overrides if o != "unpacked"]
     cfg = tc.apply_overrides(tc.get(FLAGS.config), [f"data.batch_size={FLAGS.batch_size}",
                                                     f"data.seq_len={FLAGS.seq_len}", "optim.warmup_steps=2",
                                                     *overrides])
@@ -60,6 +66,9 @@ def bench_variant(overrides: list[str]) -> dict:
     state = jax.jit(init_state, static_argnums=0)(cfg, jax.random.key(0))
     batch = {k: jnp.asarray(v) for k, v in synthetic_batch(FLAGS.batch_size, FLAGS.seq_len,
                                                            cfg.model.vocab_size).items()}
+    if unpacked:  # one document per row, no segment ids: causal attention without a mask tensor (as HF trains)
+        batch.pop("segment_ids")
+        batch["positions"] = jnp.broadcast_to(jnp.arange(FLAGS.seq_len, dtype=jnp.int32), batch["tokens"].shape)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
@@ -76,7 +85,7 @@ def bench_variant(overrides: list[str]) -> dict:
     peak = peak_flops_per_device(dev.device_kind, FLAGS.peak_tflops)
     mfu = flops_per_token(cfg) * tps / (peak * jax.device_count()) if peak else None
     mem = dev.memory_stats() or {}
-    return {"variant": ",".join(overrides) or "(preset)", "step_ms": 1e3 * dt, "tokens_per_s": tps, "mfu": mfu,
+    return {"variant": label, "step_ms": 1e3 * dt, "tokens_per_s": tps, "mfu": mfu,
             "compile_s": compile_s, "peak_gib": mem.get("peak_bytes_in_use", 0) / 2**30, "loss": loss,
             "flops_per_token": flops_per_token(cfg), "mtp": cfg.model.num_nextn_predict_layers > 0
             and cfg.loss.mtp_lambda > 0}

@@ -205,6 +205,25 @@ def test_packed_documents_equal_separate_runs(tiny_model):
     np.testing.assert_allclose(out[:, 7:], model(b).logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["einsum", "jax"])
+def test_unpacked_rows_use_causal_attention_without_a_mask(impl):
+    """``segment_ids=None`` (one document per row, no cache): no mask tensor is built (the fused kernel gets
+    ``is_causal`` alone) and the outputs equal those with an explicit all-ones document mask, MTP and absorbed
+    attention included."""
+    cfg = configs.tiny(attention_impl=impl)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    ids = _ids(cfg)
+    ones = jnp.ones(ids.shape, jnp.int32)
+    for mla_impl in ("naive", "absorbed"):
+        a = model(ids, return_mtp=True, mla_impl=mla_impl)
+        b = model(ids, segment_ids=ones, return_mtp=True, mla_impl=mla_impl)
+        np.testing.assert_allclose(a.logits, b.logits, atol=1e-5)
+        np.testing.assert_allclose(a.mtp_logits[0], b.mtp_logits[0], atol=1e-5)
+    jaxpr = str(jax.make_jaxpr(lambda i: model(i).logits)(ids))
+    assert "bool[2,16,16]" not in jaxpr and "bool[2,16,16]" in str(jax.make_jaxpr(
+        lambda i: model(i, segment_ids=ones).logits)(ids))
+
+
 def test_padding_does_not_change_outputs(tiny_model):
     cfg, model = tiny_model
     x = _ids(cfg, 1, 10, seed=7)

@@ -132,6 +132,23 @@ def test_gradient_accumulation_equals_one_big_batch():
         np.testing.assert_allclose(x, y, atol=1e-7)
 
 
+def test_batch_without_segment_ids_is_one_document_per_row():
+    """A batch without ``segment_ids`` (unpacked rows, as HF trains) gives the loss and update of all-ones document
+    ids, through the mask-free causal attention path."""
+    cfg = _cfg()
+    batch = _batch(cfg, seed=4)
+    batch["segment_ids"] = jnp.ones_like(batch["tokens"])
+    batch["positions"] = jnp.arange(32)[None].repeat(4, 0)
+    unpacked = {k: v for k, v in batch.items() if k != "segment_ids"}
+    a, ma = _step(cfg)(init_state(cfg, jax.random.key(2)), batch)
+    b, mb = _step(cfg)(init_state(cfg, jax.random.key(2)), unpacked)
+    assert float(mb["tokens"]) == 4 * 31
+    for k in ("loss", "ce", "mtp_loss_1", "grad_norm"):
+        np.testing.assert_allclose(ma[k], mb[k], rtol=1e-5, err_msg=k)
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_allclose(x, y, atol=3e-5)
+
+
 def test_nonfinite_step_is_skipped_without_touching_state():
     cfg = _cfg()
     state = init_state(cfg, jax.random.key(0))

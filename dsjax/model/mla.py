@@ -35,6 +35,11 @@ from dsjax.model.rope import apply_rope
 
 __all__ = ["MLA", "MLAImpl"]
 
+
+def _causal(s: int, t: int) -> jax.Array:
+    """``[1, S, T]`` causal mask for queries at slots ``0..S-1`` over keys ``0..T-1`` (no cache, one document)."""
+    return (jnp.arange(t)[None, :] <= jnp.arange(s)[:, None])[None]
+
 MLAImpl = Literal["naive", "absorbed"]
 _MLA_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the RMSNorm default in HF and DeepSeek's code
 
@@ -120,6 +125,9 @@ class MLA(nnx.Module):
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rot[:, :, None, :], k_nope.shape[:-1] + k_rot.shape[-1:])],
                             axis=-1)
         q = jnp.concatenate([q_nope, q_rot], axis=-1)
+        if mask is None and not causal_from_start:
+            raise ValueError("attend_naive: mask=None means causal attention from slot 0 (no cache); pass a mask "
+                             "when attending over a cache")
         impl = self.cfg.attention_impl
         if impl == "auto":
             impl = "cudnn" if _cudnn_flash_available(q.dtype) else "einsum"
@@ -132,7 +140,7 @@ class MLA(nnx.Module):
                 is_causal=causal_from_start, implementation="cudnn" if impl == "cudnn" else None)
             return o[..., :dv].astype(v.dtype)
         scores = jnp.einsum("bsnh,btnh->bnst", q, k, preferred_element_type=jnp.float32)
-        p = self._softmax(scores, mask, v.dtype)
+        p = self._softmax(scores, _causal(q.shape[1], k.shape[1]) if mask is None else mask, v.dtype)
         return jnp.einsum("bnst,btnv->bsnv", p, v)
 
     def attend_absorbed(self, q_nope, q_rot, c_kv, k_rot, mask) -> jax.Array:
@@ -141,7 +149,7 @@ class MLA(nnx.Module):
         q_lat = jnp.einsum("bsnc,rnc->bsnr", q_nope, w_uk)
         scores = jnp.einsum("bsnr,btr->bnst", q_lat, c_kv, preferred_element_type=jnp.float32)
         scores = scores + jnp.einsum("bsnp,btp->bnst", q_rot, k_rot, preferred_element_type=jnp.float32)
-        p = self._softmax(scores, mask, c_kv.dtype)
+        p = self._softmax(scores, _causal(q_lat.shape[1], c_kv.shape[1]) if mask is None else mask, c_kv.dtype)
         o_lat = jnp.einsum("bnst,btr->bsnr", p, c_kv)
         return jnp.einsum("bsnr,rnv->bsnv", o_lat, w_uv)
 

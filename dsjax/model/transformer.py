@@ -287,6 +287,7 @@ class Transformer(nnx.Module):
         cfg = self.cfg
         b, t = input_ids.shape
         dt = dtype_of(cfg.dtype)
+        unpacked = segment_ids is None and cache is None   # one document per row: causal only, no mask tensor
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
         offset = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
@@ -298,7 +299,7 @@ class Transformer(nnx.Module):
             mask = make_attention_mask(segment_ids, kv_segments, offset)
         else:
             kv_segments = None
-            mask = make_attention_mask(segment_ids, segment_ids)
+            mask = None if unpacked else make_attention_mask(segment_ids, segment_ids)
         cos, sin = rope_cos_sin(cfg, positions, dt)
 
         h = self.embed_tokens(input_ids)

@@ -168,9 +168,11 @@ def make_train_step(cfg: TrainConfig, graphdef: Any, params_template: nnx.State,
 
     def micro_loss(params, rest, mb, norms, balance_scale=1.0):
         model = merge(params, rest)
-        out = model(mb["tokens"], mb["segment_ids"], mb["positions"], return_mtp=depth > 0 and lam > 0,
+        # no "segment_ids" in the batch: one document per row (causal attention without a mask tensor)
+        out = model(mb["tokens"], mb.get("segment_ids"), mb["positions"], return_mtp=depth > 0 and lam > 0,
                     return_hidden=True, compute_logits=False)
-        tg, w = shifted_targets(mb["tokens"], mb["segment_ids"], mb["loss_mask"], 1)
+        seg = _segments(mb)
+        tg, w = shifted_targets(mb["tokens"], seg, mb["loss_mask"], 1)
         with jax.named_scope("ce_loss"):
             ce_sum, z_sum = chunked_cross_entropy(out.hidden, model.logits_f32, tg, w, cfg.loss.ce_chunk_tokens)
         ce = ce_sum / norms[0]
@@ -179,7 +181,7 @@ def make_train_step(cfg: TrainConfig, graphdef: Any, params_template: nnx.State,
         aux = {"ce": ce, "z_loss": z}
         if out.mtp_hidden is not None:
             for d in range(depth):
-                tg, w = shifted_targets(mb["tokens"], mb["segment_ids"], mb["loss_mask"], d + 2)
+                tg, w = shifted_targets(mb["tokens"], seg, mb["loss_mask"], d + 2)
                 s, _ = chunked_cross_entropy(out.mtp_hidden[d], model.logits_f32, tg, w, cfg.loss.ce_chunk_tokens)
                 aux[f"mtp_loss_{d + 1}"] = s / norms[d + 1]
                 loss = loss + lam / depth * aux[f"mtp_loss_{d + 1}"]
@@ -227,7 +229,7 @@ def make_train_step(cfg: TrainConfig, graphdef: Any, params_template: nnx.State,
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         # valid targets per head over the whole batch: the loss normalisers
-        norms = [jnp.maximum(shifted_targets(batch["tokens"], batch["segment_ids"], batch["loss_mask"], k)[1].sum(),
+        norms = [jnp.maximum(shifted_targets(batch["tokens"], _segments(batch), batch["loss_mask"], k)[1].sum(),
                              1.0) for k in range(1, depth + 2)]
         if sync_after:
             loss, aux, grads = sync_after(state.params, state.rest, batch, norms)
@@ -284,6 +286,12 @@ def make_train_step(cfg: TrainConfig, graphdef: Any, params_template: nnx.State,
         return new_state, metrics
 
     return train_step
+
+
+def _segments(batch: dict[str, jax.Array]) -> jax.Array:
+    """The batch's document ids, or one document per row when it has none."""
+    seg = batch.get("segment_ids")
+    return jnp.ones_like(batch["tokens"]) if seg is None else seg
 
 
 def _after_backward_sync(grads_of: Callable, plan: Any, dtype: str | None, batch_size: int, micro_batches: int
