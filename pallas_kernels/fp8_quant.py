@@ -14,11 +14,17 @@ Shapes (letter glossary): ``M`` rows (tokens), ``K`` the quantised (contraction)
 * ``weight_quant_dual(w [R, C]) -> (q [R, C], s [Rb, Cb], qt [C, R], st [Cb, Rb])``  128x128 blocks + transpose
 * ``dequant(q, s, block=(br, bc))``                                            any 2-D block grid
 
-Backends (``implementation=``): ``"xla"`` is the reference (plain jnp, any platform); ``"pallas"`` runs one
-``pl.pallas_call`` (Mosaic TPU layout: (128, 128) tiles, MN-major lane-dense scales) that reads each 128x128 tile
-once and writes every requested layout; on CPU it runs in interpret mode (``interpret=`` or automatically). On
-GPUs ``"pallas"`` is not available for quantisation yet (XLA fuses these ops into one pass; see the benchmark).
-``"auto"`` picks Pallas on TPU and XLA elsewhere.
+Backends (``implementation=``): ``"xla"`` is the reference (plain jnp, any platform); ``"pallas"`` runs one kernel
+that reads each tile once and writes every requested layout:
+
+* on GPUs (Hopper or newer) a Mosaic GPU kernel (``fp8_quant_mgpu``: TMA-pipelined [128, 128] tiles, one
+  warpgroup per CTA); needs ``M % 16 == 0`` and ``K % 16 == 0`` (TMA alignment; partial 128-tiles are fine);
+* elsewhere one ``pl.pallas_call`` (Mosaic TPU layout: (128, 128) tiles, MN-major lane-dense scales), run in
+  interpret mode on CPU (``interpret=`` or automatically).
+
+Passing ``interpret=plgpu.InterpretGPUParams(...)`` selects the Mosaic GPU kernel in the Mosaic GPU interpreter on
+any platform (tests). ``"auto"`` picks Pallas on TPU and XLA elsewhere (on GPUs until the Mosaic GPU kernel is
+measured against XLA's fusions).
 """
 
 from __future__ import annotations
@@ -59,15 +65,36 @@ def _keep(q: jax.Array) -> jax.Array:
     return jax.lax.optimization_barrier(q)
 
 
-def _resolve(implementation: str, op: str) -> str:
+def _is_gpu_interpret(interpret) -> bool:
+    if interpret is None or isinstance(interpret, bool):
+        return False
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    return isinstance(interpret, plgpu.InterpretGPUParams)
+
+
+def _resolve(implementation: str, op: str, interpret=None) -> str:
+    """-> "xla", "pallas" (Mosaic TPU kernel) or "mgpu" (Mosaic GPU kernel)."""
     if implementation == "auto":
         return "pallas" if jax.default_backend() == "tpu" else "xla"
     if implementation not in ("xla", "pallas"):
         raise ValueError(f"{op}: implementation={implementation!r} is unknown; use 'auto', 'xla' or 'pallas'")
-    if implementation == "pallas" and jax.default_backend() == "gpu":
-        raise NotImplementedError(f"{op}: implementation='pallas' has no GPU kernel yet (the Pallas kernel is a "
-                                  f"Mosaic TPU pallas_call); use implementation='xla' on GPUs")
-    return implementation
+    if implementation == "xla":
+        return "xla"
+    if _is_gpu_interpret(interpret):
+        return "mgpu"
+    if jax.default_backend() == "gpu":
+        cc = str(getattr(jax.devices()[0], "compute_capability", "0"))
+        if int(cc.split(".")[0]) < 9:
+            raise NotImplementedError(f"{op}: implementation='pallas' on GPUs is a Mosaic GPU kernel for Hopper "
+                                      f"(sm_90) or newer; this GPU is sm_{cc}. Use implementation='xla'")
+        return "mgpu"
+    return "pallas"
+
+
+def _mgpu(x, mode, eps, pow2_scale, interpret):
+    from pallas_kernels.fp8_quant_mgpu import mgpu_quant
+    return mgpu_quant(x, mode=mode, eps=eps, pow2_scale=pow2_scale,
+                      interpret=interpret if _is_gpu_interpret(interpret) else None)
 
 
 def _interpret(interpret):
@@ -217,10 +244,13 @@ def act_quant(x: jax.Array, *, eps: float = 1e-4, pow2_scale: bool = False, impl
               interpret=None) -> tuple[jax.Array, jax.Array]:
     """1x128 tiles along the last axis: ``x [..., K] -> (q [..., K] e4m3, s [..., ceil(K/128)] f32)``."""
     _check_float(x, "act_quant")
-    impl = _resolve(implementation, "act_quant")
+    impl = _resolve(implementation, "act_quant", interpret)
     if impl == "xla":
         return _act_quant_xla(x, eps, pow2_scale)
     lead = x.shape[:-1]
+    if impl == "mgpu":
+        q, st = _mgpu(x.reshape(-1, x.shape[-1]), "rows", eps, pow2_scale, interpret)
+        return q.reshape(x.shape), st.T.reshape(*lead, st.shape[0])
     q, s = _pallas_quant(x.reshape(-1, x.shape[-1]), rows=True, cols=False, block2d=False, eps=eps,
                          pow2_scale=pow2_scale, interpret=interpret)
     return q.reshape(x.shape), s.reshape(*lead, s.shape[-1])
@@ -233,9 +263,12 @@ def act_quant_t(x: jax.Array, *, eps: float = 1e-4, pow2_scale: bool = False,
     ``qt`` is the 1x128-tile quantisation of ``x.T``: the K-major operand of the weight-gradient GEMM.
     """
     _check_float(x, "act_quant_t", 2)
-    impl = _resolve(implementation, "act_quant_t")
+    impl = _resolve(implementation, "act_quant_t", interpret)
     if impl == "xla":
         return _act_quant_xla(x.T, eps, pow2_scale)
+    if impl == "mgpu":
+        qt, st = _mgpu(x, "cols", eps, pow2_scale, interpret)
+        return qt, st.T
     return _pallas_quant(x, rows=False, cols=True, block2d=False, eps=eps, pow2_scale=pow2_scale, interpret=interpret)
 
 
@@ -243,9 +276,12 @@ def act_quant_dual(x: jax.Array, *, eps: float = 1e-4, pow2_scale: bool = False,
                    implementation: Implementation = "auto", interpret=None):
     """Both tilings from one read: ``x [M, K] -> (q [M, K], s [M, Kb], qt [K, M], st [K, Mb])``."""
     _check_float(x, "act_quant_dual", 2)
-    impl = _resolve(implementation, "act_quant_dual")
+    impl = _resolve(implementation, "act_quant_dual", interpret)
     if impl == "xla":
         return (*_act_quant_xla(x, eps, pow2_scale), *_act_quant_xla(x.T, eps, pow2_scale))
+    if impl == "mgpu":
+        q, s, qt, st = _mgpu(x, "dual", eps, pow2_scale, interpret)
+        return q, s.T, qt, st.T
     return _pallas_quant(x, rows=True, cols=True, block2d=False, eps=eps, pow2_scale=pow2_scale, interpret=interpret)
 
 
@@ -257,10 +293,14 @@ def weight_quant_dual(w: jax.Array, *, eps: float = 1e-4, pow2_scale: bool = Fal
     transposed scale grid), so the two GEMMs that use ``w`` and ``w.T`` both see a K-major operand.
     """
     _check_float(w, "weight_quant_dual", 2)
-    impl = _resolve(implementation, "weight_quant_dual")
+    impl = _resolve(implementation, "weight_quant_dual", interpret)
     if impl == "xla":
         q, s = quantize_blocks(w, (BLOCK, BLOCK), eps=eps, pow2_scale=pow2_scale)
         return q, s, q.T, s.T
+    if impl == "mgpu":
+        q, qt, sb = _mgpu(w, "block", eps, pow2_scale, interpret)
+        s = sb[:, ::BLOCK]                                               # one value per 128-float row chunk
+        return q, s, qt, s.T
     q, s, qt = _pallas_quant(w, rows=False, cols=False, block2d=True, eps=eps, pow2_scale=pow2_scale,
                              interpret=interpret)
     return q, s, qt, s.T
