@@ -1,9 +1,11 @@
 """FP8 blockwise GEMM benchmark on DeepSeek-V3's GEMM shapes: XLA BF16 dot, XLA FP8 per-tensor dot (cuBLASLt),
 cuBLAS blockwise FP8 (``torch._scaled_mm``, in a subprocess) and ours (``pallas_kernels.fp8_gemm``), all in one run;
-plus the quantisation kernels in GB/s against the device's copy bandwidth.
+plus the quantisation ops in GB/s against the device's copy bandwidth, XLA fusions and the Mosaic GPU kernel
+(``implementation="pallas"``) side by side.
 
     python -m experiments.bench_fp8_gemm --record            # the full table, appended to docs/benchmarks.md
     python -m experiments.bench_fp8_gemm --ms=4096 --nk=7168x16384 --configs=128m4o,128m4
+    python -m experiments.bench_fp8_gemm --quant_only --quant_tilings=2x2,4x2,14x1 --record   # quantisation only
 
 Shapes: M in ``--ms`` against the (N, K) of V3's projections (``--nk``; DeepGEMM's set: fused q_a+kv_a 2112x7168,
 q_b 24576x1536, kv_b 32768x512, o 7168x16384, fused expert gate+up 4096x7168, expert down 7168x2048).
@@ -35,7 +37,10 @@ flags.DEFINE_string("configs", "128m4,128m5,128m4w16", "Tilings of ours to try f
 flags.DEFINE_string("configs_small", "128m4,64m4", "Tilings of ours to try for M <= 512.")
 flags.DEFINE_integer("iters", 20, "Timed iterations per variant.")
 flags.DEFINE_bool("torch", True, "Time cuBLAS blockwise FP8 via torch._scaled_mm in a subprocess.")
-flags.DEFINE_bool("quant", True, "Time the quantisation ops against copy bandwidth.")
+flags.DEFINE_bool("quant", True, "Time the quantisation ops (xla and pallas) against copy bandwidth.")
+flags.DEFINE_string("quant_tilings", "", "Extra Mosaic GPU quantisation tilings to time, as STEPSxSTAGES "
+                    "(column tiles per CTA x input tiles in flight), e.g. 2x2,8x2,14x1.")
+flags.DEFINE_bool("quant_only", False, "Only the quantisation table (no GEMMs, no torch baseline, no check).")
 flags.DEFINE_bool("check", True, "Check ours against the reference on odd shapes, both variants, vmap, fp8_linear.")
 flags.DEFINE_float("time_budget_s", 420.0, "Skip remaining tilings once this much time has passed.")
 flags.DEFINE_float("stop_s", 1e9, "Skip the remaining shapes once this much time has passed (still records).")
@@ -45,6 +50,8 @@ flags.DEFINE_string("replay", None, "Rebuild the table from the printed log of a
 flags.DEFINE_string("replay_device", "", "Device of the replayed run (for the record).")
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+QUANT_X = (8192, 7168)     # activation (tokens x hidden) for the quantisation table
+QUANT_W = 7168             # square f32 weight for weight_quant_dual
 T0 = time.time()
 
 
@@ -252,30 +259,64 @@ def bench_torch(shapes):
 
 
 def bench_quant():
+    """Each quantisation op with implementation="xla" (XLA's fusions) and "pallas" (on GPUs the Mosaic GPU kernel,
+    ``pallas_kernels.fp8_quant_mgpu``) in the same run, in GB/s (bytes read + written / CUPTI time of every kernel
+    of the op, the small scale transposes of "pallas" included) against a measured copy. "pallas" is first checked
+    bit for bit against "xla" (q and scales). ``--quant_tilings`` adds rows for other kernel tilings (kernel alone,
+    no scale transpose)."""
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     from pallas_kernels import act_quant, act_quant_dual, act_quant_t, weight_quant_dual
+    from pallas_kernels.fp8_quant_mgpu import choose_tiling, mgpu_quant
 
-    m, k = 8192, 7168
+    m, k = QUANT_X
     x = jax.random.normal(jax.random.key(0), (m, k), jnp.bfloat16)
-    w = jax.random.normal(jax.random.key(1), (7168, 7168), jnp.float32)
+    w = jax.random.normal(jax.random.key(1), (QUANT_W, QUANT_W), jnp.float32)
     copy = jax.jit(lambda x: x * 2)
     rows = []
     t = timed(copy, x)
     bw_copy = 2 * x.size * 2 / t / 1e9
-    rows.append(("copy (x * 2, bf16 8192x7168)", t, bw_copy))
+    rows.append((f"copy (x * 2, bf16 {m}x{k})", "xla", t, bw_copy, ""))
     kb = k // 128
-    for name, f, arg, nbytes in [
-        ("act_quant 1x128 (bf16 8192x7168)", act_quant, x, m * k * 3 + m * kb * 4),
-        ("act_quant_t 128x1", act_quant_t, x, m * k * 3 + k * (m // 128) * 4),
-        ("act_quant_dual (both, one read)", act_quant_dual, x, m * k * 4 + m * kb * 4 + k * (m // 128) * 4),
-        ("weight_quant_dual 128x128 + transpose (f32 7168x7168)", weight_quant_dual, w, 7168 * 7168 * 6),
-    ]:
-        t = timed(jax.jit(lambda a, f=f: f(a, implementation="xla")), arg)
-        rows.append((name, t, nbytes / t / 1e9))
+    ops = [(f"act_quant 1x128 (bf16 {m}x{k})", act_quant, "rows", x, m * k * 3 + m * kb * 4),
+           ("act_quant_t 128x1", act_quant_t, "cols", x, m * k * 3 + k * (m // 128) * 4),
+           ("act_quant_dual (both, one read)", act_quant_dual, "dual", x, m * k * 4 + m * kb * 4 + k * (m // 128) * 4),
+           (f"weight_quant_dual 128x128 + transpose (f32 {QUANT_W}x{QUANT_W})", weight_quant_dual, "block", w,
+            QUANT_W * QUANT_W * 6)]
+    for name, f, mode, arg, nbytes in ops:
+        ref = None
+        for impl in ("xla", "pallas"):
+            try:
+                g = jax.jit(lambda a, f=f, impl=impl: f(a, implementation=impl))
+                out = g(arg)
+                note = ""
+                if impl == "xla":
+                    ref = out
+                else:
+                    bad = [int(np.sum(np.asarray(a, np.float32) != np.asarray(b, np.float32)))
+                           for a, b in zip(out, ref)]
+                    note = "bit-exact vs xla" if not any(bad) else f"MISMATCH vs xla (elements per output: {bad})"
+                    if jax.default_backend() == "gpu":
+                        note += f"; tiling (bm, steps, stages) = {choose_tiling(*arg.shape, mode, arg.dtype)}"
+                t = timed(g, arg)
+                rows.append((name, impl, t, nbytes / t / 1e9, note))
+            except Exception as ex:  # noqa: BLE001
+                rows.append((name, impl, float("nan"), float("nan"), f"{type(ex).__name__}: {str(ex)[:200]}"))
+        for spec in filter(None, FLAGS.quant_tilings.split(",")):
+            steps, stages = (int(v) for v in spec.split("x"))
+            try:
+                g = jax.jit(lambda a, mode=mode, steps=steps, stages=stages: mgpu_quant(a, mode=mode, steps=steps,
+                                                                                      stages=stages))
+                t = timed(g, arg)
+                rows.append((name, f"pallas steps={steps} stages={stages}", t, nbytes / t / 1e9, "kernel only"))
+            except Exception as ex:  # noqa: BLE001
+                rows.append((name, f"pallas {spec}", float("nan"), float("nan"),
+                             f"{type(ex).__name__}: {str(ex)[:200]}"))
     for r in rows:
-        print(f"QUANT {r[0]}: {r[1] * 1e6:.1f} us, {r[2]:.0f} GB/s ({100 * r[2] / bw_copy:.0f}% of copy)", flush=True)
+        print(f"QUANT {r[0]} [{r[1]}]: {r[2] * 1e6:.1f} us, {r[3]:.0f} GB/s ({100 * r[3] / bw_copy:.0f}% of copy) "
+              f"{r[4]}", flush=True)
     return rows, bw_copy
 
 
@@ -286,6 +327,8 @@ def main(argv):
         return replay(pathlib.Path(FLAGS.replay))
     shapes = [[m, int(nk.split("x")[0]), int(nk.split("x")[1])] for nk in FLAGS.nk.split(",")
               for m in (int(v) for v in FLAGS.ms.split(","))]
+    if FLAGS.quant_only:
+        return main_quant_only()
     torch_rows = bench_torch(shapes) if FLAGS.torch else {}   # before JAX takes the GPU memory
     for r in torch_rows.values():
         print("TORCH", json.dumps(r), flush=True)
@@ -302,9 +345,7 @@ def main(argv):
     print(table)
     qtable = ""
     if quant:
-        qrows, bw = quant
-        qtable = "\n".join(["| op (XLA fusion) | µs | GB/s | % of copy |", "|---|---|---|---|"] +
-                           [f"| {n} | {t * 1e6:.1f} | {g:,.0f} | {100 * g / bw:.0f}% |" for n, t, g in qrows])
+        qtable = quant_table(*quant)
         print(qtable)
     print(f"total {time.time() - T0:.0f} s; check {'ok' if ok else ok}")
     if FLAGS.record:
@@ -315,9 +356,33 @@ def main(argv):
                 f"tilings; on-GPU correctness check: {'passed' if ok else ok}. Shapes missing from the table were "
                 f"skipped by the run's time limit.)\n")
         if qtable:
-            text += f"\nQuantisation (E4M3, XLA implementation), bytes moved / time:\n\n{qtable}\n"
+            text += (f"\nQuantisation (E4M3; xla = XLA fusions, pallas = Mosaic GPU kernel), bytes moved / "
+                     f"time:\n\n{qtable}\n")
         with open(ROOT / "docs" / "benchmarks.md", "a") as f:
             f.write(text)
+
+
+def quant_table(qrows, bw) -> str:
+    return "\n".join(["| op | implementation | µs | GB/s | % of copy | note |", "|---|---|---|---|---|---|"] +
+                     [f"| {n} | {i} | {t * 1e6:.1f} | {g:,.0f} | {100 * g / bw:.0f}% | {note} |"
+                      for n, i, t, g, note in qrows])
+
+
+def main_quant_only():
+    """``--quant_only``: the quantisation table alone (xla vs pallas), optionally recorded."""
+    import jax
+
+    dev = jax.devices()[0]
+    print(f"device: {dev.device_kind}, jax {jax.__version__}", flush=True)
+    qtable = quant_table(*bench_quant())
+    print(qtable)
+    if FLAGS.record:
+        with open(ROOT / "docs" / "benchmarks.md", "a") as f:
+            f.write(f"\n## FP8 quantisation, XLA vs Mosaic GPU kernel ({datetime.date.today().isoformat()}, "
+                    f"{dev.device_kind}, jax {jax.__version__})\n\nCommand: `python -m experiments.bench_fp8_gemm "
+                    f"{' '.join(sys.argv[1:])}`\n\nBytes read + written / CUPTI time (median of --iters); 'pallas' "
+                    f"includes its small scale transposes; 'kernel only' rows are other tilings of the kernel.\n\n"
+                    f"{qtable}\n")
 
 
 def replay(log: pathlib.Path):
