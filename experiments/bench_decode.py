@@ -31,6 +31,8 @@ flags.DEFINE_integer("new_tokens", 128, "Generated tokens per sample.")
 flags.DEFINE_integer("repeats", 3, "Timed repetitions (the best is kept).")
 flags.DEFINE_integer("decode_unroll", 1, "SamplingConfig.decode_unroll (decode steps per while-loop iteration).")
 flags.DEFINE_bool("hf", False, "Also time HF transformers generate in a subprocess.")
+flags.DEFINE_bool("profile", False, "Trace one generate call per batch size and print its device time by scope and "
+                  "kernel (per decoded token: divide by new_tokens).")
 flags.DEFINE_bool("record", False, "Append the table to docs/benchmarks.md.")
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -69,6 +71,17 @@ def bench_dsjax(model, b: int) -> dict:
 
     t_pre = best(lambda: only_prefill(state, prompts))
     t_all = best(lambda: generate_tokens(graphdef, state, prompts, lengths, keys, cfg=sampling).tokens)
+    if FLAGS.profile:
+        import tempfile
+
+        from experiments.traces import summarize_trace
+
+        tmp = tempfile.mkdtemp()
+        jax.profiler.start_trace(tmp)
+        jax.block_until_ready(generate_tokens(graphdef, state, prompts, lengths, keys, cfg=sampling).tokens)
+        jax.profiler.stop_trace()
+        print(f"--- profile of one generate call, batch {b} ({p} prompt + {n} new tokens)", flush=True)
+        summarize_trace(tmp, 1)
     dev = jax.devices()[0]
     mem = (dev.memory_stats() or {}).get("peak_bytes_in_use", 0)
     return {"impl": f"dsjax (unroll {FLAGS.decode_unroll})" if FLAGS.decode_unroll > 1 else "dsjax", "batch": b, "prefill_tok_s": b * p / t_pre,
