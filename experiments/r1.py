@@ -87,6 +87,24 @@ def plot_curves(history: list[dict], path) -> None:
     plt.close(fig)
 
 
+def reward_trend(history: list[dict]) -> str:
+    """Mean sampled reward and accuracy over the first and the last fifth of the GRPO steps (steps whose every
+    group agreed carry no reward metrics and are left out)."""
+    rows = [h for h in history if "reward_mean" in h]
+    if len(rows) < 2:
+        return "Reward trend: too few GRPO steps with rewards."
+    n = max(1, len(rows) // 5)
+
+    def mean(part, key):
+        vals = [h[key] for h in part if key in h]
+        return sum(vals) / max(len(vals), 1)
+
+    first, last = rows[:n], rows[-n:]
+    return (f"Sampled reward (mean over the first / last {n} GRPO steps with rewards): "
+            f"{mean(first, 'reward_mean'):.3f} -> {mean(last, 'reward_mean'):.3f}; sampled accuracy "
+            f"{mean(first, 'reward/accuracy'):.3f} -> {mean(last, 'reward/accuracy'):.3f}.")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -193,7 +211,7 @@ def main(argv):
     text = (f"# R1 in miniature ({FLAGS.preset} preset, {dev.device_kind}, {time.perf_counter() - t0:.0f}s)\n\n"
             f"{table}\n\nGRPO: {grpo_steps} steps, G={p['G']}, {p['prompts']} prompts/step; rewards accuracy + 0.5 "
             f"format; {len(held_out)} held-out prompts (seed 10000). Task: ops {p['ops']!r}, up to {p['digits']} "
-            f"digits.\n\n{rs_line}")
+            f"digits.\n\n{reward_trend(history)}\n\n{rs_line}")
     (root / "r1_report.md").write_text(text)
     print(text)
     plot_curves(history, root / "r1_curves.png")

@@ -88,5 +88,6 @@ def test_r1_pipeline_runs_end_to_end(tmp_path):
     report = (wd / "r1_report.md").read_text()
     for stage in ("| pretrained |", "| SFT |", "| GRPO |", "Rejection sampling (2 samples x 2 new prompts"):
         assert stage in report, report
+    assert "Sampled reward (mean over the first / last" in report or "Reward trend: too few" in report
     assert (wd / "r1_curves.png").stat().st_size > 0 and (wd / "rejection_sampled.jsonl").exists()
     assert len((wd / "grpo_metrics.jsonl").read_text().splitlines()) == 2
