@@ -201,13 +201,14 @@ def test_after_backward_grad_sync_matches_one_device(dtype, reference):
         MeshConfig(data=4, expert=2, grad_sync="after_backward")
 
 
-def _grads_mesh_and_single(cfg, batch):
-    """``((loss, counts), grads)`` of one batch on ``cfg.mesh`` and on one device, from the same initial state."""
+def _grads_mesh_and_single(cfg, batch, devices=None):
+    """``((loss, counts), grads)`` of one batch on ``cfg.mesh`` (over ``devices``, default all) and on one device,
+    from the same initial state."""
     graphdef, p_t, r_t = split_model(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
     state = jax.jit(init_state, static_argnums=0)(cfg, jax.random.key(0))
     fn = jax.value_and_grad(_loss_fn(graphdef, p_t, r_t), has_aux=True)
     aux_ref, g_ref = jax.jit(fn)(state.params, state.rest, {k: jnp.asarray(v) for k, v in batch.items()})
-    plan = parallel.plan_for(cfg)
+    plan = parallel.plan_for(cfg, devices)
     sh = parallel.state_shardings(cfg, plan)
     params, rest = jax.device_put((state.params, state.rest), (sh.params, sh.rest))
     aux, g = jax.jit(plan.wrap(fn))(params, rest, parallel.put_batch(batch, plan))
@@ -301,15 +302,7 @@ def test_ragged_all_to_all_dispatch_on_gpus_matches_one_device():
 
     tcfg = dataclasses.replace(_cfg(MeshConfig(expert=ep, ep_dispatch="ragged")), model=cfg,
                                data=DataConfig(source="default", seq_len=32, batch_size=2 * ep))
-    graphdef, p_t, r_t = split_model(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    state = jax.jit(init_state, static_argnums=0)(tcfg, jax.random.key(0))
-    batch = _batches(1, b=2 * ep)[0]
-    fn = jax.value_and_grad(_loss_fn(graphdef, p_t, r_t), has_aux=True)
-    (l_ref, _), g_ref = jax.jit(fn)(state.params, state.rest, {k: jnp.asarray(v) for k, v in batch.items()})
-    plan = parallel.plan_for(tcfg, devices)
-    sh = parallel.state_shardings(tcfg, plan)
-    params, rest = jax.device_put((state.params, state.rest), (sh.params, sh.rest))
-    (l, _), g = jax.jit(plan.wrap(fn))(params, rest, parallel.put_batch(batch, plan))
+    (l, _), g, (l_ref, _), g_ref = _grads_mesh_and_single(tcfg, _batches(1, b=2 * ep)[0], devices)
     np.testing.assert_allclose(l, l_ref, rtol=1e-5)
     _close(jax.device_get(g), jax.device_get(g_ref), rtol=1e-3, atol=1e-6, what="grad")
 
@@ -324,15 +317,7 @@ def test_mesh_gradients_on_gpus_match_one_device(mesh):
     devices = jax.devices()[:2]
     cfg = _model(num_hidden_layers=3)
     tcfg = dataclasses.replace(_cfg(mesh), model=cfg, data=DataConfig(source="default", seq_len=32, batch_size=4))
-    graphdef, p_t, r_t = split_model(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    state = jax.jit(init_state, static_argnums=0)(tcfg, jax.random.key(0))
-    batch = _batches(1, b=4)[0]
-    fn = jax.value_and_grad(_loss_fn(graphdef, p_t, r_t), has_aux=True)
-    (l_ref, _), g_ref = jax.jit(fn)(state.params, state.rest, {k: jnp.asarray(v) for k, v in batch.items()})
-    plan = parallel.plan_for(tcfg, devices)
-    sh = parallel.state_shardings(tcfg, plan)
-    params, rest = jax.device_put((state.params, state.rest), (sh.params, sh.rest))
-    (l, _), g = jax.jit(plan.wrap(fn))(params, rest, parallel.put_batch(batch, plan))
+    (l, _), g, (l_ref, _), g_ref = _grads_mesh_and_single(tcfg, _batches(1, b=4)[0], devices)
     errs = []
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(jax.device_get(g))[0],
                             jax.tree.leaves(jax.device_get(g_ref))):
