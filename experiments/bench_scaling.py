@@ -84,18 +84,18 @@ def _variant(mode: str) -> tuple[str, dict]:
 from experiments.batches import synthetic_batch  # noqa: E402
 
 
-def _mesh_for(mode: str, n: int):
-    from dsjax.sharding import MeshConfig
-
+def _mesh_for(mode: str, n: int) -> dict:
+    """The ``MeshConfig`` fields a mode sets (its layout); other mesh fields come from ``--set mesh.*`` / ``+V``."""
     mode = _variant(mode)[0]
     mode, _, disp = mode.partition("/")
     name, _, cf = mode.partition(":")
+    layout = dict(data=1, fsdp=1, expert=1, tensor=1)
     if name == "dp":
-        return MeshConfig(data=n)
+        return {**layout, "data": n}
     if name == "fsdp":
-        return MeshConfig(fsdp=n)
+        return {**layout, "fsdp": n}
     if name == "ep":
-        return MeshConfig(expert=n, capacity_factor=float(cf) if cf else None, ep_dispatch=disp or "auto")
+        return {**layout, "expert": n, "capacity_factor": float(cf) if cf else None, "ep_dispatch": disp or "auto"}
     raise app.UsageError(f"--modes: unknown mode {mode!r}; use dp, fsdp, ep, ep:<capacity_factor> (optionally "
                          f"/<dispatch>: ep/capacity, ep:1.25/ragged_emulated)")
 
@@ -113,9 +113,8 @@ def bench(mode: str, n: int) -> dict:
     cfg = tc.apply_overrides(tc.get(FLAGS.config), [f"data.batch_size={b}", f"data.seq_len={FLAGS.seq_len}",
                                                     "optim.warmup_steps=2", *FLAGS.set,
                                                     *_variant(mode)[1].get("set", [])])
-    mesh = _mesh_for(mode, n)  # n=1: MeshConfig() -> no plan -> the plain single-device path
-    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(mesh, grad_sync=cfg.mesh.grad_sync,  # from --set / +V
-                                                            grad_sync_dtype=cfg.mesh.grad_sync_dtype))
+    # n=1: all axis sizes 1 -> no plan -> the plain single-device path
+    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, **_mesh_for(mode, n)))
     devices = jax.devices()[:n]
     plan = parallel.plan_for(cfg, devices)
     graphdef, p, r = parallel.split_abstract(cfg)

@@ -187,7 +187,7 @@ def _ragged_send_bwd(a2a, axis, rows, res, ct):
     x0, (in_off, send, out_off, recv, rev_in_off, rev_out_off) = res
     out, ct = match_varying(jnp.zeros((x0.shape[0], *ct.shape[1:]), ct.dtype), ct)
     dx = a2a(ct, out, rev_in_off, recv, rev_out_off, send, axis_name=axis)
-    return (cotangent_like(dx, x0[:, :1]),) + (None,) * 6
+    return (cotangent_like(dx, x0),) + (None,) * 6
 
 
 _ragged_send.defvjp(_ragged_send_fwd, _ragged_send_bwd)

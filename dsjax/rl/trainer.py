@@ -245,7 +245,6 @@ class GRPOTrainer:
                 log_fn(f"resumed GRPO from {checkpoint_dir} at step {last} ({drawn[0]} examples skipped)")
         t0 = time.perf_counter()
         self.finished = True
-        step = start
         for step in range(start, total):
             metrics, samples = self.step(stream, step)
             metrics["step"] = step + 1

@@ -19,6 +19,7 @@ with ``donate_argnums=0``. Inside, nothing syncs with the host:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import jax
@@ -309,9 +310,7 @@ def _after_backward_sync(grads_of: Callable, plan: Any, dtype: str | None, batch
     from dsjax.sharding import use_plan
 
     axes = tuple(a for a in plan.mesh.axis_names if plan.mesh.shape[a] > 1)
-    n = 1
-    for a in axes:
-        n *= plan.mesh.shape[a]
+    n = math.prod(plan.mesh.shape[a] for a in axes)
     if batch_size % (n * micro_batches):
         raise ConfigError(f"data.batch_size={batch_size} must be divisible by devices x micro_batches = {n} x "
                           f"{micro_batches} with mesh.grad_sync='after_backward'. Fix: change the batch size")
