@@ -57,10 +57,10 @@ def _batches(n, b=8, t=32, vocab=512):
     return out
 
 
-def _train(cfg, batches):
-    """Runs len(batches) steps from the (sharded) init; returns per-step metrics, host copies of the initial params
-    and of (params, rest) after step 1 and the last step, and the final state."""
-    plan = parallel.plan_for(cfg)
+def _train(cfg, batches, devices=None):
+    """Runs len(batches) steps from the (sharded) init (on ``devices``, default all); returns per-step metrics, host
+    copies of the initial params and of (params, rest) after step 1 and the last step, and the final state."""
+    plan = parallel.plan_for(cfg, devices)
     graphdef, p, r = split_model(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
     if plan is None:
         step = jax.jit(make_train_step(cfg, graphdef, p, r), donate_argnums=0)
@@ -199,6 +199,21 @@ def test_after_backward_grad_sync_matches_one_device(dtype, reference):
         _close(snaps[2], ref_snaps[2], rtol=1e-4, atol=1e-5, what=f"after step {STEPS}")
     with pytest.raises(ConfigError, match="pure data parallelism"):
         MeshConfig(data=4, expert=2, grad_sync="after_backward")
+
+
+def test_after_backward_with_chunked_loss_and_micro_batches():
+    """The per-device backward's scans (logits chunks of the cross-entropy, micro-batch accumulation) run inside the
+    ``shard_map``, where their carries vary over the batch axes (on GPUs 8 x 2048 tokens per device take 4 chunks;
+    the other tests here fit in one): 4 devices x 2 micro-batches x 4 chunks train like one device."""
+    base = _cfg()
+    base = dataclasses.replace(base, loss=dataclasses.replace(base.loss, ce_chunk_tokens=8), micro_batches=2)
+    ref, ref_snaps, _ = _train(base, _batches(2))
+    cfg = dataclasses.replace(base, mesh=MeshConfig(data=4, grad_sync="after_backward"))
+    metrics, snaps, _ = _train(cfg, _batches(2), devices=jax.devices()[:4])
+    for i, (m, r) in enumerate(zip(metrics, ref)):
+        for key in ("loss", "ce", "mtp_loss_1", "grad_norm", "balance_loss"):
+            np.testing.assert_allclose(m[key], r[key], rtol=2e-5 if i == 0 else 1e-4, err_msg=f"step {i + 1} {key}")
+    _close(snaps[1], ref_snaps[1], what="after step 1")
 
 
 def _grads_mesh_and_single(cfg, batch, devices=None):

@@ -72,7 +72,10 @@ def chunked_cross_entropy(hidden: jax.Array, head: Callable[[jax.Array], jax.Arr
         ce, z = chunk(*xs)
         return (carry[0] + ce, carry[1] + z), None
 
-    (ce, z), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0)), (h, tg, w))
+    # zeros typed like a chunk's sums: inside ``shard_map`` they vary over the batch axes (a plain float32(0) would
+    # not, and scan needs equal carry types)
+    init = jax.tree.map(jnp.zeros_like, jax.eval_shape(chunk, h[0], tg[0], w[0]))
+    (ce, z), _ = jax.lax.scan(body, init, (h, tg, w))
     return ce, z
 
 

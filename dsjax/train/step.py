@@ -217,11 +217,11 @@ def make_train_step(cfg: TrainConfig, graphdef: Any, params_template: nnx.State,
         if m == 1:
             (loss, aux), grads = grad_fn(params, rest, jax.tree.map(lambda x: x[0], micro), norms, balance_scale)
         else:
-            zeros_g = jax.tree.map(jnp.zeros_like, params)
-            aux_shape = jax.eval_shape(lambda: grad_fn(params, rest, jax.tree.map(lambda x: x[0], micro), norms,
-                                                       balance_scale)[0][1])
-            zeros_a = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
-            (grads, loss, aux), _ = jax.lax.scan(acc, (zeros_g, jnp.float32(0), zeros_a), micro)
+            # zeros typed like one micro-batch's results (inside ``shard_map`` they carry its varying mesh axes)
+            (loss_s, aux_s), grads_s = jax.eval_shape(grad_fn, params, rest, jax.tree.map(lambda x: x[0], micro),
+                                                      norms, balance_scale)
+            init = jax.tree.map(jnp.zeros_like, (grads_s, loss_s, aux_s))
+            (grads, loss, aux), _ = jax.lax.scan(acc, init, micro)
         return loss, aux, grads
 
     sync_after = None
