@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.grouped_matmul import vary_like
+
 __all__ = ["GemmConfig", "fp8_gemm", "gemm_reference", "mosaic_gpu_supported", "default_config"]
 
 BLOCK = 128
@@ -168,7 +170,7 @@ def _tpu_gemm(a, sa_t, b, sb, *, variant, out_dtype, interpret, bm=128, bn=128):
     else:
         sb_spec = pl.BlockSpec((kb, bn), lambda i, j, kk: (0, j))
         sb_in = sb.T                                                      # (Kb, N)
-    return pl.pallas_call(
+    out = pl.pallas_call(
         functools.partial(_tpu_kernel, variant=variant, bn=bn),
         grid=grid,
         in_specs=[pl.BlockSpec((bm, BLOCK), lambda i, j, kk: (i, kk)),
@@ -181,6 +183,7 @@ def _tpu_gemm(a, sa_t, b, sb, *, variant, out_dtype, interpret, bm=128, bn=128):
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
     )(a, b, sa_t, sb_in)
+    return vary_like(out, a, b, sa_t, sb_in)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -323,7 +326,7 @@ def _mgpu_gemm(a, sa_t, b, sb, *, variant, out_dtype, cfg: GemmConfig, interpret
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         **kw,
     )
-    return f(a, sa_t, b, sb)
+    return vary_like(f(a, sa_t, b, sb), a, sa_t, b, sb)   # typed per device inside shard_map (see vary_like)
 
 
 def _batchable(kernel_fn, a, sa_t, b, sb, **kw):

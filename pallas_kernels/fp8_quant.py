@@ -35,6 +35,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.grouped_matmul import vary_like
+
 __all__ = ["BLOCK", "E4M3_MAX", "act_quant", "act_quant_t", "act_quant_dual", "weight_quant_dual", "dequant",
            "quantize_blocks"]
 
@@ -212,7 +214,7 @@ def _pallas_quant(x, *, rows: bool, cols: bool, block2d: bool, eps: float, pow2_
     kernel = functools.partial(_quant_kernel, rows=rows, cols=cols, block2d=block2d, eps=eps, pow2_scale=pow2_scale)
     outs = pl.pallas_call(kernel, grid=(mb, kb), in_specs=[pl.BlockSpec(tile, lambda i, j: (i, j))],
                           out_specs=out_specs, out_shape=out_shape, interpret=_interpret(interpret))(xp)
-    outs = list(outs)
+    outs = list(vary_like(tuple(outs), xp))
     res = []
     if block2d:
         q, s, qt = outs

@@ -48,6 +48,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.grouped_matmul import vary_like
+
 __all__ = ["mgpu_quant", "mgpu_quant_supported", "choose_tiling"]
 
 BLOCK = 128
@@ -217,4 +219,4 @@ def mgpu_quant(x: jax.Array, *, mode: Mode, eps: float = 1e-4, pow2_scale: bool 
                      grid=(mt, kb // steps), grid_names=("m", "k"),
                      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
                      **kw)
-    return tuple(f(x))
+    return tuple(vary_like(f(x), x))   # typed per device inside shard_map (see grouped_matmul.vary_like)

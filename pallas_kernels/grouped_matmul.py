@@ -22,7 +22,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-__all__ = ["grouped_matmul", "mosaic_gpu_supported", "pad_rows"]
+__all__ = ["grouped_matmul", "mosaic_gpu_supported", "pad_rows", "vary_like"]
 
 Implementation = Literal["auto", "xla", "mosaic_gpu"]
 _BLOCK_M, _BLOCK_N, _BLOCK_K, _STAGES = 128, 128, 64, 4
@@ -58,17 +58,19 @@ def _mgpu_forward(x, w, group_sizes, transpose_rhs=False):
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 
     n = w.shape[1] if transpose_rhs else w.shape[2]
-    return ragged_dot_mgpu.ragged_dot(x, w, group_sizes=group_sizes, block_m=_BLOCK_M, block_n=_BLOCK_N,
-                                      block_k=_BLOCK_K, max_concurrent_steps=_STAGES,
-                                      grid_block_n=_grid_block_n(n), transpose_rhs=transpose_rhs)
+    out = ragged_dot_mgpu.ragged_dot(x, w, group_sizes=group_sizes, block_m=_BLOCK_M, block_n=_BLOCK_N,
+                                     block_k=_BLOCK_K, max_concurrent_steps=_STAGES,
+                                     grid_block_n=_grid_block_n(n), transpose_rhs=transpose_rhs)
+    return vary_like(out, x, w, group_sizes)
 
 
 def _mgpu_weight_grad(x, dy, group_sizes):
     from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
 
-    return transposed_ragged_dot_mgpu.transposed_ragged_dot(
+    dw = transposed_ragged_dot_mgpu.transposed_ragged_dot(
         x, dy, group_sizes=group_sizes, block_m=_BLOCK_M, block_n=_BLOCK_N, block_k=_BLOCK_K,
         max_concurrent_steps=_STAGES, grid_block_n=1)
+    return vary_like(dw, x, dy, group_sizes)
 
 
 @jax.custom_vjp
@@ -105,6 +107,26 @@ _gmm_mgpu.defvjp(_gmm_mgpu_fwd, _gmm_mgpu_bwd)
 def _varying_axes(x: jax.Array) -> frozenset:
     mat = getattr(jax.typeof(x), "manual_axis_type", None)
     return frozenset(getattr(mat, "varying", ()) or ())
+
+
+def vary_like(out, *inputs: jax.Array):
+    """Types a kernel's outputs (a pytree) as varying over every mesh axis its ``inputs`` vary on.
+
+    ``plgpu.kernel`` traces with ``check_vma`` off, so inside ``shard_map`` a Mosaic GPU kernel's outputs come back
+    typed *invariant* although each device computed its own values. JAX then inserts a ``pvary`` where such an
+    output meets varying data, and the transpose of that ``pvary`` is a ``psum``: the backward pass would sum the
+    output cotangents of all devices (wrong gradients, plus an all-reduce of activations per kernel). Re-typing the
+    outputs here (a no-op at run time) keeps per-device values per device. The identity outside ``shard_map``.
+    """
+    axes = frozenset().union(*(_varying_axes(x) for x in inputs))
+    if not axes:
+        return out
+
+    def fix(o):
+        missing = tuple(sorted(axes - _varying_axes(o)))
+        return jax.lax.pcast(o, missing, to="varying") if missing else o
+
+    return jax.tree.map(fix, out)
 
 
 def match_varying(*xs: jax.Array) -> tuple[jax.Array, ...]:

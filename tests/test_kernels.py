@@ -91,3 +91,54 @@ def test_custom_vjp_cotangents_take_the_primal_varying_axes_under_shard_map():
     for fn in (make(True), lambda a, b, g: make(False)(*gm.match_varying(a, b, g))):
         for r, g in zip(ref, grads(fn)):
             np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_mosaic_kernel_outputs_are_typed_per_device_under_shard_map(monkeypatch):
+    """``plgpu.kernel`` traces with ``check_vma`` off, so inside ``shard_map`` a Mosaic GPU kernel's output is typed
+    invariant; JAX's ``pvary`` where it meets data-sharded values transposes to a ``psum`` that summed the devices'
+    output cotangents (seen on 2 GPUs: loss exact, gradients 88% off, plus an all-reduce per kernel). Stand-ins for
+    the jax Mosaic GPU kernels with that typing (the same maths through ``ragged_dot`` under ``check_vma(False)``):
+    ``grouped_matmul(implementation="mosaic_gpu")`` under a data-parallel ``shard_map`` has one device's gradients."""
+    import importlib
+
+    from jax._src import config as jax_config
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu, transposed_ragged_dot_mgpu
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    gm = importlib.import_module("pallas_kernels.grouped_matmul")
+
+    def fake_forward(x, w, group_sizes, transpose_rhs=False, **_):
+        with jax_config._check_vma(False):
+            return jax.lax.ragged_dot(x, jnp.swapaxes(w, 1, 2) if transpose_rhs else w, group_sizes)
+
+    def fake_weight_grad(x, dy, group_sizes, **_):
+        dims = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(((0,), (0,)), ((), ())),
+                                                 lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+        with jax_config._check_vma(False):
+            return jax.lax.ragged_dot_general(x, dy, group_sizes, dims)
+
+    monkeypatch.setattr(ragged_dot_mgpu, "ragged_dot", fake_forward)
+    monkeypatch.setattr(transposed_ragged_dot_mgpu, "transposed_ragged_dot", fake_weight_grad)
+    monkeypatch.setattr(gm, "mosaic_gpu_supported", lambda x, w: True)
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:2])
+    x = jax.random.normal(jax.random.key(0), (256, 128))
+    w = 0.1 * jax.random.normal(jax.random.key(1), (4, 128, 128))
+    c = jax.random.normal(jax.random.key(2), (256, 128))
+    gs = jnp.array([20, 30, 50, 28], jnp.int32)                  # per device (128 rows each)
+    types = []
+
+    def body(x, w, c):
+        y = gm.grouped_matmul(x, w, gs, implementation="mosaic_gpu")
+        types.append(str(jax.typeof(y)))
+        return jax.lax.psum(jnp.sum(y * c), "data")
+
+    put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))  # noqa: E731
+    loss = jax.shard_map(body, mesh=mesh, in_specs=(P("data"), P(), P("data")), out_specs=P())
+    got = jax.jit(jax.grad(loss, (0, 1)))(put(x, P("data")), put(w, P()), put(c, P("data")))
+    halves = lambda a: a.reshape(2, 128, -1)  # noqa: E731
+    ref = jax.grad(lambda x, w: sum(jnp.sum(jax.lax.ragged_dot(halves(x)[i], w, gs) * halves(c)[i])
+                                    for i in range(2)), (0, 1))(x, w)
+    assert "data" in types[0], types                             # varying over the data axis
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
