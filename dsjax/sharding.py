@@ -52,7 +52,7 @@ MESH_AXES = ("data", "fsdp", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
 #: Expert-parallel dispatch implementations (see :mod:`dsjax.model.moe_ep`).
 EP_DISPATCH = ("auto", "ragged", "capacity", "ragged_emulated")
-GRAD_SYNC = ("gspmd", "after_backward")
+GRAD_SYNC = ("auto", "gspmd", "after_backward")
 GRAD_SYNC_DTYPES = (None, "float32", "bfloat16")
 
 #: Every logical axis name a parameter or activation may use, with what it indexes.
@@ -132,11 +132,13 @@ class MeshConfig:
         dropped (exact, but the grouped matmuls then run over ``expert``-times more rows).
       ep_dispatch: ``auto`` (``ragged`` on GPU/TPU, where XLA has ``ragged-all-to-all``, ``capacity`` elsewhere),
         ``ragged``, ``capacity``, or ``ragged_emulated`` (the ragged bookkeeping over plain all-to-alls; for tests).
-      grad_sync: how data-parallel gradients are summed. ``gspmd`` (default): XLA's partitioner all-reduces each
-        layer's weight gradients where they are produced, inside the backward loop of a scanned model.
-        ``after_backward`` (pure data parallelism: only ``data`` > 1): every device runs the whole backward on its
-        rows (``shard_map``) and one all-reduce of all gradients follows: large messages, no per-layer
-        synchronisation; same values up to float32 summation order.
+      grad_sync: how data-parallel gradients are summed. ``gspmd``: XLA's partitioner all-reduces each layer's
+        weight gradients where they are produced, inside the backward loop of a scanned model (small messages, one
+        synchronisation per layer). ``after_backward`` (pure data parallelism: only ``data`` > 1): every device
+        runs the whole backward on its rows (``shard_map``) and one all-reduce of all gradients follows: large
+        messages, no per-layer synchronisation; same values up to float32 summation order. ``auto`` (default):
+        ``after_backward`` for pure data parallelism, ``gspmd`` otherwise (on 4 H100s, ``small``: 188.7 ms/step
+        with a bf16 all-reduce after the backward vs 289.2 ms with ``gspmd``, one device 175.4 ms).
       grad_sync_dtype: with ``after_backward``, the dtype of that all-reduce (``bfloat16`` halves the bytes and
         rounds the summed gradients to bf16; ``None``: the gradients' own dtype).
     """
@@ -148,7 +150,7 @@ class MeshConfig:
     rules: str = "default"
     capacity_factor: float | None = None
     ep_dispatch: str = "auto"
-    grad_sync: str = "gspmd"
+    grad_sync: str = "auto"
     grad_sync_dtype: str | None = None
 
     def __post_init__(self):
@@ -173,6 +175,13 @@ class MeshConfig:
             raise ConfigError(f"mesh.grad_sync='after_backward' is for pure data parallelism, but fsdp={self.fsdp}, "
                               f"expert={self.expert}, tensor={self.tensor}. Fix: set them to 1 or use "
                               f"grad_sync='gspmd'")
+
+    @property
+    def resolved_grad_sync(self) -> str:
+        """``grad_sync`` with ``auto`` resolved: ``after_backward`` when only the ``data`` axis is split."""
+        if self.grad_sync != "auto":
+            return self.grad_sync
+        return "after_backward" if (self.fsdp, self.expert, self.tensor) == (1, 1, 1) else "gspmd"
 
     @property
     def sizes(self) -> tuple[int, int, int, int]:

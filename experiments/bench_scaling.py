@@ -8,8 +8,8 @@ Weak scaling: every device gets ``--batch_per_device`` sequences of ``--seq_len`
 with the device count; efficiency = tokens/s on n devices / (n x tokens/s of the single-device path). Modes (each on
 the first n devices, skipped for counts larger than the machine):
 
-* ``dp``       -- ``MeshConfig(data=n)``: replicated weights, gradients all-reduced (n=1: the plain single-device
-  code path, the baseline);
+* ``dp``       -- ``MeshConfig(data=n)``: replicated weights, gradients all-reduced (``grad_sync=auto``: once, after
+  the backward; ``dp+gspmd``: per layer inside it) (n=1: the plain single-device code path, the baseline);
 * ``fsdp``     -- ``MeshConfig(fsdp=n)``: weights and optimizer state split along D, gathered per layer;
 * ``ep``       -- ``MeshConfig(expert=n)``: routed experts split over the devices, tokens sent to them by
   all-to-all (``ragged_all_to_all`` on GPU), dropless (receive buffers sized for the worst case);
@@ -69,6 +69,7 @@ VARIANTS = {
     "no_cmd_buffer": dict(xla="--xla_gpu_enable_command_buffer="),
     "unrolled": dict(set=["model.scan_layers=false"]),
     # one all-reduce of all gradients after a per-device backward (MeshConfig.grad_sync), float32 or bf16
+    "gspmd": dict(set=["mesh.grad_sync=gspmd"]),   # XLA's per-layer all-reduces (the default before grad_sync=auto)
     "ar_after": dict(set=["mesh.grad_sync=after_backward"]),
     "ar_after_bf16": dict(set=["mesh.grad_sync=after_backward", "mesh.grad_sync_dtype=bfloat16"]),
     "bf16_master": dict(set=["model.param_dtype=bfloat16"]),

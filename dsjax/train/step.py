@@ -151,8 +151,9 @@ def make_train_step(cfg: TrainConfig, graphdef: Any, params_template: nnx.State,
     """Builds the pure train step for ``cfg``. ``*_template`` are the model's ``nnx.State`` splits (any values).
 
     ``plan`` (a :class:`~dsjax.sharding.Plan`, given by :func:`dsjax.train.parallel.jit_train_step`) matters only
-    for ``cfg.mesh.grad_sync == "after_backward"``: the gradients are then computed per device in a ``shard_map``
-    over the batch axes and summed by one all-reduce after the backward pass."""
+    when ``cfg.mesh.resolved_grad_sync == "after_backward"`` (pure data parallelism by default): the gradients are
+    then computed per device in a ``shard_map`` over the batch axes and summed by one all-reduce after the backward
+    pass."""
     mcfg = cfg.model
     depth = mcfg.num_nextn_predict_layers
     alpha = cfg.balance_alpha
@@ -225,7 +226,7 @@ def make_train_step(cfg: TrainConfig, graphdef: Any, params_template: nnx.State,
         return loss, aux, grads
 
     sync_after = None
-    if plan is not None and cfg.mesh.grad_sync == "after_backward":
+    if plan is not None and cfg.mesh.resolved_grad_sync == "after_backward":
         sync_after = _after_backward_sync(grads_of, plan, cfg.mesh.grad_sync_dtype, cfg.data.batch_size, m)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
