@@ -170,3 +170,21 @@ def test_sft_trains_on_completions_only(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     # fewer targets than tokens: prompts are masked out of the loss
     assert all(r["tokens"] < 4 * 32 * 0.8 for r in rows)
+
+
+def test_finished_run_reopens_after_its_data_moved(tmp_path):
+    """A finished run (checkpoint at ``steps``) needs no data: re-running it from a copied workdir whose data file
+    moved (the iterator fingerprint holds the absolute path) returns at once instead of failing on the iterator."""
+    import shutil
+
+    (tmp_path / "a").mkdir()
+    for i in range(8):                                            # one document per file
+        (tmp_path / "a" / f"doc{i}.txt").write_text(f"document {i}: the quick brown fox jumps over the lazy dog\n" * 50)
+    run(_cfg("steps=2", "checkpoint.every=2", "data.source=text", f"data.paths={tmp_path / 'a' / '*.txt'}"),
+        tmp_path / "a" / "work", log_fn=lambda s: None)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    logs = []
+    summary = run(_cfg("steps=2", "checkpoint.every=2", "data.source=text",
+                       f"data.paths={tmp_path / 'b' / '*.txt'}"), tmp_path / "b" / "work", log_fn=logs.append)
+    assert summary["start_step"] == 2 and any("resumed" in s for s in logs)
+    assert Checkpointer(tmp_path / "b" / "work" / "checkpoints").all_steps() == [2]

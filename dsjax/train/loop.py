@@ -141,7 +141,7 @@ def run(cfg: TrainConfig, workdir: str | pathlib.Path, *, log_fn=print) -> dict[
         it = iter(make_dataset(cfg.data, tokenizer))
     else:  # every process reads the whole global batch (same stream, and iterator state, for any process count);
         it = iter(make_dataset(cfg.data, tokenizer, process_index=0, process_count=1))  # put_batch keeps its rows
-    if data_state:
+    if data_state and start < cfg.steps:   # a finished run needs no data (and may have moved: absolute paths)
         it.set_state(data_state)
 
     graphdef, params_t, rest_t = split_model(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
