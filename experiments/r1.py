@@ -76,7 +76,7 @@ def plot_curves(history: list[dict], path) -> None:
 
     fig, ax = plt.subplots(1, 3, figsize=(13, 3.5))
     for a, key, title in ((ax[0], "reward_mean", "mean reward"),
-                          (ax[1], "reward/accuracy", "accuracy reward (sampled, kept groups)"),
+                          (ax[1], "reward/accuracy", "accuracy reward (all sampled completions)"),
                           (ax[2], "completion_len_mean", "completion length (tokens)")):
         v = [h.get(key, float("nan")) for h in rows]
         a.plot(steps, v, alpha=0.35, color="C0")

@@ -279,3 +279,27 @@ def test_trainer_log_probs_equal_the_samplers():
     for i in range(3):
         assert mask[i].sum() == clen[i] > 0
         np.testing.assert_allclose(lp[i][mask[i]], np.asarray(out.logprobs)[i, :clen[i]], rtol=1e-4, atol=1e-4)
+
+
+def test_reward_metrics_cover_every_sampled_completion_under_dynamic_sampling():
+    """Dynamic sampling trains only on groups whose rewards differ; the step's reward metrics are over every
+    sampled completion (else a policy that gets better shows a flat reward: all-correct groups leave the batch)."""
+    import itertools
+
+    from dsjax.data import DataConfig, make_tokenizer
+    from dsjax.rl.rewards import Reward
+    from dsjax.rl.trainer import GRPOTrainer
+
+    tok = make_tokenizer(DataConfig())
+    model = dsjax.Transformer(dsjax.configs.tiny(num_hidden_layers=2), rngs=nnx.Rngs(0))
+    # half the prompts always score 1 (their groups agree and are dropped), the others 0/1 by completion length
+    reward = Reward("r", lambda c, ex: 1.0 if ex["answer"] == "const" else float(len(c) % 2))
+    cfg = GRPOConfig(num_generations=4, beta=0.0, max_new_tokens=8, dynamic_sampling=True)
+    trainer = GRPOTrainer(model, tok, [reward], cfg, steps=2, prompts_per_step=4)
+    stream = ({"prompt": f"Q{i}: ", "answer": "const" if i % 2 == 0 else "var"} for i in itertools.count())
+    history = trainer.train(stream, 2, log_fn=lambda s: None)
+    for m in history:
+        assert m["frac_reward_zero_std"] >= 0.5 and m["rollout_batches"] >= 1
+        assert 0.5 <= m["reward_mean"] <= 1.0 and m["reward/r"] == pytest.approx(m["reward_mean"])
+        if "reward_mean_trained" in m:        # the trained groups: only "var" prompts, with mixed rewards
+            assert m["reward_mean_trained"] < 1.0 and m["reward_mean"] >= m["reward_mean_trained"]

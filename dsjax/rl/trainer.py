@@ -10,7 +10,8 @@ One step:
 5. ``mu`` passes of ``minibatches`` optimizer updates (:func:`dsjax.rl.grpo.make_grpo_step`).
 
 Metrics per step: rewards (mean/std/min/max, per function), accuracy and format rates when those rewards are used,
-``frac_reward_zero_std``, completion lengths and truncation ratio, KL, clip fractions, ratio stats, policy/KL loss,
+``frac_reward_zero_std`` -- all over every completion sampled in the step (with dynamic sampling the trained groups
+are a biased subset: their mean is ``reward_mean_trained``) --, completion lengths and truncation ratio, KL, clip fractions, ratio stats, policy/KL loss,
 grad norm, lr, rollout and train tokens/s and the time split (rollout / reference / train / reward).
 """
 
@@ -33,6 +34,25 @@ from dsjax.train.config import OptimConfig
 from dsjax.train.step import split_model
 
 __all__ = ["GRPOTrainer", "greedy_accuracy"]
+
+
+def _reward_metrics(rolled: list, g: int) -> dict[str, float]:
+    """Reward and completion statistics over every completion sampled in a step (``rolled``: ``(scores, lengths,
+    truncated)`` per rollout batch): an unbiased estimate of the policy's reward. Dynamic sampling trains only on
+    groups whose rewards differ, so the trained batch's statistics stay mid-range by construction (all-correct
+    groups are dropped) and cannot show improvement; the caller reports that mean as ``reward_mean_trained``."""
+    every = {k: np.concatenate([r[0][k] for r in rolled]) for k, v in rolled[0][0].items() if isinstance(v, np.ndarray)}
+    total = every["total"]
+    lens, trunc = np.concatenate([r[1] for r in rolled]), np.concatenate([r[2] for r in rolled])
+    out = {"reward_mean": float(total.mean()), "reward_std": float(total.std()), "reward_min": float(total.min()),
+           "reward_max": float(total.max()), "frac_reward_zero_std": float((total.reshape(-1, g).std(1) == 0).mean()),
+           "rollout_batches": float(len(rolled)), "completion_len_mean": float(lens.mean()),
+           "completion_len_min": float(lens.min()), "completion_len_max": float(lens.max()),
+           "truncated_ratio": float(trunc.mean())}
+    for k, v in every.items():
+        if k != "total":
+            out[f"reward/{k}"] = float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+    return out
 
 
 def _tok_prompt(tokenizer, text: str) -> list[int]:
@@ -131,7 +151,7 @@ class GRPOTrainer:
         """One GRPO step drawing prompts from ``examples``; returns ``(metrics, samples)``."""
         g, t0 = self.cfg.num_generations, time.perf_counter()
         batch_ex: list[dict] = []
-        parts = []
+        parts, rolled = [], []   # rolled: the scores of every completion sampled this step (all tries)
         t_reward = t_rollout = 0.0
         tries = 0
         while len(batch_ex) < self.prompts_per_step and tries < (4 if self.cfg.dynamic_sampling else 1):
@@ -142,6 +162,7 @@ class GRPOTrainer:
             tokens, lengths, comp, clen, trunc = self._rollout(exs, step * 16 + tries)
             t2 = time.perf_counter()
             texts, scores = self._score(exs, comp, clen)
+            rolled.append((scores, clen, trunc))
             t_rollout += t2 - t1
             t_reward += time.perf_counter() - t2
             keep = np.ones(len(exs), bool)
@@ -154,7 +175,7 @@ class GRPOTrainer:
                               {k: v[rows] for k, v in scores.items() if isinstance(v, np.ndarray)},
                               texts[rows]))
         if not parts:  # every group agreed: nothing to learn from this step
-            return {"skipped_rollout": 1.0, "time_rollout_s": t_rollout}, []
+            return {"skipped_rollout": 1.0, "time_rollout_s": t_rollout, **_reward_metrics(rolled, g)}, []
         p_len = max(x[0].shape[1] for x in parts)
         pad_left = lambda a: np.pad(a, ((0, 0), (p_len - a.shape[1], 0)))
         tokens = np.concatenate([pad_left(x[0]) for x in parts])
@@ -186,26 +207,20 @@ class GRPOTrainer:
                 upd.append(um)
         upd = jax.device_get(upd)
         t5 = time.perf_counter()
-        total = scores["total"]
+        kept_total = scores["total"]
         metrics: dict[str, float] = {
-            "reward_mean": float(total.mean()), "reward_std": float(total.std()), "reward_min": float(total.min()),
-            "reward_max": float(total.max()),
-            "frac_reward_zero_std": float((total.reshape(-1, g).std(1) == 0).mean()),
-            "completion_len_mean": float(clen.mean()), "completion_len_min": float(clen.min()),
-            "completion_len_max": float(clen.max()), "truncated_ratio": float(trunc.mean()),
+            **_reward_metrics(rolled, g), "reward_mean_trained": float(kept_total.mean()),
             "time_rollout_s": t_rollout, "time_reward_s": t_reward, "time_reference_s": t4 - t3,
-            "time_train_s": t5 - t4, "rollout_tokens_per_s": float(clen.sum()) / max(t_rollout, 1e-9),
+            "time_train_s": t5 - t4, "rollout_tokens_per_s": float(sum(r[1].sum() for r in rolled)) / max(t_rollout, 1e-9),
             "train_tokens_per_s": self.cfg.mu * float(batch["completion_mask"].sum()) / max(t5 - t4, 1e-9),
             "prompts": float(len(batch_ex)), "step_time_s": time.perf_counter() - t0,
         }
-        for k, v in scores.items():
-            if k not in ("total",):
-                metrics[f"reward/{k}"] = float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
         for k in upd[-1]:
             metrics[k] = float(np.mean([u[k] for u in upd]))
         samples = []
         if step % self.log_samples_every == 0:
-            samples = [(batch_ex[j // g]["prompt"], texts[j], float(total[j])) for j in range(0, len(texts), g)][:3]
+            samples = [(batch_ex[j // g]["prompt"], texts[j], float(kept_total[j])) for j in range(0, len(texts), g)
+                       ][:3]
         return metrics, samples
 
     def train(self, examples: Iterator[dict], steps: int | None = None, *, log_fn: Callable[[str], None] = print,
