@@ -233,7 +233,8 @@ def main(argv):
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['mode']} | {r['devices']} | error: {r['error'][:150]} | | | | | | | | | |")
+            err = " ".join(r["error"].split())[:150].replace("|", "/")   # one table row: no newlines or pipes
+            lines.append(f"| {r['mode']} | {r['devices']} | error: {err} | | | | | | | | | |")
             continue
         eff = f"{100 * r['tokens_per_s'] / (r['devices'] * base):.1f}%" if base else "n/a"
         lines.append(f"| {r['mode']} | {r['devices']} | {r['mesh']} | {r['dispatch']} | {r['global_batch']} x "

@@ -180,8 +180,8 @@ def main(argv):
 
     # 3. GRPO with accuracy + format rewards on fresh prompts
     gcfg = GRPOConfig(num_generations=p["G"], beta=0.001, eps_low=0.2, eps_high=0.28, temperature=1.0,
-                      max_new_tokens=p["max_new"], loss_agg="token_mean", dynamic_sampling=p["dynamic_sampling"], mu=p["mu"],
-                      minibatches=p["minibatches"])
+                      max_new_tokens=p["max_new"], loss_agg="token_mean", dynamic_sampling=p["dynamic_sampling"],
+                      mu=p["mu"], minibatches=p["minibatches"])
     trainer = GRPOTrainer(model, tok, rewards, gcfg, steps=grpo_steps, prompts_per_step=p["prompts"],
                           optim=OptimConfig(learning_rate=p["grpo_lr"], warmup_steps=0, schedule="constant",
                                             weight_decay=0.0, clip_norm=1.0))
@@ -218,8 +218,8 @@ def main(argv):
     dev = jax.devices()[0]
     text = (f"# R1 in miniature ({FLAGS.preset} preset, {dev.device_kind}, {time.perf_counter() - t0:.0f}s)\n\n"
             f"{table}\n\nGRPO: {grpo_steps} steps, G={p['G']}, {p['prompts']} prompts/step, lr {p['grpo_lr']:g}, "
-            f"mu={p['mu']}, {p['minibatches']} minibatch(es), dynamic sampling {p['dynamic_sampling']}; rewards accuracy + 0.5 "
-            f"format; {len(held_out)} held-out prompts (seed 10000). Task: ops {p['ops']!r}, up to {p['digits']} "
+            f"mu={p['mu']}, {p['minibatches']} minibatch(es), dynamic sampling {p['dynamic_sampling']}; rewards "
+            f"accuracy + 0.5 format; {len(held_out)} held-out prompts (seed 10000). Task: ops {p['ops']!r}, up to {p['digits']} "
             f"digits.\n\n{reward_trend(history)}\n\n{rs_line}")
     (root / "r1_report.md").write_text(text)
     print(text)

@@ -11,8 +11,8 @@ One step:
 
 Metrics per step: rewards (mean/std/min/max, per function), accuracy and format rates when those rewards are used,
 ``frac_reward_zero_std`` -- all over every completion sampled in the step (with dynamic sampling the trained groups
-are a biased subset: their mean is ``reward_mean_trained``) --, completion lengths and truncation ratio, KL, clip fractions, ratio stats, policy/KL loss,
-grad norm, lr, rollout and train tokens/s and the time split (rollout / reference / train / reward).
+are a biased subset: their mean is ``reward_mean_trained``) --, completion lengths and truncation ratio, KL, clip
+fractions, ratio stats, policy/KL loss, grad norm, lr, rollout and train tokens/s and the time split (rollout / reference / train / reward).
 """
 
 from __future__ import annotations
@@ -211,7 +211,8 @@ class GRPOTrainer:
         metrics: dict[str, float] = {
             **_reward_metrics(rolled, g), "reward_mean_trained": float(kept_total.mean()),
             "time_rollout_s": t_rollout, "time_reward_s": t_reward, "time_reference_s": t4 - t3,
-            "time_train_s": t5 - t4, "rollout_tokens_per_s": float(sum(r[1].sum() for r in rolled)) / max(t_rollout, 1e-9),
+            "time_train_s": t5 - t4,
+            "rollout_tokens_per_s": float(sum(r[1].sum() for r in rolled)) / max(t_rollout, 1e-9),
             "train_tokens_per_s": self.cfg.mu * float(batch["completion_mask"].sum()) / max(t5 - t4, 1e-9),
             "prompts": float(len(batch_ex)), "step_time_s": time.perf_counter() - t0,
         }
