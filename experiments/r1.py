@@ -219,8 +219,8 @@ def main(argv):
     text = (f"# R1 in miniature ({FLAGS.preset} preset, {dev.device_kind}, {time.perf_counter() - t0:.0f}s)\n\n"
             f"{table}\n\nGRPO: {grpo_steps} steps, G={p['G']}, {p['prompts']} prompts/step, lr {p['grpo_lr']:g}, "
             f"mu={p['mu']}, {p['minibatches']} minibatch(es), dynamic sampling {p['dynamic_sampling']}; rewards "
-            f"accuracy + 0.5 format; {len(held_out)} held-out prompts (seed 10000). Task: ops {p['ops']!r}, up to {p['digits']} "
-            f"digits.\n\n{reward_trend(history)}\n\n{rs_line}")
+            f"accuracy + 0.5 format; {len(held_out)} held-out prompts (seed 10000). Task: ops {p['ops']!r}, up to "
+            f"{p['digits']} digits.\n\n{reward_trend(history)}\n\n{rs_line}")
     (root / "r1_report.md").write_text(text)
     print(text)
     plot_curves(history, root / "r1_curves.png")

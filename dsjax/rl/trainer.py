@@ -12,7 +12,8 @@ One step:
 Metrics per step: rewards (mean/std/min/max, per function), accuracy and format rates when those rewards are used,
 ``frac_reward_zero_std`` -- all over every completion sampled in the step (with dynamic sampling the trained groups
 are a biased subset: their mean is ``reward_mean_trained``) --, completion lengths and truncation ratio, KL, clip
-fractions, ratio stats, policy/KL loss, grad norm, lr, rollout and train tokens/s and the time split (rollout / reference / train / reward).
+fractions, ratio stats, policy/KL loss, grad norm, lr, rollout and train tokens/s and the time split (rollout /
+reference / train / reward).
 """
 
 from __future__ import annotations
