@@ -133,17 +133,20 @@ def test_v2_routers_hand_computed():
     assert sorted(np.asarray(out.indices[0]).tolist()) == [0, 1, 4]
 
 
-def test_routed_experts_match_dense_reference():
+@pytest.mark.parametrize("t", [20, 2])   # 2 tokens x K=4 <= E/2: the gathered-weights (decoding) path
+def test_routed_experts_match_dense_reference(t):
     cfg = configs.tiny()
     experts = RoutedExperts(cfg, rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(1), (20, cfg.hidden_size))
-    r = route(cfg, jax.random.normal(jax.random.key(2), (20, cfg.n_routed_experts)), None)
+    x = jax.random.normal(jax.random.key(1), (t, cfg.hidden_size))
+    r = route(cfg, jax.random.normal(jax.random.key(2), (t, cfg.n_routed_experts)), None)
     out = experts(x, r.indices, r.weights)
+    jaxpr = str(jax.make_jaxpr(lambda x: experts(x, r.indices, r.weights))(x))
+    assert ("ragged_dot" in jaxpr) == (t == 20) and (" sort[" in jaxpr) == (t == 20)
     # test-only dense reference: every expert on every token, combined with one-hot routing weights
     g, u, d = (experts.gate_proj.get_value(), experts.up_proj.get_value(), experts.down_proj.get_value())
     h = jax.nn.silu(jnp.einsum("td,edf->tef", x, g)) * jnp.einsum("td,edf->tef", x, u)
     y = jnp.einsum("tef,efd->ted", h, d)
-    dense_w = jnp.zeros((20, cfg.n_routed_experts)).at[jnp.arange(20)[:, None], r.indices].add(r.weights)
+    dense_w = jnp.zeros((t, cfg.n_routed_experts)).at[jnp.arange(t)[:, None], r.indices].add(r.weights)
     ref = jnp.einsum("ted,te->td", y, dense_w)
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
 
@@ -343,11 +346,12 @@ def test_scanned_program_size_is_flat_in_depth():
     assert n_eqns(9, False) > n_eqns(3, False)
 
 
-def test_routed_expert_gradients_match_dense_reference():
+@pytest.mark.parametrize("t", [20, 2])
+def test_routed_expert_gradients_match_dense_reference(t):
     cfg = configs.tiny()
     experts = RoutedExperts(cfg, rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(1), (20, cfg.hidden_size))
-    r = route(cfg, jax.random.normal(jax.random.key(2), (20, cfg.n_routed_experts)), None)
+    x = jax.random.normal(jax.random.key(1), (t, cfg.hidden_size))
+    r = route(cfg, jax.random.normal(jax.random.key(2), (t, cfg.n_routed_experts)), None)
     g, st = nnx.split(experts)
 
     def sparse(st, x):
@@ -357,7 +361,7 @@ def test_routed_expert_gradients_match_dense_reference():
         e = nnx.merge(g, st)
         h = jax.nn.silu(jnp.einsum("td,edf->tef", x, e.gate_proj[...])) * jnp.einsum("td,edf->tef", x, e.up_proj[...])
         y = jnp.einsum("tef,efd->ted", h, e.down_proj[...])
-        w = jnp.zeros((20, cfg.n_routed_experts)).at[jnp.arange(20)[:, None], r.indices].add(r.weights)
+        w = jnp.zeros((t, cfg.n_routed_experts)).at[jnp.arange(t)[:, None], r.indices].add(r.weights)
         return (jnp.einsum("ted,te->td", y, w) ** 2).sum()
 
     a = jax.grad(sparse, argnums=(0, 1))(st, x)

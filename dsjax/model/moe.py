@@ -20,7 +20,8 @@ Routing (:class:`Router`, all in float32):
 Expert computation (:class:`RoutedExperts`) is dropless: the M pairs are sorted by expert and three grouped
 matmuls (``pallas_kernels.grouped_matmul``: Mosaic GPU kernels on Hopper, ``jax.lax.ragged_dot`` elsewhere;
 ``md,edf->mf`` per group) run SwiGLU over exactly the tokens each expert got; no
-dense all-experts einsum.
+dense all-experts einsum. With few pairs (``2*M <= E``, e.g. decoding a small batch) the chosen experts' weights are
+gathered per pair instead (``td,tkdf->tkf``): the grouped-matmul kernel would read every expert's weights.
 
 The router also returns what training needs: per-expert token counts (for the auxiliary-loss-free bias update)
 and the per-layer sequence-wise balance loss term ``sum_i f_i P_i`` averaged over sequences (DeepSeek-V3 eq.
@@ -170,12 +171,15 @@ class RoutedExperts(nnx.Module):
                 setattr(self, name + "_scale_inv", make_param(None, 1.0, sshape, jnp.float32, ("expert", None, None),
                                                               var_type=FP8Scale))
 
-    def _w(self, name: str) -> jax.Array:
+    def _w(self, name: str, experts: jax.Array | None = None) -> jax.Array:
+        """The compute-dtype weights of all experts, or of ``experts`` (ids, gathered *before* the cast/dequant)."""
         w = getattr(self, name).get_value()
         s = getattr(self, name + "_scale_inv")
+        if experts is not None:
+            w = jnp.take(w, experts, axis=0)
         if s is not None:
             bo, bi = self.fp8_block
-            s = s.get_value()
+            s = s.get_value() if experts is None else jnp.take(s.get_value(), experts, axis=0)
             full = jnp.repeat(jnp.repeat(s, bi, axis=1), bo, axis=2)[:, :w.shape[1], :w.shape[2]]
             w = w.astype(jnp.float32) * full
         return w.astype(dtype_of(self.cfg.dtype))
@@ -185,6 +189,8 @@ class RoutedExperts(nnx.Module):
         t, k = indices.shape
         e = self.cfg.n_routed_experts
         dt = dtype_of(self.cfg.dtype)
+        if 2 * t * k <= e and not (self.cfg.fp8 and self.fp8_block is None):   # (FP8 training: grouped path)
+            return self._gathered(x, indices, weights)
         flat = indices.reshape(-1)                               # [M]
         order = jnp.argsort(flat, stable=True)                   # pairs sorted by expert
         inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
@@ -200,6 +206,21 @@ class RoutedExperts(nnx.Module):
         h = jax.nn.silu(gmm(xs, "gate_proj")) * gmm(xs, "up_proj")
         ys = gmm(h.astype(dt), "down_proj")                      # [M, D]
         y = _permute(ys, inverse, order).reshape(t, k, -1)       # back to token order
+        return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights).astype(dt)
+
+    def _gathered(self, x: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:
+        """Few (token, expert) pairs, as in decoding (``2*T*K <= E``): gather each pair's expert weights and apply
+        them directly (``td,tkdf->tkf``, ``tkf,tkfd->tkd``). Reads ``T*K`` expert matrices instead of all ``E``:
+        the grouped-matmul kernel visits every group's weight tiles, empty groups included, so at batch 1 it would
+        read ``E/K`` times the weights the tokens use. No sort, no dispatch; same maths as the grouped path."""
+        t, k = indices.shape
+        dt = dtype_of(self.cfg.dtype)
+        flat = indices.reshape(-1)
+        w = lambda name: self._w(name, flat).reshape(t, k, *getattr(self, name).shape[1:])  # noqa: E731
+        xd = x.astype(dt)
+        h = jax.nn.silu(jnp.einsum("td,tkdf->tkf", xd, w("gate_proj"))) * jnp.einsum("td,tkdf->tkf", xd,
+                                                                                     w("up_proj"))
+        y = jnp.einsum("tkf,tkfd->tkd", h.astype(dt), w("down_proj"))
         return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights).astype(dt)
 
 
