@@ -137,14 +137,7 @@ def match_varying(*xs: jax.Array) -> tuple[jax.Array, ...]:
     varying *before* the custom VJP moves the sum over ``data`` into JAX's own transpose of the cast (a psum), as
     for any built-in primitive. Outside ``shard_map`` this is the identity.
     """
-    union = frozenset().union(*(_varying_axes(x) for x in xs))
-    if not union:
-        return xs
-    out = []
-    for x in xs:
-        missing = tuple(sorted(union - _varying_axes(x)))
-        out.append(jax.lax.pcast(x, missing, to="varying") if missing else x)
-    return tuple(out)
+    return tuple(vary_like(xs, *xs))
 
 
 def pad_rows(x: jax.Array, group_sizes: jax.Array, multiple: int) -> tuple[jax.Array, jax.Array]:
