@@ -161,11 +161,19 @@ def main(argv):
         "data.source=arithmetic", f"data.arithmetic_ops={p['ops']}", f"data.arithmetic_max_digits={p['digits']}",
         f"steps={p['pre_steps']}", f"optim.learning_rate={p['lr']}",
         "optim.warmup_steps=30", f"checkpoint.every={p['pre_steps']}"])
-    print(f"== stage 1: pretraining {p['model']} for {p['pre_steps']} steps", flush=True)
-    run(pre, root / "pretrain", **quiet)
-    cfg, model = load_params_from_workdir(root / "pretrain")
-    tok = make_tokenizer(cfg.data)
-    evaluate("pretrained", model, tok)
+    # a resumed run whose SFT stage finished skips stage 1 entirely (its checkpoints may then be deleted to free
+    # disk: the `gpu` preset's pretraining, SFT and GRPO checkpoints take ~16 GB each)
+    sft_done = "SFT" in stages and (root / "sft" / "checkpoints").is_dir()
+    if sft_done:
+        print("== stage 1: pretraining finished earlier (skipped: the SFT stage is done)", flush=True)
+        report.append(("pretrained", stages["pretrained"].get("accuracy", float("nan")),
+                       stages["pretrained"].get("format", float("nan"))))
+    else:
+        print(f"== stage 1: pretraining {p['model']} for {p['pre_steps']} steps", flush=True)
+        run(pre, root / "pretrain", **quiet)
+        cfg, model = load_params_from_workdir(root / "pretrain")
+        tok = make_tokenizer(cfg.data)
+        evaluate("pretrained", model, tok)
 
     # 2. cold-start SFT on formatted reasoning (completion-only loss)
     sft_data = root / "sft.jsonl"
@@ -175,7 +183,8 @@ def main(argv):
         f"init_from={root / 'pretrain'}", f"checkpoint.every={p['sft_steps']}"])
     print(f"== stage 2: SFT for {p['sft_steps']} steps", flush=True)
     run(sft, root / "sft", **quiet)
-    _, model = load_params_from_workdir(root / "sft")
+    sft_cfg, model = load_params_from_workdir(root / "sft")
+    tok = make_tokenizer(sft_cfg.data)
     evaluate("SFT", model, tok)
 
     # 3. GRPO with accuracy + format rewards on fresh prompts

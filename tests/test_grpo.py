@@ -198,6 +198,7 @@ def test_trainer_resumes_from_checkpoints_along_the_same_trajectory(tmp_path):
             break
         assert runs < 5
     assert runs == 3 and sum("resumed GRPO" in line for line in logs) == 2
+    assert [d.name for d in (tmp_path / "grpo").iterdir() if d.name.isdigit()] == ["3"]   # keep 1
     assert [h["step"] for h in hist] == [1, 2, 3]
     timing = lambda d: {k: v for k, v in d.items() if "time" not in k and "per_s" not in k}  # noqa: E731
     assert [timing(a) for a in hist] == [timing(b) for b in ref]

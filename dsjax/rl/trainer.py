@@ -147,6 +147,11 @@ class GRPOTrainer:
         exs = [{**examples[i // g], "num_tokens": int(clen[i])} for i in range(len(clen))]
         return texts, score_batch(self.rewards, texts, exs)
 
+    def _saved(self, state: GRPOState) -> GRPOState:
+        """What a checkpoint holds: the state, less the reference when it is never refreshed (it is then the
+        initial policy, which a resuming trainer is built from): a quarter less disk."""
+        return state if self.cfg.ref_update_every else dataclasses.replace(state, ref_params=None)
+
     # ------------------------------------------------------------------------------------------ one step
     def step(self, examples: Iterator[dict], step: int) -> tuple[dict[str, float], list[tuple[str, str, float]]]:
         """One GRPO step drawing prompts from ``examples``; returns ``(metrics, samples)``."""
@@ -230,8 +235,9 @@ class GRPOTrainer:
               checkpoint_every: int = 25, time_limit_s: float | None = None) -> list[dict[str, float]]:
         """Runs GRPO up to step ``steps`` (default: the planned ``self.steps``); returns the metrics history.
 
-        With ``checkpoint_dir`` the state (policy, optimizer, reference), the metrics history and the number of
-        examples drawn are saved every ``checkpoint_every`` steps and at the end (Orbax, keep 2); a later call with
+        With ``checkpoint_dir`` the state (policy, optimizer, and the reference when ``ref_update_every`` refreshes
+        it), the metrics history and the number of examples drawn are saved every ``checkpoint_every`` steps and at
+        the end (Orbax, keep 1: a `small` GRPO state is ~16-22 GB); a later call with
         the same directory and a fresh ``examples`` iterator resumes from the newest checkpoint: it skips the
         examples already drawn and continues with the same rollout keys (``fold_in(seed, step)``), so a run split
         over several processes follows the same trajectory as one. ``time_limit_s`` stops after the first step that
@@ -251,10 +257,13 @@ class GRPOTrainer:
         if checkpoint_dir is not None:
             from dsjax.checkpoint import Checkpointer
 
-            ckpt = Checkpointer(checkpoint_dir, every=checkpoint_every, keep=2, async_save=False)
+            ckpt = Checkpointer(checkpoint_dir, every=checkpoint_every, keep=1, async_save=False)
             last = ckpt.latest_step()
             if last is not None:
-                self.state, data, meta = ckpt.restore(last, jax.eval_shape(lambda: self.state))
+                state, data, meta = ckpt.restore(last, jax.eval_shape(lambda: self._saved(self.state)))
+                # without reference refreshes the reference is the initial policy, i.e. this trainer's own
+                self.state = state if self.cfg.ref_update_every else dataclasses.replace(
+                    state, ref_params=self.state.ref_params)
                 history = list(meta.get("history", []))
                 for _ in range(int(data["examples_drawn"])):
                     next(stream)
@@ -276,7 +285,7 @@ class GRPOTrainer:
                 log_fn(f"  sample (reward {r:.2f}): {prompt!r} -> {text[:160]!r}")
             out_of_time = time_limit_s is not None and time.perf_counter() - t0 > time_limit_s and step + 1 < total
             if ckpt is not None:
-                ckpt.save(step + 1, self.state, {"examples_drawn": drawn[0]}, {"history": history},
+                ckpt.save(step + 1, self._saved(self.state), {"examples_drawn": drawn[0]}, {"history": history},
                           force=out_of_time or step + 1 == total)
             if out_of_time:
                 self.finished = False
