@@ -31,9 +31,10 @@ every finite ``log2(s)``); ``q = e4m3(clip(x / s, -448, 448))`` with an IEEE div
 bit-exact against the reference. On the GPU the transcendental ``log2``/``exp2`` (``pow2_scale`` only) may come
 from other libraries than XLA's: a ``log2(s)`` within rounding of an integer could then round the other way.
 
-Shapes: ``M % 16 == 0`` and ``K % 16 == 0`` (TMA row strides must be 16-byte aligned); partial 128-tiles at the
-edges are handled like the reference: TMA zero-fills out-of-bounds reads (zeros leave an amax unchanged, as the
-reference's zero padding) and drops out-of-bounds writes. Other shapes raise a ValueError naming the shape.
+Shapes: ``M % 16 == 0`` and ``K % 16 == 0`` (TMA row strides must be 16-byte aligned); other shapes raise a
+ValueError naming the shape. Partial 128-tiles at the edges are zero-padded to whole tiles before the kernel and
+the outputs sliced (zeros leave an amax unchanged, as the reference's zero padding): Mosaic GPU's tiled TMA copies
+reject a partial edge tile unless the dimension is a multiple of the tile width (found on an H100: K = 1040).
 
 CPU testing: ``interpret=plgpu.InterpretGPUParams(...)`` runs this exact kernel (transposed SMEM views included) in
 the Mosaic GPU interpreter; ``jax.export(..., platforms=["cuda"])`` runs its Mosaic GPU lowering (layout
@@ -82,8 +83,8 @@ def _cast(x, s):
 
 def mgpu_quant_supported(shape, mode: Mode) -> bool:
     """TMA needs 16-byte-aligned row strides: ``K % 16 == 0`` (rows of ``x``/``q``) and ``M % 16 == 0`` (rows of
-    ``qt`` and of the MN-major scales). Partial 128-tiles are fine: TMA zero-fills out-of-bounds reads (zeros do
-    not change an amax, exactly like the reference's zero padding) and clips out-of-bounds writes."""
+    ``qt`` and of the MN-major scales). Partial 128-tiles are zero-padded by :func:`mgpu_quant` (zeros do not
+    change an amax, exactly like the reference's zero padding)."""
     del mode
     m, k = shape
     return m > 0 and k > 0 and m % 16 == 0 and k % 16 == 0
@@ -128,6 +129,17 @@ def mgpu_quant(x: jax.Array, *, mode: Mode, eps: float = 1e-4, pow2_scale: bool 
         raise ValueError(f"FP8 quantisation on GPU (Mosaic GPU kernel) needs M % 16 == 0 and K % 16 == 0 (TMA "
                          f"row alignment); got x.shape = {x.shape}. Fix: implementation='xla' (or 'auto'), or pad "
                          f"the array")
+    if m % BLOCK or k % BLOCK:
+        # Mosaic GPU's TMA copies with tiling transforms accept a partial tile at the edge only when the array's
+        # dimension is a multiple of the tile's width (64 bf16 / 32 f32 / 128 e4m3 columns), so partial 128-tiles
+        # are zero-padded here (zeros leave every amax unchanged, as the reference's padding) and the outputs
+        # sliced back: one extra copy of x, for edge shapes only
+        mp, kp = -(-m // BLOCK) * BLOCK, -(-k // BLOCK) * BLOCK
+        out = mgpu_quant(jnp.pad(x, ((0, mp - m), (0, kp - k))), mode=mode, eps=eps, pow2_scale=pow2_scale,
+                         bm=bm, steps=steps, stages=stages, interpret=interpret)
+        shapes = {"rows": ((m, k), (-1, m)), "cols": ((k, m), (-1, k)), "dual": ((m, k), (-1, m), (k, m), (-1, k)),
+                  "block": ((m, k), (k, m), (-1, -1))}[mode]
+        return tuple(o[:a if a >= 0 else None, :b if b >= 0 else None] for o, (a, b) in zip(out, shapes))
     d_bm, d_steps, d_stages = choose_tiling(m, k, mode, x.dtype)
     bm, steps, stages = bm or d_bm, steps or d_steps, stages or d_stages
     if bm not in (64, 128) or (mode != "rows" and bm != BLOCK):

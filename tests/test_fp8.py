@@ -113,7 +113,7 @@ def test_mosaic_gpu_quant_kernel_interpret(shape, dtype, pow2):
     """The Hopper quantisation kernel (fp8_quant_mgpu, the production kernel: TMA pipeline, transposed SMEM views)
     in the Mosaic GPU interpreter equals the XLA reference bit for bit, q and scales, for every op. Outputs and SMEM
     start as NaN, so a tile the kernel does not write fails the finiteness check. Row 3 is all zeros (eps clamp);
-    the partial shape exercises TMA's zero-filled out-of-bounds reads and clipped writes."""
+    the partial shape exercises the zero padding of partial 128-tiles and the slicing of the outputs."""
     x = (jax.random.normal(jax.random.key(4), shape) * 2.0).at[3].set(0.0).astype(dtype)
     for fn in (act_quant, act_quant_t, act_quant_dual, weight_quant_dual):
         ref = fn(x, pow2_scale=pow2, implementation="xla")
@@ -127,7 +127,7 @@ def test_mosaic_gpu_quant_kernel_interpret(shape, dtype, pow2):
 
 def test_mosaic_gpu_quant_kernel_lowers_for_cuda():
     """Without a GPU: the kernel's Mosaic GPU lowering (layout inference, SMEM budget) for every mode, bf16 and f32
-    inputs, at a DeepSeek-V3 size (the kernel body does not depend on the size)."""
+    inputs, at a DeepSeek-V3 size and at one with partial 128-tiles (K = 1040 failed this on an H100)."""
     from jax import export
 
     from pallas_kernels.fp8_quant_mgpu import mgpu_quant
@@ -135,10 +135,11 @@ def test_mosaic_gpu_quant_kernel_lowers_for_cuda():
     for mode, dtype, pow2 in [("rows", jnp.bfloat16, True), ("cols", jnp.bfloat16, False),
                               ("dual", jnp.bfloat16, False), ("dual", jnp.float32, False),
                               ("block", jnp.float32, True)]:
-        x = jax.ShapeDtypeStruct((8192, 7168), dtype)
-        f = jax.jit(functools.partial(mgpu_quant, mode=mode, pow2_scale=pow2))
-        text = export.export(f, platforms=["cuda"])(x).mlir_module()
-        assert "mosaic_gpu" in text, mode
+        for shape in ((8192, 7168), (1008, 1040)):   # second: partial edge tiles (TMA tiling rules)
+            x = jax.ShapeDtypeStruct(shape, dtype)
+            f = jax.jit(functools.partial(mgpu_quant, mode=mode, pow2_scale=pow2))
+            text = export.export(f, platforms=["cuda"])(x).mlir_module()
+            assert "mosaic_gpu" in text, mode
 
 
 def test_mosaic_gpu_quant_kernel_errors():
