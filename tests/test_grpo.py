@@ -115,6 +115,12 @@ def test_first_inner_update_has_ratio_one_and_analytic_loss(tiny_grpo, agg):
     zero = {**b, "advantages": jnp.zeros(4)}
     _, m0 = jax.jit(update)(state, zero)
     assert float(m0["grad_norm"]) == 0.0
+    # without old_logp (one update per rollout) the old policy is the current one: same loss and gradient
+    no_old = {k: v for k, v in b.items() if k != "old_logp"}
+    new2, m2 = jax.jit(update)(state, no_old)
+    np.testing.assert_allclose(m2["loss"], m["loss"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m2["grad_norm"], m["grad_norm"], rtol=1e-4)
+    np.testing.assert_allclose(m2["ratio_mean"], 1.0, atol=1e-7)
 
 
 def test_reference_refresh(tiny_grpo):
@@ -181,7 +187,8 @@ def test_trainer_resumes_from_checkpoints_along_the_same_trajectory(tmp_path):
 
     def fresh():
         model = dsjax.Transformer(cfg_m, rngs=nnx.Rngs(0))
-        return GRPOTrainer(model, tok, rewards, cfg, steps=3, prompts_per_step=2, log_samples_every=100)
+        return GRPOTrainer(model, tok, rewards, cfg, steps=3, prompts_per_step=2, log_samples_every=100,
+                           rollout_multiplier=2)   # 4 prompts sampled per rollout, at most 2 groups trained
 
     def stream():
         return (arithmetic_example(0, i) for i in itertools.count())
@@ -203,6 +210,7 @@ def test_trainer_resumes_from_checkpoints_along_the_same_trajectory(tmp_path):
     timing = lambda d: {k: v for k, v in d.items() if "time" not in k and "per_s" not in k}  # noqa: E731
     assert [timing(a) for a in hist] == [timing(b) for b in ref]
     assert any("reward_mean" in h for h in hist)
+    assert all(h.get("prompts", 0) <= 2 for h in hist)
     for x, y in zip(jax.tree.leaves(t.state), jax.tree.leaves(straight.state)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 

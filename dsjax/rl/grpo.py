@@ -180,7 +180,8 @@ def make_grpo_step(cfg: GRPOConfig, optim: OptimConfig, total_steps: int, graphd
     * ``init(params, rest) -> GRPOState`` (reference = a copy of the policy);
     * ``log_probs(params, rest, batch) -> [M, T]`` (old-policy or reference log-probs, once per rollout);
     * ``update(state, batch) -> (state, metrics)``: one optimizer step on ``batch`` =
-      ``{"tokens", "segment_ids", "positions", "completion_mask", "advantages", "old_logp", "ref_logp"}``;
+      ``{"tokens", "segment_ids", "positions", "completion_mask", "advantages", "old_logp", "ref_logp"}``
+      (``old_logp`` may be left out when the batch gets one update: the current policy is then the old one);
       ``completion_mask[m, t] = 1`` when ``tokens[m, t + 1]`` is a completion token that gets loss.
     """
     tx, schedule = make_optimizer(optim, total_steps)
@@ -206,7 +207,11 @@ def make_grpo_step(cfg: GRPOConfig, optim: OptimConfig, total_steps: int, graphd
                                            cfg.temperature, with_entropy=True)
         mask = batch["completion_mask"].astype(bool)
         ref = batch["ref_logp"] if cfg.beta > 0 else None
-        tok_loss, diag = grpo_token_loss(logp, batch["old_logp"], ref, batch["advantages"], cfg)
+        # without "old_logp" (one update per rollout: mu = 1, one minibatch) the old policy IS the current one:
+        # stop_gradient(logp) gives ratio 1 and the same gradient, without a separate forward pass
+        old = batch.get("old_logp")
+        old = jax.lax.stop_gradient(logp) if old is None else old
+        tok_loss, diag = grpo_token_loss(logp, old, ref, batch["advantages"], cfg)
         n_rows = jnp.sum(mask.any(1)).astype(jnp.float32)
         n_tok = jnp.sum(mask).astype(jnp.float32)
         max_len = cfg.max_new_tokens

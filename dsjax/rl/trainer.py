@@ -91,12 +91,16 @@ class GRPOTrainer:
       rewards: a list of :class:`dsjax.rl.rewards.Reward` (see ``make_rewards``).
       cfg: :class:`~dsjax.rl.grpo.GRPOConfig`.
       optim: the optimizer config; ``steps`` the planned number of steps (for the schedule).
-      prompts_per_step: prompts per rollout (the rollout has ``prompts_per_step * G`` completions).
+      prompts_per_step: prompts per update (the update batch has ``prompts_per_step * G`` completions).
+      rollout_multiplier: with ``cfg.dynamic_sampling``, each rollout samples ``rollout_multiplier *
+        prompts_per_step`` prompts (one larger decode batch instead of several refills when many groups agree;
+        kept groups beyond ``prompts_per_step`` are dropped).
+      prompt_bucket: prompts are left-padded to a multiple of this (short prompts: small buckets waste less).
     """
 
     def __init__(self, model: Transformer, tokenizer, rewards: Sequence[Any], cfg: GRPOConfig, *,
                  optim: OptimConfig | None = None, steps: int = 100, prompts_per_step: int = 8, seed: int = 0,
-                 log_samples_every: int = 10):
+                 log_samples_every: int = 10, rollout_multiplier: int = 1, prompt_bucket: int = 16):
         self.tokenizer = tokenizer
         self.rewards = list(rewards)
         self.cfg = cfg
@@ -104,6 +108,9 @@ class GRPOTrainer:
         self.prompts_per_step = prompts_per_step
         self.seed = seed
         self.log_samples_every = log_samples_every
+        if rollout_multiplier < 1 or prompt_bucket < 1:
+            raise ValueError(f"rollout_multiplier={rollout_multiplier}, prompt_bucket={prompt_bucket}: must be >= 1")
+        self.rollout_multiplier = rollout_multiplier if cfg.dynamic_sampling else 1
         self.finished = False  # set by train(): whether the last call ran every planned step
         optim = optim or OptimConfig(learning_rate=1e-5, warmup_steps=0, schedule="constant", weight_decay=0.0)
         self.graphdef, p, r = split_model(model)
@@ -114,7 +121,7 @@ class GRPOTrainer:
         self.state: GRPOState = jax.jit(init)(nnx.to_pure_dict(p), nnx.to_pure_dict(r))
         self.stops = tuple(model.cfg.eos_token_ids)
         self.sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                       length_bucket=64)
+                                       length_bucket=prompt_bucket)
 
     # ------------------------------------------------------------------------------------------ helpers
     def model(self) -> Transformer:
@@ -162,8 +169,9 @@ class GRPOTrainer:
         tries = 0
         while len(batch_ex) < self.prompts_per_step and tries < (4 if self.cfg.dynamic_sampling else 1):
             tries += 1
-            # always roll out a full set of prompts: one generate shape, compiled once
-            exs = [next(examples) for _ in range(self.prompts_per_step)]
+            # always roll out a full set of prompts: one generate shape, compiled once (with dynamic sampling,
+            # rollout_multiplier times the prompts a step trains on: one larger batch decodes faster than several)
+            exs = [next(examples) for _ in range(self.prompts_per_step * self.rollout_multiplier)]
             t1 = time.perf_counter()
             tokens, lengths, comp, clen, trunc = self._rollout(exs, step * 16 + tries)
             t2 = time.perf_counter()
@@ -198,11 +206,12 @@ class GRPOTrainer:
         adv = jnp.pad(adv, (0, pad))
         batch = {k: jnp.asarray(v) for k, v in arrays.items()}
         t3 = time.perf_counter()
-        batch["old_logp"] = self._log_probs(self.state.params, self.state.rest, batch)
-        batch["ref_logp"] = self._log_probs(self.state.ref_params, self.state.rest, batch) if self.cfg.beta > 0 \
-            else batch["old_logp"]
+        if self.cfg.mu > 1 or self.cfg.minibatches > 1:   # else the update uses stop_gradient(logp) (same values)
+            batch["old_logp"] = self._log_probs(self.state.params, self.state.rest, batch)
+        if self.cfg.beta > 0:
+            batch["ref_logp"] = self._log_probs(self.state.ref_params, self.state.rest, batch)
         batch["advantages"] = adv
-        jax.block_until_ready(batch["ref_logp"])
+        jax.block_until_ready(batch)
         t4 = time.perf_counter()
         m = batch["tokens"].shape[0]
         mb = max(m // self.cfg.minibatches, 1)
