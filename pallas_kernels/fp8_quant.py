@@ -49,10 +49,19 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _pow2_ceil(s: jax.Array) -> jax.Array:
+    """The smallest power of two >= ``s`` (positive normal float32), exactly: from the bits, not ``exp2(ceil(
+    log2(s)))`` -- XLA's GPU ``exp2`` is not exact at integers (it gave 0.031249998 for 2**-5 on an H100)."""
+    bits = jax.lax.bitcast_convert_type(s.astype(jnp.float32), jnp.int32)
+    mant = jnp.int32(0x7FFFFF)
+    up = jax.lax.bitcast_convert_type(bits + mant, jnp.int32)        # carries into the exponent unless exact
+    return jax.lax.bitcast_convert_type(up & ~mant, jnp.float32)
+
+
 def _scale(amax: jax.Array, eps: float, pow2_scale: bool) -> jax.Array:
     s = jnp.maximum(amax, eps) / E4M3_MAX
     if pow2_scale:
-        s = jnp.exp2(jnp.ceil(jnp.log2(s)))
+        s = _pow2_ceil(s)
     return s
 
 

@@ -25,11 +25,10 @@ asynchronous TMA stores (one commit group per step; a buffer is reused once its 
 it). ``choose_tiling`` picks ``steps`` so the grid has >= ~2 CTAs per SM (H100/H200: 132 SMs) and ``stages`` to fit
 SMEM.
 
-Scale: ``s = max(amax, eps) / 448`` (IEEE division, as the reference), optionally rounded up to a power of two as
-``exp2(ceil(log2(s)))`` (``ceil`` written as truncation plus a compare: Mosaic GPU lowers no ``ceil``; equal for
-every finite ``log2(s)``); ``q = e4m3(clip(x / s, -448, 448))`` with an IEEE division, so the interpreter is
-bit-exact against the reference. On the GPU the transcendental ``log2``/``exp2`` (``pow2_scale`` only) may come
-from other libraries than XLA's: a ``log2(s)`` within rounding of an integer could then round the other way.
+Scale: ``s = max(amax, eps) / 448`` (IEEE division, as the reference), optionally rounded up to the next power
+of two from the float's bits (``fp8_quant._pow2_ceil``: exact; ``exp2(ceil(log2(s)))`` was not, on the GPU nor on
+the CPU interpreter); ``q = e4m3(clip(x / s, -448, 448))`` with an IEEE division, so the kernel is bit-exact
+against the reference.
 
 Shapes: ``M % 16 == 0`` and ``K % 16 == 0`` (TMA row strides must be 16-byte aligned); other shapes raise a
 ValueError naming the shape. Partial 128-tiles at the edges are zero-padded to whole tiles before the kernel and
@@ -49,6 +48,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.fp8_quant import _pow2_ceil
 from pallas_kernels.grouped_matmul import vary_like
 
 __all__ = ["mgpu_quant", "mgpu_quant_supported", "choose_tiling"]
@@ -71,9 +71,7 @@ def _tr(dtype):
 def _scale(amax, eps: float, pow2_scale: bool):
     s = jnp.maximum(amax, eps) / E4M3_MAX
     if pow2_scale:
-        y = jnp.log2(s)
-        t = y.astype(jnp.int32).astype(jnp.float32)                     # trunc(y)
-        s = jnp.exp2(jnp.where(t < y, t + 1.0, t))                       # exp2(ceil(y))
+        s = _pow2_ceil(s)      # exact, from the bits (as the reference)
     return s
 
 
@@ -181,11 +179,16 @@ def mgpu_quant(x: jax.Array, *, mode: Mode, eps: float = 1e-4, pow2_scale: bool 
         a = jnp.abs(x)
         if block:
             q_ref, qt_ref, s_ref = o
-            s = _scale(jnp.max(jnp.max(a, axis=1), axis=0), eps, pow2_scale)       # scalar
-            qv = _cast(x, s)
+            s = _scale(jnp.max(jnp.max(a, axis=1), axis=0), eps, False)            # scalar
+            # the power-of-two rounding works on bits, which Mosaic GPU lowers for vectors only: round broadcasts
+            s_row = lax.broadcast_in_dim(s, (BLOCK,), ())
+            s_all = lax.broadcast_in_dim(s, x.shape, ())
+            if pow2_scale:
+                s_row, s_all = _pow2_ceil(s_row), _pow2_ceil(s_all)
+            qv = _cast(x, s_all)
             q_ref[...] = qv
             store_t(qt_ref, qv, tmp)
-            s_ref.at[0][...] = lax.broadcast_in_dim(s, (BLOCK,), ())
+            s_ref.at[0][...] = s_row
             return
         if rows:
             q_ref, s_ref = o[:2]
