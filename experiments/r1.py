@@ -6,7 +6,11 @@ rewards, and held-out greedy accuracy after each stage.
     python -m experiments.r1 --preset=gpu --workdir=workdirs/r1-gpu --grpo_time_limit_min=8  # the same in parts
 
 (With ``--grpo_time_limit_min`` repeat the command until it prints the report: every stage resumes from its
-checkpoints and GRPO continues on the same trajectory.)
+checkpoints and GRPO continues on the same trajectory. Under a hard per-job limit always pass the time limit --
+a job killed from outside saves no GRPO checkpoint and no metrics -- and leave time for start-up: ~2 minutes to
+restore and compile on an H100, plus ~4.5 minutes of pretraining and SFT in the first job. On a resumed `gpu` run
+set ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.95``: with JAX's default 75% the GRPO update failed to allocate 33 GiB after
+the restore. ``--grpo_checkpoint_every=1000`` keeps the ~16 GB GRPO checkpoints to the forced ones at the limit.)
 
 Task: arithmetic with a scratchpad (dsjax.data.synthetic): prompts ``"Q: 47+85=?\\nA: "``, completions
 ``"<think>...</think> <answer>132</answer>"``. Stage 1 pretrains on the task text, stage 2 fine-tunes on
