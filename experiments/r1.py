@@ -1,7 +1,7 @@
 """The R1 recipe in miniature: pretrain on task text, cold-start SFT on formatted reasoning, GRPO with rule-based
 rewards, and held-out greedy accuracy after each stage.
 
-    python -m experiments.r1 --preset=cpu --workdir=workdirs/r1-cpu      # tiny model, ~12 minutes on 2 CPU cores
+    python -m experiments.r1 --preset=cpu --workdir=workdirs/r1-cpu      # tiny model, ~14 minutes on 2 CPU cores
     python -m experiments.r1 --preset=gpu --workdir=workdirs/r1-gpu      # small model, one GPU, ~30 minutes
     python -m experiments.r1 --preset=gpu --workdir=workdirs/r1-gpu --grpo_time_limit_min=8  # the same in parts
 
@@ -53,7 +53,7 @@ flags.DEFINE_float("grpo_time_limit_min", None, "Stop GRPO after this many minut
 flags.DEFINE_integer("grpo_checkpoint_every", 20, "GRPO checkpoint interval in steps (<workdir>/grpo).")
 
 PRESETS = {
-    "cpu": dict(model="tiny", ops="+", digits=2, pre_steps=600, sft_steps=150, grpo_steps=30, seq_len=128, batch=16,
+    "cpu": dict(model="tiny", ops="+", digits=2, pre_steps=600, sft_steps=150, grpo_steps=60, seq_len=128, batch=16,
                 G=8, prompts=32, lr=2e-3, sft_lr=2e-4, grpo_lr=5e-5, max_new=96, mu=1, minibatches=1,
                 dynamic_sampling=True, rollout_multiplier=1),
     # gpu: sized for the issue's budget of 30 minutes on one GPU (~3.3 s per GRPO step on an H200 measured at
