@@ -269,10 +269,14 @@ class GRPOTrainer:
             ckpt = Checkpointer(checkpoint_dir, every=checkpoint_every, keep=1, async_save=False)
             last = ckpt.latest_step()
             if last is not None:
-                state, data, meta = ckpt.restore(last, jax.eval_shape(lambda: self._saved(self.state)))
+                abstract, initial_ref = jax.eval_shape(lambda: self._saved(self.state)), self.state.ref_params
+                # drop the fresh policy and optimizer state before the restored one arrives (for `small` that is
+                # ~15 GB of device memory less at the peak, and no fragmented allocator for the first update)
+                self.state = None
+                state, data, meta = ckpt.restore(last, abstract)
                 # without reference refreshes the reference is the initial policy, i.e. this trainer's own
-                self.state = state if self.cfg.ref_update_every else dataclasses.replace(
-                    state, ref_params=self.state.ref_params)
+                self.state = state if self.cfg.ref_update_every else dataclasses.replace(state,
+                                                                                          ref_params=initial_ref)
                 history = list(meta.get("history", []))
                 for _ in range(int(data["examples_drawn"])):
                     next(stream)
