@@ -142,6 +142,20 @@ def test_mosaic_gpu_quant_kernel_lowers_for_cuda():
             assert "mosaic_gpu" in text, mode
 
 
+def test_pow2_scales_are_exact_powers_of_two():
+    """Power-of-two scales are the smallest power of two >= s, exactly (np.frexp as the oracle), including exact
+    powers of two and their neighbours: XLA's GPU exp2 gave 0.031249998 for 2**-5 (H100), so they come from bits."""
+    from pallas_kernels.fp8_quant import _pow2_ceil
+
+    rng = np.random.default_rng(0)
+    exact = np.float32(2.0) ** np.arange(-30, 30, dtype=np.float32)
+    s = np.concatenate([rng.uniform(1e-7, 1e3, 4096).astype(np.float32), exact, np.nextafter(exact, np.inf),
+                        np.nextafter(exact, np.float32(0))])
+    m, e = np.frexp(s.astype(np.float64))
+    want = np.ldexp(1.0, np.where(m == 0.5, e - 1, e)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(_pow2_ceil(jnp.asarray(s))), want)
+
+
 def test_mosaic_gpu_quant_kernel_errors():
     x = jnp.ones((200, 300))
     with pytest.raises(ValueError, match=r"M % 16 == 0 and K % 16 == 0.*\(200, 300\).*implementation='xla'"):
