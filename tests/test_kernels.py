@@ -27,6 +27,21 @@ def test_grouped_matmul_xla_matches_loop_and_has_gradients():
     assert gx.shape == x.shape and gw.shape == w.shape and float(jnp.abs(gw[1]).max()) == 0.0  # empty group
 
 
+@pytest.mark.parametrize("gs,m", [([3, 0, 6, 4], 13), ([0, 40, 1, 0, 9, 70], 120), ([5, 0, 2, 0], 11)])
+def test_grouped_matmul_tiled_equals_ragged_dot(gs, m):
+    """The CPU default ("tiled": rows padded to whole tiles per group, one batched matmul) equals lax.ragged_dot:
+    values and both gradients, empty groups, and rows past the groups' total (last case) giving 0."""
+    x = jax.random.normal(jax.random.key(0), (m, 16))
+    w = jax.random.normal(jax.random.key(1), (len(gs), 16, 8))
+    gs = jnp.array(gs, jnp.int32)
+    f = lambda impl: lambda x, w: grouped_matmul(x, w, gs, implementation=impl)  # noqa: E731
+    np.testing.assert_allclose(f("tiled")(x, w), f("xla")(x, w), rtol=1e-5, atol=1e-5)
+    loss = lambda impl: lambda x, w: (f(impl)(x, w) ** 2).sum()  # noqa: E731
+    for a, b in zip(jax.grad(loss("tiled"), argnums=(0, 1))(x, w), jax.grad(loss("xla"), argnums=(0, 1))(x, w)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+    assert grouped_matmul(x, w, gs).shape == (m, 8)   # auto on CPU: tiled
+
+
 def test_row_padding_is_invisible():
     x = jax.random.normal(jax.random.key(0), (12, 16))
     w = jax.random.normal(jax.random.key(1), (3, 16, 8))
