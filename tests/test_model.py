@@ -141,7 +141,7 @@ def test_routed_experts_match_dense_reference(t):
     r = route(cfg, jax.random.normal(jax.random.key(2), (t, cfg.n_routed_experts)), None)
     out = experts(x, r.indices, r.weights)
     jaxpr = str(jax.make_jaxpr(lambda x: experts(x, r.indices, r.weights))(x))
-    assert ("ragged_dot" in jaxpr) == (t == 20) and (" sort[" in jaxpr) == (t == 20)
+    assert (" sort[" in jaxpr) == (t == 20)   # grouped path: pairs sorted by expert (tiled matmul on CPU)
     # test-only dense reference: every expert on every token, combined with one-hot routing weights
     g, u, d = (experts.gate_proj.get_value(), experts.up_proj.get_value(), experts.down_proj.get_value())
     h = jax.nn.silu(jnp.einsum("td,edf->tef", x, g)) * jnp.einsum("td,edf->tef", x, u)
