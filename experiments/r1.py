@@ -30,7 +30,7 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "cpu", ["cpu", "gpu"], "Model size and step counts.")
 flags.DEFINE_string("workdir", "workdirs/r1", "Run directory (one sub-folder per stage).")
-flags.DEFINE_integer("eval_examples", 128, "Held-out prompts for greedy accuracy.")
+flags.DEFINE_integer("eval_examples", None, "Override the preset's held-out prompts for greedy accuracy.")
 flags.DEFINE_integer("pre_steps", None, "Override the preset's pretraining steps.")
 flags.DEFINE_integer("sft_steps", None, "Override the preset's SFT steps.")
 flags.DEFINE_integer("grpo_steps", None, "Override the preset's GRPO steps.")
@@ -51,18 +51,23 @@ flags.DEFINE_float("grpo_time_limit_min", None, "Stop GRPO after this many minut
                    "running the same command again resumes every stage where it stopped, so a long run can be split "
                    "over several jobs (e.g. sessions with a per-command time limit).")
 flags.DEFINE_integer("grpo_checkpoint_every", 20, "GRPO checkpoint interval in steps (<workdir>/grpo).")
+flags.DEFINE_float("time_budget_min", None, "Wall-clock budget of the whole run in this process, in minutes: GRPO "
+                   "stops when what is left of it drops to --eval_reserve_s, then the run evaluates and reports as "
+                   "usual (the report names the GRPO steps that ran). No GRPO checkpoints in this mode (one process "
+                   "runs every stage).")
+flags.DEFINE_float("eval_reserve_s", 90.0, "With --time_budget_min: seconds kept for the final held-out evaluation.")
 
 PRESETS = {
     "cpu": dict(model="tiny", ops="+", digits=2, pre_steps=600, sft_steps=150, grpo_steps=60, seq_len=128, batch=16,
                 G=8, prompts=32, lr=2e-3, sft_lr=2e-4, grpo_lr=5e-5, max_new=96, mu=1, minibatches=1,
-                dynamic_sampling=True, rollout_multiplier=1),
+                dynamic_sampling=True, rollout_multiplier=1, eval_examples=128),
     # gpu: sized for the issue's budget of 30 minutes on one GPU (~3.3 s per GRPO step on an H200 measured at
     # 16 x G16); earlier runs: 50 steps at lr 1e-5 and 80 at 5e-5 both gave +9.3 points with the sampled accuracy
     # still rising, 160 at 3e-5 +11.7 (docs/r1.md). Two thirds of the groups agree, so each rollout samples 3 x 16
     # prompts (one decode batch of 768) instead of refilling 16 at a time
     "gpu": dict(model="small", ops="+-*", digits=3, pre_steps=200, sft_steps=100, grpo_steps=400, seq_len=256,
                 batch=32, G=16, prompts=16, lr=1e-3, sft_lr=3e-4, grpo_lr=3e-5, max_new=160, mu=1, minibatches=1,
-                dynamic_sampling=True, rollout_multiplier=3),
+                dynamic_sampling=True, rollout_multiplier=3, eval_examples=512),
 }
 
 
@@ -134,7 +139,7 @@ def main(argv):
 
     p = dict(PRESETS[FLAGS.preset])
     for k in ("pre_steps", "sft_steps", "grpo_steps", "grpo_lr", "sft_lr", "prompts", "G", "ops", "digits", "mu",
-              "minibatches", "dynamic_sampling", "rollout_multiplier"):
+              "minibatches", "dynamic_sampling", "rollout_multiplier", "eval_examples"):
         if getattr(FLAGS, k) is not None:
             p[k] = getattr(FLAGS, k)
     grpo_steps = p["grpo_steps"]
@@ -146,21 +151,28 @@ def main(argv):
             "progress_bar=false", "log_every=50"]
     model_cfg = tc.get("tiny" if p["model"] == "tiny" else "small").model
     rewards = make_rewards(["accuracy", ("format", 0.5)])
-    held_out = [arithmetic_example(10_000, i, **task) for i in range(FLAGS.eval_examples)]
+    held_out = [arithmetic_example(10_000, i, **task) for i in range(p["eval_examples"])]
     report = []
     t0 = time.perf_counter()
     stages_file = root / "r1_stages.json"   # held-out scores of finished stages (a resumed run re-uses them)
     stages = json.loads(stages_file.read_text()) if stages_file.exists() else {}
 
+    ops = list(p["ops"])
+
+    def op_of(ex):   # prompts read "Q: 47+85=?\nA: "
+        return next((c for c in ex["prompt"] if c in "+-*"), "?")
+
     def evaluate(stage, model, tok):
         if stage in stages:
             scores = stages[stage]
         else:
-            scores = greedy_accuracy(model, tok, held_out, rewards, max_new_tokens=p["max_new"])
+            scores = greedy_accuracy(model, tok, held_out, rewards, max_new_tokens=p["max_new"], group_fn=op_of)
             stages[stage] = {k: float(v) for k, v in scores.items()}
             stages_file.write_text(json.dumps(stages, indent=1))
-        report.append((stage, scores.get("accuracy", float("nan")), scores.get("format", float("nan"))))
-        print(f"== {stage}: held-out greedy accuracy {scores.get('accuracy', 0):.3f}, format "
+        per_op = [scores.get(f"accuracy/{o}", float("nan")) for o in ops]
+        report.append((stage, scores.get("accuracy", float("nan")), scores.get("format", float("nan")), per_op))
+        print(f"== {stage}: held-out greedy accuracy {scores.get('accuracy', 0):.3f} ("
+              + ", ".join(f"{o} {a:.3f}" for o, a in zip(ops, per_op)) + f"), format "
               f"{scores.get('format', 0):.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
 
     # 1. pretraining on task text
@@ -174,7 +186,8 @@ def main(argv):
     if sft_done:
         print("== stage 1: pretraining finished earlier (skipped: the SFT stage is done)", flush=True)
         report.append(("pretrained", stages["pretrained"].get("accuracy", float("nan")),
-                       stages["pretrained"].get("format", float("nan"))))
+                       stages["pretrained"].get("format", float("nan")),
+                       [stages["pretrained"].get(f"accuracy/{o}", float("nan")) for o in ops]))
     else:
         print(f"== stage 1: pretraining {p['model']} for {p['pre_steps']} steps", flush=True)
         run(pre, root / "pretrain", **quiet)
@@ -205,11 +218,20 @@ def main(argv):
     stream = (arithmetic_example(2, i, **task) for i in itertools.count())
     print(f"== stage 3: GRPO for {grpo_steps} steps (G={p['G']}, {p['prompts']} prompts/step)", flush=True)
     limit = None if FLAGS.grpo_time_limit_min is None else 60 * FLAGS.grpo_time_limit_min
+    budgeted = FLAGS.time_budget_min is not None
+    if budgeted:
+        left = 60 * FLAGS.time_budget_min - (time.perf_counter() - t0) - FLAGS.eval_reserve_s
+        limit = left if limit is None else min(limit, left)
+        print(f"== time budget: {left:.0f}s left for GRPO", flush=True)
+    t_grpo = time.perf_counter()
     history = trainer.train(stream, grpo_steps, log_fn=lambda s: print("   ", s, flush=True),
-                            checkpoint_dir=root / "grpo", checkpoint_every=FLAGS.grpo_checkpoint_every,
-                            time_limit_s=limit)
+                            checkpoint_dir=None if budgeted else root / "grpo",
+                            checkpoint_every=FLAGS.grpo_checkpoint_every, time_limit_s=limit)
+    grpo_s = time.perf_counter() - t_grpo
+    if budgeted:   # this GRPO ran from the SFT checkpoint again: a score cached by an earlier run is stale
+        stages.pop("GRPO", None)
     (root / "grpo_metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-    if not trainer.finished:
+    if not trainer.finished and not budgeted:
         plot_curves(history, root / "r1_curves.png")
         print(f"== GRPO stopped at step {len(history)} of {grpo_steps} (time limit); run the same command again "
               f"to resume from {root / 'grpo'}", flush=True)
@@ -229,12 +251,15 @@ def main(argv):
                    f"kept, {st.written} rows -> rejection_sampled.jsonl\n")
         print("== stage 4:", rs_line, flush=True)
 
-    lines = ["| stage | held-out greedy accuracy | format rate |", "|---|---|---|"]
-    lines += [f"| {s} | {a:.3f} | {f:.3f} |" for s, a, f in report]
+    lines = ["| stage | held-out greedy accuracy | " + " | ".join(f"accuracy {o}" for o in ops) + " | format rate |",
+             "|---|---|" + "---|" * len(ops) + "---|"]
+    lines += [f"| {s} | {a:.3f} | " + " | ".join(f"{x:.3f}" for x in per_op) + f" | {f:.3f} |"
+              for s, a, f, per_op in report]
     table = "\n".join(lines)
     dev = jax.devices()[0]
     text = (f"# R1 in miniature ({FLAGS.preset} preset, {dev.device_kind}, {time.perf_counter() - t0:.0f}s)\n\n"
-            f"{table}\n\nGRPO: {grpo_steps} steps, G={p['G']}, {p['prompts']} prompts/step, lr {p['grpo_lr']:g}, "
+            f"{table}\n\nGRPO: {len(history)} of {grpo_steps} steps ({grpo_s / 60:.1f} minutes in this process"
+            f"{', stopped by the time budget' if not trainer.finished else ''}), G={p['G']}, {p['prompts']} prompts/step, lr {p['grpo_lr']:g}, "
             f"mu={p['mu']}, {p['minibatches']} minibatch(es), dynamic sampling {p['dynamic_sampling']} (rollouts of "
             f"{p['rollout_multiplier']} x {p['prompts']} prompts); rewards "
             f"accuracy + 0.5 format; {len(held_out)} held-out prompts (seed 10000). Task: ops {p['ops']!r}, up to "

@@ -91,3 +91,12 @@ def test_r1_pipeline_runs_end_to_end(tmp_path):
     assert "Sampled reward (mean over the first / last" in report or "Reward trend: too few" in report
     assert (wd / "r1_curves.png").stat().st_size > 0 and (wd / "rejection_sampled.jsonl").exists()
     assert len((wd / "grpo_metrics.jsonl").read_text().splitlines()) == 2
+    # a wall-clock budget (here spent before GRPO starts): GRPO runs one step without checkpoints, then the run
+    # evaluates and reports anyway, per operator too
+    budget = [c for c in cmd if not c.startswith(("--grpo_time_limit_min", "--rejection_prompts", "--grpo_steps"))]
+    res = subprocess.run(budget + ["--time_budget_min=0", "--grpo_steps=3", "--rejection_prompts=0"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = (wd / "r1_report.md").read_text()
+    assert "GRPO: 1 of 3 steps" in report and "stopped by the time budget" in report, report
+    assert "| accuracy + |" in report and "resumed GRPO" not in res.stdout, report

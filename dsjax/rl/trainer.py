@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
@@ -61,8 +62,13 @@ def _tok_prompt(tokenizer, text: str) -> list[int]:
 
 
 def greedy_accuracy(model: Transformer, tokenizer, examples: Sequence[dict], rewards: Sequence[Any], *,
-                    max_new_tokens: int = 128, batch_size: int = 64) -> dict[str, float]:
-    """Greedy decoding of held-out examples; returns the mean of each reward (e.g. ``accuracy``, ``format``)."""
+                    max_new_tokens: int = 128, batch_size: int = 64,
+                    group_fn: Callable[[dict], str] | None = None) -> dict[str, float]:
+    """Greedy decoding of held-out examples; returns the mean of each reward (e.g. ``accuracy``, ``format``).
+
+    With ``group_fn`` (example -> group name) also the mean per group, as ``"<reward>/<group>"`` (e.g.
+    ``"accuracy/*"`` for the multiplications of an arithmetic set).
+    """
     from dsjax.rl.rewards import score_batch
 
     sums: dict[str, list[float]] = {}
@@ -79,7 +85,12 @@ def greedy_accuracy(model: Transformer, tokenizer, examples: Sequence[dict], rew
         for k, v in scores.items():
             if isinstance(v, np.ndarray):
                 sums.setdefault(k, []).extend(v.tolist())
-    return {k: float(np.nanmean(v)) if len(v) else float("nan") for k, v in sums.items()}
+                if group_fn is not None:
+                    for ex, x in zip(chunk, v.tolist()):
+                        sums.setdefault(f"{k}/{group_fn(ex)}", []).append(x)
+    with warnings.catch_warnings():   # a reward that is None for every example of a group: nan, not a warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return {k: float(np.nanmean(v)) if len(v) else float("nan") for k, v in sums.items()}
 
 
 class GRPOTrainer:
