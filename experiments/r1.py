@@ -1,16 +1,17 @@
 """The R1 recipe in miniature: pretrain on task text, cold-start SFT on formatted reasoning, GRPO with rule-based
 rewards, and held-out greedy accuracy after each stage.
 
-    python -m experiments.r1 --preset=cpu --workdir=workdirs/r1-cpu      # tiny model, ~14 minutes on 2 CPU cores
-    python -m experiments.r1 --preset=gpu --workdir=workdirs/r1-gpu      # small model, one GPU, ~30 minutes
-    python -m experiments.r1 --preset=gpu --workdir=workdirs/r1-gpu --grpo_time_limit_min=8  # the same in parts
-    python -m experiments.r1 --preset=gpu --workdir=workdirs/r1-gpu --time_budget_min=27 --grpo_steps=600
-                                                          # everything in one process, within 27 minutes
+    python -m experiments.r1 --preset=cpu --workdir=workdirs/r1-cpu      # tiny model, 10 minutes on 2 CPU cores
+    python -m experiments.r1 --preset=gpu --workdir=workdirs/r1-gpu      # small model, one GPU, 27 minutes
+    python -m experiments.r1 --preset=gpu --workdir=workdirs/r1-gpu --grpo_time_limit_min=8  # in parts (see below)
 
-(With ``--grpo_time_limit_min`` repeat the command until it prints the report: every stage resumes from its
-checkpoints and GRPO continues on the same trajectory. Under a hard per-job limit always pass the time limit --
-a job killed from outside saves no GRPO checkpoint and no metrics -- and leave time for start-up: ~2 minutes to
-restore and compile on an H100, plus ~4.5 minutes of pretraining and SFT in the first job. On a resumed `gpu` run
+The presets run in one process within a wall-clock budget (``--time_budget_min``: 10 and 27 minutes; GRPO stops
+early enough for the final evaluation, the report says how many of the planned steps ran; ``inf`` lifts it).
+With ``--grpo_time_limit_min`` instead, GRPO is checkpointed and split over jobs: repeat the command until it
+prints the report; every stage resumes from its checkpoints and GRPO continues on the same trajectory. (Under a
+hard per-job limit always pass the time limit -- a job killed from outside saves no GRPO checkpoint and no
+metrics -- and leave time for start-up: ~2 minutes to restore and compile on an H100, plus ~4.5 minutes of
+pretraining and SFT in the first job. On a resumed `gpu` run
 set ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.95``: with JAX's default 75% the GRPO update failed to allocate 33 GiB after
 the restore. ``--grpo_checkpoint_every=1000`` keeps the ~16 GB GRPO checkpoints to the forced ones at the limit.)
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import pathlib
 import time
 
@@ -46,6 +48,8 @@ flags.DEFINE_bool("dynamic_sampling", None, "Override the preset's GRPO dynamic 
                   "all agree and refill with new prompts: costs extra rollouts).")
 flags.DEFINE_integer("rollout_multiplier", None, "Override the preset's prompts sampled per rollout, as a multiple "
                      "of --prompts (with dynamic sampling).")
+flags.DEFINE_float("temperature", None, "Override the preset's GRPO sampling temperature (the policy trained is the "
+                   "tempered one; > 1 keeps more groups disagreeing when the policy's entropy is low).")
 flags.DEFINE_string("ops", None, "Override the preset's operators (subset of '+-*').")
 flags.DEFINE_integer("digits", None, "Override the preset's most digits per operand (1..5).")
 flags.DEFINE_integer("rejection_prompts", 64, "After GRPO: rejection-sample this many prompts (0: skip).")
@@ -53,24 +57,26 @@ flags.DEFINE_float("grpo_time_limit_min", None, "Stop GRPO after this many minut
                    "running the same command again resumes every stage where it stopped, so a long run can be split "
                    "over several jobs (e.g. sessions with a per-command time limit).")
 flags.DEFINE_integer("grpo_checkpoint_every", 20, "GRPO checkpoint interval in steps (<workdir>/grpo).")
-flags.DEFINE_float("time_budget_min", None, "Wall-clock budget of the whole run in this process, in minutes: GRPO "
-                   "stops when what is left of it drops to --eval_reserve_s, then the run evaluates and reports as "
-                   "usual (the report names the GRPO steps that ran). No GRPO checkpoints in this mode (one process "
-                   "runs every stage).")
+flags.DEFINE_float("time_budget_min", None, "Wall-clock budget of the whole run in this process, in minutes "
+                   "(default: the preset's, unless --grpo_time_limit_min is given; 'inf': none): GRPO runs until the "
+                   "planned steps or until what is left of the budget drops to --eval_reserve_s, then the run "
+                   "evaluates and reports as usual (the report names the GRPO steps that ran). No GRPO checkpoints "
+                   "in this mode (one process runs every stage).")
 flags.DEFINE_float("eval_reserve_s", 90.0, "With --time_budget_min: seconds kept for the final held-out evaluation.")
 
 PRESETS = {
-    "cpu": dict(model="tiny", ops="+", digits=2, pre_steps=600, sft_steps=150, grpo_steps=60, seq_len=128, batch=16,
+    # cpu: 10 minutes of wall clock on 2 cores (pretraining + SFT ~2 minutes, GRPO ~100 steps of ~3.7 s)
+    "cpu": dict(model="tiny", ops="+", digits=2, pre_steps=600, sft_steps=150, grpo_steps=300, seq_len=128, batch=16,
                 G=8, prompts=32, lr=2e-3, sft_lr=2e-4, grpo_lr=5e-5, max_new=96, mu=1, minibatches=1,
-                dynamic_sampling=True, rollout_multiplier=1, eval_examples=128),
+                dynamic_sampling=True, rollout_multiplier=1, eval_examples=128, time_budget_min=10.0, temperature=1.0),
     # gpu: sized for the issue's budget of 30 minutes on one GPU (~3.3 s per GRPO step on an H200 measured at
     # 16 x G16); earlier runs: 50 steps at lr 1e-5 and 80 at 5e-5 both gave +9.3 points with the sampled accuracy
     # still rising, 160 at 3e-5 +11.7, 313 at 3e-5 (27-minute budget) +15.4; 262 at 5e-5 only +10.1: entropy fell
     # faster and more groups agreed (docs/r1.md). Two thirds of the groups agree, so each rollout samples 3 x 16
     # prompts (one decode batch of 768) instead of refilling 16 at a time (4 x 16 was not faster)
-    "gpu": dict(model="small", ops="+-*", digits=3, pre_steps=200, sft_steps=100, grpo_steps=400, seq_len=256,
+    "gpu": dict(model="small", ops="+-*", digits=3, pre_steps=200, sft_steps=100, grpo_steps=600, seq_len=256,
                 batch=32, G=16, prompts=16, lr=1e-3, sft_lr=3e-4, grpo_lr=3e-5, max_new=160, mu=1, minibatches=1,
-                dynamic_sampling=True, rollout_multiplier=3, eval_examples=512),
+                dynamic_sampling=True, rollout_multiplier=3, eval_examples=512, time_budget_min=27.0, temperature=1.0),
 }
 
 
@@ -142,7 +148,7 @@ def main(argv):
 
     p = dict(PRESETS[FLAGS.preset])
     for k in ("pre_steps", "sft_steps", "grpo_steps", "grpo_lr", "sft_lr", "prompts", "G", "ops", "digits", "mu",
-              "minibatches", "dynamic_sampling", "rollout_multiplier", "eval_examples"):
+              "minibatches", "dynamic_sampling", "rollout_multiplier", "eval_examples", "temperature"):
         if getattr(FLAGS, k) is not None:
             p[k] = getattr(FLAGS, k)
     grpo_steps = p["grpo_steps"]
@@ -211,7 +217,7 @@ def main(argv):
     evaluate("SFT", model, tok)
 
     # 3. GRPO with accuracy + format rewards on fresh prompts
-    gcfg = GRPOConfig(num_generations=p["G"], beta=0.001, eps_low=0.2, eps_high=0.28, temperature=1.0,
+    gcfg = GRPOConfig(num_generations=p["G"], beta=0.001, eps_low=0.2, eps_high=0.28, temperature=p["temperature"],
                       max_new_tokens=p["max_new"], loss_agg="token_mean", dynamic_sampling=p["dynamic_sampling"],
                       mu=p["mu"], minibatches=p["minibatches"])
     trainer = GRPOTrainer(model, tok, rewards, gcfg, steps=grpo_steps, prompts_per_step=p["prompts"],
@@ -221,9 +227,12 @@ def main(argv):
     stream = (arithmetic_example(2, i, **task) for i in itertools.count())
     print(f"== stage 3: GRPO for {grpo_steps} steps (G={p['G']}, {p['prompts']} prompts/step)", flush=True)
     limit = None if FLAGS.grpo_time_limit_min is None else 60 * FLAGS.grpo_time_limit_min
-    budgeted = FLAGS.time_budget_min is not None
+    budget = FLAGS.time_budget_min
+    if budget is None and FLAGS.grpo_time_limit_min is None:
+        budget = p["time_budget_min"]
+    budgeted = budget is not None and math.isfinite(budget)
     if budgeted:
-        left = 60 * FLAGS.time_budget_min - (time.perf_counter() - t0) - FLAGS.eval_reserve_s
+        left = 60 * budget - (time.perf_counter() - t0) - FLAGS.eval_reserve_s
         limit = left if limit is None else min(limit, left)
         print(f"== time budget: {left:.0f}s left for GRPO", flush=True)
     t_grpo = time.perf_counter()
@@ -262,8 +271,9 @@ def main(argv):
     dev = jax.devices()[0]
     text = (f"# R1 in miniature ({FLAGS.preset} preset, {dev.device_kind}, {time.perf_counter() - t0:.0f}s)\n\n"
             f"{table}\n\nGRPO: {len(history)} of {grpo_steps} steps ({grpo_s / 60:.1f} minutes in this process"
-            f"{', stopped by the time budget' if not trainer.finished else ''}), G={p['G']}, {p['prompts']} prompts/step, lr {p['grpo_lr']:g}, "
-            f"mu={p['mu']}, {p['minibatches']} minibatch(es), dynamic sampling {p['dynamic_sampling']} (rollouts of "
+            f"{', stopped by the time budget' if not trainer.finished else ''}), G={p['G']}, {p['prompts']} "
+            f"prompts/step, lr {p['grpo_lr']:g}, temperature {p['temperature']:g}, mu={p['mu']}, {p['minibatches']} "
+            f"minibatch(es), dynamic sampling {p['dynamic_sampling']} (rollouts of "
             f"{p['rollout_multiplier']} x {p['prompts']} prompts); rewards "
             f"accuracy + 0.5 format; {len(held_out)} held-out prompts (seed 10000). Task: ops {p['ops']!r}, up to "
             f"{p['digits']} digits.\n\n{reward_trend(history)}\n\n{rs_line}")
