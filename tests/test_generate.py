@@ -16,10 +16,23 @@ def model():
     return dsjax.Transformer(dsjax.configs.tiny(), rngs=nnx.Rngs(0))
 
 
+@nnx.jit
+def _forward(model, tokens):
+    return model(tokens).logits
+
+
+def _last_logits(model, seq, width=32):
+    """The full forward pass's logits at the last token of ``seq``: one compiled shape for every prefix (tokens
+    after ``seq`` are right padding, which a causal, dropless model cannot see from earlier positions)."""
+    x = np.zeros((1, width), np.int32)
+    x[0, :len(seq)] = seq
+    return _forward(model, jnp.asarray(x))[0, len(seq) - 1]
+
+
 def _greedy_reference(model, prompt, n):
     seq = list(prompt)
     for _ in range(n):
-        seq.append(int(jnp.argmax(model(jnp.asarray([seq])).logits[0, -1])))
+        seq.append(int(jnp.argmax(_last_logits(model, seq))))
     return seq[len(prompt):]
 
 
@@ -32,7 +45,7 @@ def test_decode_logits_equal_full_forward(model):
     seqs = [list(p) for p in prompts]
     for i in range(5):
         for b, s in enumerate(seqs):
-            ref = model(jnp.asarray([s])).logits[0, -1]
+            ref = _last_logits(model, s)
             np.testing.assert_allclose(logits[b], ref, atol=1e-4)
         nxt = jnp.argmax(logits, -1).astype(jnp.int32)
         for b in range(2):

@@ -88,7 +88,21 @@ def tiny_grpo():
     return g, p, r, {k: jnp.asarray(v) for k, v in batch.items()}
 
 
-@pytest.mark.parametrize("agg", ["seq_mean_token_mean", "token_mean", "dr_grpo"])
+def test_loss_aggregations_on_hand_made_arrays():
+    """The three aggregation rules on a 2-row batch with 3 and 1 valid tokens (max length 4)."""
+    from dsjax.rl.grpo import _aggregate
+
+    x = jnp.array([[1.0, 2.0, 3.0, 99.0], [4.0, 99.0, 99.0, 99.0]])
+    mask = jnp.array([[1, 1, 1, 0], [1, 0, 0, 0]], bool)
+    got = {agg: float(_aggregate(x, mask, GRPOConfig(loss_agg=agg), jnp.float32(2), jnp.float32(4), 4))
+           for agg in ("seq_mean_token_mean", "token_mean", "dr_grpo")}
+    assert got == pytest.approx({"seq_mean_token_mean": (2.0 + 4.0) / 2, "token_mean": 10.0 / 4,
+                                 "dr_grpo": 10.0 / (2 * 4)})
+
+
+# the other aggregations' analytic values on a model run with --runslow (their rules: the test above)
+@pytest.mark.parametrize("agg", ["seq_mean_token_mean", pytest.param("token_mean", marks=pytest.mark.slow),
+                                 pytest.param("dr_grpo", marks=pytest.mark.slow)])
 def test_first_inner_update_has_ratio_one_and_analytic_loss(tiny_grpo, agg):
     g, p, r, batch = tiny_grpo
     gcfg = GRPOConfig(num_generations=2, beta=0.0, loss_agg=agg, max_new_tokens=5)
@@ -213,6 +227,14 @@ def test_trainer_resumes_from_checkpoints_along_the_same_trajectory(tmp_path):
     assert all(h.get("prompts", 0) <= 2 for h in hist)
     for x, y in zip(jax.tree.leaves(t.state), jax.tree.leaves(straight.state)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # a trainer of another model refuses the checkpoint with the mismatched paths, and keeps its own state
+    from dsjax.checkpoint import CheckpointMismatchError
+
+    cfg_other = dsjax.configs.tiny(num_hidden_layers=1, num_nextn_predict_layers=0)
+    other = GRPOTrainer(dsjax.Transformer(cfg_other, rngs=nnx.Rngs(0)), tok, rewards, cfg, steps=4, prompts_per_step=2)
+    with pytest.raises(CheckpointMismatchError, match="does not match the current configuration"):
+        other.train(stream(), log_fn=lambda s: None, checkpoint_dir=tmp_path / "grpo")
+    assert other.state is not None and jax.tree.leaves(other.state)
 
 
 def test_token_entropy_matches_direct_computation():

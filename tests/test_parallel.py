@@ -156,7 +156,10 @@ def reference():
     return _train(cfg, _batches(STEPS))[:2]
 
 
-@pytest.mark.parametrize("sizes", MESHES, ids=["x".join(map(str, m)) for m in MESHES])
+# pure data parallelism on 8 devices runs with --runslow (the default suite covers it on 2 x 2 x 2 and through the
+# after-backward sync test below)
+@pytest.mark.parametrize("sizes", [pytest.param(m, marks=pytest.mark.slow) if m == (8, 1, 1, 1) else m for m in MESHES],
+                         ids=["x".join(map(str, m)) for m in MESHES])
 def test_training_on_a_mesh_matches_one_device(sizes, reference):
     ref_metrics, ref_snaps = reference
     cfg = _cfg(_mesh(sizes))
@@ -180,7 +183,8 @@ def test_training_on_a_mesh_matches_one_device(sizes, reference):
     _close(snaps[2], ref_snaps[2], rtol=1e-4, atol=1e-5, what=f"after step {STEPS}")
 
 
-@pytest.mark.parametrize("sync,dtype", [("after_backward", None), ("after_backward", "bfloat16"), ("gspmd", None)])
+@pytest.mark.parametrize("sync,dtype", [("after_backward", None), ("after_backward", "bfloat16"),
+                                        pytest.param("gspmd", None, marks=pytest.mark.slow)])
 def test_after_backward_grad_sync_matches_one_device(sync, dtype, reference):
     """``MeshConfig(grad_sync="after_backward")`` (what ``auto`` picks for pure data parallelism): per-device
     backward in a shard_map and one all-reduce of the gradients (global token normalisers, balance term / devices)

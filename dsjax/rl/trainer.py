@@ -281,6 +281,8 @@ class GRPOTrainer:
             last = ckpt.latest_step()
             if last is not None:
                 abstract, initial_ref = jax.eval_shape(lambda: self._saved(self.state)), self.state.ref_params
+                # a checkpoint of another model (or an older layout) fails here, while this trainer keeps its state
+                ckpt.check_compatible(last, abstract)
                 # drop the fresh policy and optimizer state before the restored one arrives (for `small` that is
                 # ~15 GB of device memory less at the peak, and no fragmented allocator for the first update)
                 self.state = None
