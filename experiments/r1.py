@@ -48,6 +48,8 @@ flags.DEFINE_bool("dynamic_sampling", None, "Override the preset's GRPO dynamic 
                   "all agree and refill with new prompts: costs extra rollouts).")
 flags.DEFINE_integer("rollout_multiplier", None, "Override the preset's prompts sampled per rollout, as a multiple "
                      "of --prompts (with dynamic sampling).")
+flags.DEFINE_integer("min_prompts", None, "Override the preset's least disagreeing groups a step trains on before "
+                     "dynamic sampling refills (default: --prompts; lower skips refills, the update keeps its shape).")
 flags.DEFINE_float("temperature", None, "Override the preset's GRPO sampling temperature (the policy trained is the "
                    "tempered one; > 1 keeps more groups disagreeing when the policy's entropy is low).")
 flags.DEFINE_string("ops", None, "Override the preset's operators (subset of '+-*').")
@@ -148,7 +150,8 @@ def main(argv):
 
     p = dict(PRESETS[FLAGS.preset])
     for k in ("pre_steps", "sft_steps", "grpo_steps", "grpo_lr", "sft_lr", "prompts", "G", "ops", "digits", "mu",
-              "minibatches", "dynamic_sampling", "rollout_multiplier", "eval_examples", "temperature"):
+              "minibatches", "dynamic_sampling", "rollout_multiplier", "eval_examples", "temperature",
+              "min_prompts"):
         if getattr(FLAGS, k) is not None:
             p[k] = getattr(FLAGS, k)
     grpo_steps = p["grpo_steps"]
@@ -221,7 +224,7 @@ def main(argv):
                       max_new_tokens=p["max_new"], loss_agg="token_mean", dynamic_sampling=p["dynamic_sampling"],
                       mu=p["mu"], minibatches=p["minibatches"])
     trainer = GRPOTrainer(model, tok, rewards, gcfg, steps=grpo_steps, prompts_per_step=p["prompts"],
-                          rollout_multiplier=p["rollout_multiplier"],
+                          rollout_multiplier=p["rollout_multiplier"], min_prompts_per_step=p.get("min_prompts"),
                           optim=OptimConfig(learning_rate=p["grpo_lr"], warmup_steps=0, schedule="constant",
                                             weight_decay=0.0, clip_norm=1.0))
     stream = (arithmetic_example(2, i, **task) for i in itertools.count())
@@ -274,7 +277,8 @@ def main(argv):
             f"{', stopped by the time budget' if not trainer.finished else ''}), G={p['G']}, {p['prompts']} "
             f"prompts/step, lr {p['grpo_lr']:g}, temperature {p['temperature']:g}, mu={p['mu']}, {p['minibatches']} "
             f"minibatch(es), dynamic sampling {p['dynamic_sampling']} (rollouts of "
-            f"{p['rollout_multiplier']} x {p['prompts']} prompts); rewards "
+            f"{p['rollout_multiplier']} x {p['prompts']} prompts, refilled below "
+            f"{p.get('min_prompts') or p['prompts']} disagreeing groups); rewards "
             f"accuracy + 0.5 format; {len(held_out)} held-out prompts (seed 10000). Task: ops {p['ops']!r}, up to "
             f"{p['digits']} digits.\n\n{reward_trend(history)}\n\n{rs_line}")
     (root / "r1_report.md").write_text(text)

@@ -201,8 +201,9 @@ def test_trainer_resumes_from_checkpoints_along_the_same_trajectory(tmp_path):
 
     def fresh():
         model = dsjax.Transformer(cfg_m, rngs=nnx.Rngs(0))
+        # 4 prompts sampled per rollout, at most 2 groups trained, a refill only when no group disagrees
         return GRPOTrainer(model, tok, rewards, cfg, steps=3, prompts_per_step=2, log_samples_every=100,
-                           rollout_multiplier=2)   # 4 prompts sampled per rollout, at most 2 groups trained
+                           rollout_multiplier=2, min_prompts_per_step=1)
 
     def stream():
         return (arithmetic_example(0, i) for i in itertools.count())
@@ -225,6 +226,7 @@ def test_trainer_resumes_from_checkpoints_along_the_same_trajectory(tmp_path):
     assert [timing(a) for a in hist] == [timing(b) for b in ref]
     assert any("reward_mean" in h for h in hist)
     assert all(h.get("prompts", 0) <= 2 for h in hist)
+    assert all(h["rollout_batches"] == 1 for h in hist if "reward_mean" in h)   # no refills
     for x, y in zip(jax.tree.leaves(t.state), jax.tree.leaves(straight.state)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     # a trainer of another model refuses the checkpoint with the mismatched paths, and keeps its own state

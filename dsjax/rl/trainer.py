@@ -106,12 +106,17 @@ class GRPOTrainer:
       rollout_multiplier: with ``cfg.dynamic_sampling``, each rollout samples ``rollout_multiplier *
         prompts_per_step`` prompts (one larger decode batch instead of several refills when many groups agree;
         kept groups beyond ``prompts_per_step`` are dropped).
+      min_prompts_per_step: with ``cfg.dynamic_sampling``, refill (another rollout) only while fewer groups than this
+        disagree (default ``prompts_per_step``: every update is full). Lower, a step trains on what one rollout
+        yields -- the update batch keeps its shape (``prompts_per_step * G`` rows; rows of missing groups carry no
+        loss and count in no normaliser) -- and skips the refills that dominate the step when most groups agree.
       prompt_bucket: prompts are left-padded to a multiple of this (short prompts: small buckets waste less).
     """
 
     def __init__(self, model: Transformer, tokenizer, rewards: Sequence[Any], cfg: GRPOConfig, *,
                  optim: OptimConfig | None = None, steps: int = 100, prompts_per_step: int = 8, seed: int = 0,
-                 log_samples_every: int = 10, rollout_multiplier: int = 1, prompt_bucket: int = 16):
+                 log_samples_every: int = 10, rollout_multiplier: int = 1, prompt_bucket: int = 16,
+                 min_prompts_per_step: int | None = None):
         self.tokenizer = tokenizer
         self.rewards = list(rewards)
         self.cfg = cfg
@@ -122,6 +127,10 @@ class GRPOTrainer:
         if rollout_multiplier < 1 or prompt_bucket < 1:
             raise ValueError(f"rollout_multiplier={rollout_multiplier}, prompt_bucket={prompt_bucket}: must be >= 1")
         self.rollout_multiplier = rollout_multiplier if cfg.dynamic_sampling else 1
+        self.min_prompts = prompts_per_step if min_prompts_per_step is None else min_prompts_per_step
+        if not 1 <= self.min_prompts <= prompts_per_step:
+            raise ValueError(f"min_prompts_per_step={min_prompts_per_step}: must be in 1..prompts_per_step "
+                             f"({prompts_per_step})")
         self.finished = False  # set by train(): whether the last call ran every planned step
         optim = optim or OptimConfig(learning_rate=1e-5, warmup_steps=0, schedule="constant", weight_decay=0.0)
         self.graphdef, p, r = split_model(model)
@@ -178,7 +187,7 @@ class GRPOTrainer:
         parts, rolled = [], []   # rolled: the scores of every completion sampled this step (all tries)
         t_reward = t_rollout = 0.0
         tries = 0
-        while len(batch_ex) < self.prompts_per_step and tries < (4 if self.cfg.dynamic_sampling else 1):
+        while len(batch_ex) < self.min_prompts and tries < (4 if self.cfg.dynamic_sampling else 1):
             tries += 1
             # always roll out a full set of prompts: one generate shape, compiled once (with dynamic sampling,
             # rollout_multiplier times the prompts a step trains on: one larger batch decodes faster than several)
