@@ -54,7 +54,7 @@ def _pow2_ceil(s: jax.Array) -> jax.Array:
     log2(s)))`` -- XLA's GPU ``exp2`` is not exact at integers (it gave 0.031249998 for 2**-5 on an H100)."""
     bits = jax.lax.bitcast_convert_type(s.astype(jnp.float32), jnp.int32)
     mant = jnp.int32(0x7FFFFF)
-    up = jax.lax.bitcast_convert_type(bits + mant, jnp.int32)        # carries into the exponent unless exact
+    up = bits + mant                                                  # carries into the exponent unless exact
     return jax.lax.bitcast_convert_type(up & ~mant, jnp.float32)
 
 
