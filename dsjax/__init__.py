@@ -14,7 +14,7 @@ from dsjax import configs, sharding
 from dsjax.configs import ConfigError, ModelConfig
 from dsjax.model import (LatentCache, ModelOutput, RoutingBias, Transformer, cache_bytes_per_token, init_cache,
                          mha_cache_bytes_per_token)
-from dsjax.params import count_params, format_param_table, param_table
+from dsjax.params import count_params, decode_bytes_per_step, format_param_table, param_table
 from dsjax.inference import GenerateOutput, SamplingConfig, generate
 from dsjax.sharding import MeshConfig
 
@@ -37,6 +37,6 @@ def save_hf(*args, **kwargs):
 
 __all__ = [
     "configs", "sharding", "MeshConfig", "ConfigError", "ModelConfig", "Transformer", "ModelOutput", "LatentCache", "RoutingBias",
-    "init_cache", "cache_bytes_per_token", "mha_cache_bytes_per_token", "count_params", "param_table",
+    "init_cache", "cache_bytes_per_token", "mha_cache_bytes_per_token", "count_params", "param_table", "decode_bytes_per_step",
     "format_param_table", "load_hf", "save_hf", "generate", "SamplingConfig", "GenerateOutput", "__version__",
 ]

@@ -24,7 +24,7 @@ from flax import nnx
 
 from dsjax.configs import ModelConfig
 
-__all__ = ["count_params", "param_table", "format_param_table"]
+__all__ = ["count_params", "param_table", "format_param_table", "decode_bytes_per_step"]
 
 
 def _abstract_state(cfg: ModelConfig):
@@ -133,3 +133,42 @@ def format_param_table(cfg: ModelConfig) -> str:
     for k in ("total", "active", "mtp", "total_with_mtp"):
         lines.append(f"{k:<{width}}{counts[k]:>16,}{_human(counts[k]):>10}")
     return "\n".join(lines)
+
+
+def decode_bytes_per_step(cfg: ModelConfig, batch: int, context: float, *, weight_bytes: float | None = None,
+                          cache_bytes: float = 2.0) -> "OrderedDict[str, float]":
+    """Bytes one decode step of the main model must read from device memory at the least (the bandwidth roofline).
+
+    One step decodes one token for each of ``batch`` sequences holding ``context`` cached tokens on average. Every
+    weight the step touches is read once (perfect reuse across the batch); routed experts are touched if at least
+    one of the ``batch`` tokens picks them, ``E * (1 - (1 - K/E)^B)`` expected per MoE layer under balanced,
+    independent routing (a batch of 1 reads exactly ``K``); the embedding costs one row per token; the latent cache
+    is read whole (``context * cache_bytes_per_token``). Activations and writes are ignored (KBs at decode sizes).
+    MTP modules are not counted (plain decoding).
+
+    ``weight_bytes``: bytes per weight element (default: ``cfg.param_dtype``'s size; 1 for FP8 weights, plus
+    ``4 / 128**2`` for their 128x128 block scales). Returns the components and ``"total"``; divide a measured
+    memory bandwidth by ``total / batch`` for the roofline's tokens per second.
+    """
+    import jax.numpy as jnp
+
+    if batch < 1:
+        raise ValueError(f"decode_bytes_per_step: batch={batch} must be >= 1")
+    if context < 0:
+        raise ValueError(f"decode_bytes_per_step: context={context} must be >= 0")
+    wb = float(jnp.dtype(cfg.param_dtype).itemsize if weight_bytes is None else weight_bytes)
+    table = param_table(cfg)
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    touched = 1.0 - (1.0 - k / e) ** batch if e else 0.0
+    out: OrderedDict[str, float] = OrderedDict()
+    out["embedding rows"] = batch * cfg.hidden_size * wb
+    for name in ("attention (MLA)", "dense FFN (first-k layers)", "routers", "shared experts", "layer norms",
+                 "final norm"):
+        out[name] = table.get(name, 0) * wb
+    # a tied head multiplies by the embedding matrix
+    out["output head"] = table.get("output head", table["embedding"] if cfg.tie_word_embeddings else 0) * wb
+    out["routed experts"] = table.get("routed experts", 0) * touched * wb
+    out["latent cache"] = batch * context * cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) \
+        * cache_bytes
+    out["total"] = sum(out.values())
+    return out

@@ -8,6 +8,12 @@ Random weights (throughput does not depend on them; stop tokens are disabled so 
 generate - time of the prefill). Memory per sequence is the latent cache: (P + N) x L x (kv_lora_rank +
 qk_rope_head_dim) x 2 bytes. HF runs in a subprocess (experiments/bench_decode_hf.py) with bf16 weights, sdpa,
 ``grouped_mm`` experts and ``cache_implementation="static"``.
+
+Roofline: ``roof tok/s = B x BW / bytes`` where ``bytes`` is :func:`dsjax.decode_bytes_per_step` (every weight a
+decode step touches read once, routed experts hit by at least one of the B tokens under balanced routing, the latent
+cache at the mean context ``P + N/2``) and ``BW`` is the device's copy bandwidth measured in the same run (``x * 2``
+on a 1 GiB bf16 array, bytes read + written over time). No decoder of these weights can beat it on this device;
+the table also states which multiple of HF's decode rate the roof allows.
 """
 
 from __future__ import annotations
@@ -85,8 +91,25 @@ def bench_dsjax(model, b: int) -> dict:
     dev = jax.devices()[0]
     mem = (dev.memory_stats() or {}).get("peak_bytes_in_use", 0)
     return {"impl": f"dsjax (unroll {FLAGS.decode_unroll})" if FLAGS.decode_unroll > 1 else "dsjax", "batch": b, "prefill_tok_s": b * p / t_pre,
-            "decode_tok_s": b * (n - 1) / max(t_all - t_pre, 1e-9), "total_s": t_all,
+            # a generate no longer than its own prefill (timing noise at toy sizes) gives no decode rate
+            "decode_tok_s": b * (n - 1) / (t_all - t_pre) if t_all > t_pre else float("nan"), "total_s": t_all,
             "cache_bytes_per_seq": (p + n) * cache_bytes_per_token(cfg, "bfloat16"), "peak_gib": mem / 2**30}
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of ``x * 2`` on a 1 GiB bf16 array (read + write), best of 10 after a warm-up."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((2**29,), jnp.bfloat16)
+    f = jax.jit(lambda x: x * 2)
+    jax.block_until_ready(f(x))
+    best = float("inf")
+    for _ in range(10):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(x))
+        best = min(best, time.perf_counter() - t0)
+    return 2 * x.nbytes / best
 
 
 def bench_hf(b: int) -> dict:
@@ -124,17 +147,28 @@ def main(argv):
         if FLAGS.hf:
             rows.append(bench_hf(b))
             print(json.dumps(rows[-1]), flush=True)
+    bw = copy_bandwidth()
+    context = FLAGS.prompt_len + FLAGS.new_tokens / 2
     hf = {r["batch"]: r for r in rows if r["impl"] == "HF transformers" and "error" not in r}
-    lines = ["| impl | batch | prefill tok/s | decode tok/s | decode vs HF | cache MiB/seq | peak GiB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| impl | batch | prefill tok/s | decode tok/s | decode vs HF | roof tok/s | % of roof | roof vs HF | "
+             "cache MiB/seq | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['impl']} | {r['batch']} | error: {r['error'][:100]} | | | | |")
+            lines.append(f"| {r['impl']} | {r['batch']} | error: {r['error'][:100]} | | | | | | | |")
             continue
-        ratio = f"{r['decode_tok_s'] / hf[r['batch']]['decode_tok_s']:.1f}x" if r["impl"].startswith("dsjax") and \
-            r["batch"] in hf else ""
+        roof = r["batch"] * bw / dsjax.decode_bytes_per_step(cfg, r["batch"], context)["total"]
+        ours = r["impl"].startswith("dsjax") and r["batch"] in hf
+        ratio = f"{r['decode_tok_s'] / hf[r['batch']]['decode_tok_s']:.1f}x" if ours else ""
+        roof_hf = f"{roof / hf[r['batch']]['decode_tok_s']:.1f}x" if ours else ""
         lines.append(f"| {r['impl']} | {r['batch']} | {r['prefill_tok_s']:,.0f} | {r['decode_tok_s']:,.1f} | "
-                     f"{ratio} | {r.get('cache_bytes_per_seq', 0) / 2**20:.2f} | {r.get('peak_gib', 0):.1f} |")
+                     f"{ratio} | {roof:,.0f} | {100 * r['decode_tok_s'] / roof:.0f}% | {roof_hf} | "
+                     f"{r.get('cache_bytes_per_seq', 0) / 2**20:.2f} | {r.get('peak_gib', 0):.1f} |")
+    lines.append("")
+    lines.append(f"(Roof: B x {bw / 1e9:,.0f} GB/s, this device's measured copy bandwidth, / the bytes a decode step "
+                 f"must read, `dsjax.decode_bytes_per_step` at a mean context of {context:g} tokens with "
+                 f"{cfg.param_dtype} weights; 'roof vs HF' is the most any decoder of these weights can reach as a "
+                 f"multiple of HF's rate on this device.)")
     table = "\n".join(lines)
     print(table)
     if FLAGS.record:

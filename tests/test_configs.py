@@ -139,3 +139,27 @@ def test_count_params_mtp_and_small():
     assert 1e9 <= small["total"] <= 3e9 and 0.15e9 <= small["active"] <= 0.5e9, small
     table = dsjax.param_table(configs.deepseek_v3())
     assert sum(table.values()) == v3["total_with_mtp"]
+
+
+def test_decode_bytes_per_step_roofline():
+    cfg = configs.small(param_dtype="bfloat16")
+    counts = dsjax.count_params(cfg)
+    one = dsjax.decode_bytes_per_step(cfg, 1, 0)
+    # batch 1 reads exactly the active parameters (which exclude the embedding) plus one embedding row
+    assert one["total"] == pytest.approx(2 * (counts["active"] + cfg.hidden_size), rel=1e-9)
+    assert one["latent cache"] == 0
+    # a large batch touches every routed expert; the whole model but the embedding is read once
+    big = dsjax.decode_bytes_per_step(cfg, 4096, 0)
+    assert big["routed experts"] == pytest.approx(2 * counts["routed_experts"], rel=1e-6)
+    # balanced routing: 32 tokens x top-6 of 64 touch 64 * (1 - (58/64)**32) = 61.3 experts per layer
+    b32 = dsjax.decode_bytes_per_step(cfg, 32, 0)
+    assert b32["routed experts"] / big["routed experts"] == pytest.approx(1 - (58 / 64) ** 32)
+    # the latent cache: B x context x L x (R + P) x 2 bytes; FP8 weights halve the weight bytes
+    ctx = dsjax.decode_bytes_per_step(cfg, 2, 100)
+    assert ctx["latent cache"] == 2 * 100 * dsjax.cache_bytes_per_token(cfg, "bfloat16")
+    fp8 = dsjax.decode_bytes_per_step(cfg, 1, 0, weight_bytes=1)
+    assert fp8["total"] == pytest.approx(one["total"] / 2)
+    tied = dsjax.decode_bytes_per_step(configs.small(param_dtype="bfloat16", tie_word_embeddings=True), 1, 0)
+    assert tied["output head"] == one["output head"]
+    with pytest.raises(ValueError, match="batch=0"):
+        dsjax.decode_bytes_per_step(cfg, 0, 10)
