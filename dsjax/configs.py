@@ -191,6 +191,11 @@ class ModelConfig:
     attention_impl: str = "auto"
     # routed-expert grouped matmuls: "auto" (Mosaic GPU kernels on Hopper, else XLA ragged_dot), "xla", "mosaic_gpu"
     grouped_matmul_impl: str = "auto"
+    # decode steps (one new token per sequence) of at most this many tokens whose (token, expert) pairs are too many
+    # for the gathered path (2*T*K > E) run every routed expert on every token as one batched matmul per
+    # projection and weight the outputs by the routing (zero for unchosen experts): the same weight reads as the
+    # grouped-matmul kernel, which visits every expert's tiles anyway, without the sort and dispatch; 0: off
+    moe_dense_decode_tokens: int = 128
     # FP8 training as DeepSeek-V3 does it: the MLA projections, dense MLPs and (shared and routed) expert matmuls
     # run in E4M3 with 1x128 activation / 128x128 weight scales (pallas_kernels.fp8_linear; experts: per-group
     # quantised operands through the bf16 grouped matmul); embedding, output head, router, norms and the attention
@@ -267,6 +272,10 @@ class ModelConfig:
             _fail("fp8", self.fp8, "must be a bool", "use fp8=True for FP8 training GEMMs, False for BF16")
         if self.grouped_matmul_impl not in GROUPED_MATMUL_IMPLS:
             _fail("grouped_matmul_impl", self.grouped_matmul_impl, "is unknown", f"use one of {GROUPED_MATMUL_IMPLS}")
+        if isinstance(self.moe_dense_decode_tokens, bool) or not isinstance(self.moe_dense_decode_tokens, int) \
+                or self.moe_dense_decode_tokens < 0:
+            _fail("moe_dense_decode_tokens", self.moe_dense_decode_tokens, "must be an int >= 0",
+                  "use 0 to always use the grouped/gathered expert paths, or a token bound such as 128")
         if self.attention_impl not in ATTENTION_IMPLS:
             _fail("attention_impl", self.attention_impl, "is unknown", f"use one of {ATTENTION_IMPLS}")
         if isinstance(self.eos_token_id, list):
@@ -379,7 +388,7 @@ class ModelConfig:
             "model_type": "deepseek_v3" if v3 else "deepseek_v2",
         }
         skip = {"rope_scaling", "quantization_config", "dtype", "param_dtype", "scan_layers", "remat_policy",
-                "attention_impl", "grouped_matmul_impl", "eos_token_id", "fp8"}
+                "attention_impl", "grouped_matmul_impl", "moe_dense_decode_tokens", "eos_token_id", "fp8"}
         for f in dataclasses.fields(self):
             if f.name not in skip:
                 d[f.name] = getattr(self, f.name)
@@ -413,7 +422,7 @@ _HF_ALIASES = {"num_mtp_layers": "num_nextn_predict_layers", "num_experts": "n_r
 # Every other key that is not a ModelConfig field (auto_map, ep_size, use_cache, ...) carries no architecture
 # information and is ignored.
 _HF_IGNORED = {"dtype", "torch_dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
-               "grouped_matmul_impl", "fp8"}
+               "grouped_matmul_impl", "moe_dense_decode_tokens", "fp8"}
 
 
 def _parse_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:

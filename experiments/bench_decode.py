@@ -36,6 +36,8 @@ flags.DEFINE_integer("prompt_len", 128, "Prompt length (tokens).")
 flags.DEFINE_integer("new_tokens", 128, "Generated tokens per sample.")
 flags.DEFINE_integer("repeats", 3, "Timed repetitions (the best is kept).")
 flags.DEFINE_integer("decode_unroll", 1, "SamplingConfig.decode_unroll (decode steps per while-loop iteration).")
+flags.DEFINE_bool("compare_grouped", False, "Also time every batch size with moe_dense_decode_tokens=0 (decode steps "
+                  "use the grouped-matmul expert path instead of running every expert densely).")
 flags.DEFINE_bool("hf", False, "Also time HF transformers generate in a subprocess.")
 flags.DEFINE_bool("profile", False, "Trace one generate call per batch size and print its device time by scope and "
                   "kernel (per decoded token: divide by new_tokens).")
@@ -44,7 +46,7 @@ flags.DEFINE_bool("record", False, "Append the table to docs/benchmarks.md.")
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def bench_dsjax(model, b: int) -> dict:
+def bench_dsjax(model, b: int, label: str = "dsjax") -> dict:
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -90,7 +92,8 @@ def bench_dsjax(model, b: int) -> dict:
         summarize_trace(tmp, 1)
     dev = jax.devices()[0]
     mem = (dev.memory_stats() or {}).get("peak_bytes_in_use", 0)
-    return {"impl": f"dsjax (unroll {FLAGS.decode_unroll})" if FLAGS.decode_unroll > 1 else "dsjax", "batch": b, "prefill_tok_s": b * p / t_pre,
+    impl = label + (f" (unroll {FLAGS.decode_unroll})" if FLAGS.decode_unroll > 1 else "")
+    return {"impl": impl, "batch": b, "prefill_tok_s": b * p / t_pre,
             # a generate no longer than its own prefill (timing noise at toy sizes) gives no decode rate
             "decode_tok_s": b * (n - 1) / (t_all - t_pre) if t_all > t_pre else float("nan"), "total_s": t_all,
             "cache_bytes_per_seq": (p + n) * cache_bytes_per_token(cfg, "bfloat16"), "peak_gib": mem / 2**30}
@@ -135,6 +138,8 @@ def main(argv):
 
     cfg = dsjax.configs.get(FLAGS.config, dtype="bfloat16", param_dtype="bfloat16")
     model = dsjax.Transformer(cfg, rngs=nnx.Rngs(0))
+    grouped = dsjax.Transformer(cfg.replace(moe_dense_decode_tokens=0), rngs=nnx.Rngs(0)) \
+        if FLAGS.compare_grouped else None
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind}, jax {jax.__version__}", flush=True)
     rows = []
@@ -144,6 +149,12 @@ def main(argv):
         except Exception as e:  # noqa: BLE001
             rows.append({"impl": "dsjax", "batch": b, "error": f"{type(e).__name__}: {str(e)[:300]}"})
         print(json.dumps(rows[-1]), flush=True)
+        if grouped is not None:
+            try:
+                rows.append(bench_dsjax(grouped, b, "dsjax, dense decode off"))
+            except Exception as e:  # noqa: BLE001
+                rows.append({"impl": "dsjax, dense decode off", "batch": b, "error": f"{type(e).__name__}: {e}"[:300]})
+            print(json.dumps(rows[-1]), flush=True)
         if FLAGS.hf:
             rows.append(bench_hf(b))
             print(json.dumps(rows[-1]), flush=True)

@@ -36,11 +36,13 @@ def _greedy_reference(model, prompt, n):
     return seq[len(prompt):]
 
 
-def test_decode_logits_equal_full_forward(model):
+# batch 2: 2 x K=4 pairs <= E/2, the decode step gathers the chosen experts; batch 3: every expert runs (dense)
+@pytest.mark.parametrize("batch", [2, 3])
+def test_decode_logits_equal_full_forward(model, batch):
     # Tolerance: float32, 1e-4 absolute on logits of magnitude ~1 (different summation orders only).
-    prompts = [[1, 5, 9, 22, 40, 7, 7], [1, 7, 3]]
+    prompts = [[1, 5, 9, 22, 40, 7, 7], [1, 7, 3], [1, 9]][:batch]
     tokens, lengths = pad_prompts(prompts, bucket=8)
-    cache = init_cache(model.cfg, 2, 8 + 5)
+    cache = init_cache(model.cfg, batch, 8 + 5)
     logits, cache = prefill(model, jnp.asarray(tokens), jnp.asarray(lengths), cache, chunk=3)
     seqs = [list(p) for p in prompts]
     for i in range(5):
@@ -48,7 +50,7 @@ def test_decode_logits_equal_full_forward(model):
             ref = _last_logits(model, s)
             np.testing.assert_allclose(logits[b], ref, atol=1e-4)
         nxt = jnp.argmax(logits, -1).astype(jnp.int32)
-        for b in range(2):
+        for b in range(batch):
             seqs[b].append(int(nxt[b]))
         logits, cache = decode_step(model, nxt, jnp.asarray(lengths) + i, cache, 8 + i)
 

@@ -133,15 +133,25 @@ def test_v2_routers_hand_computed():
     assert sorted(np.asarray(out.indices[0]).tolist()) == [0, 1, 4]
 
 
-@pytest.mark.parametrize("t", [20, 2])   # 2 tokens x K=4 <= E/2: the gathered-weights (decoding) path
-def test_routed_experts_match_dense_reference(t):
-    cfg = configs.tiny()
+# (tokens, decode step, moe_dense_decode_tokens, path): 2 tokens x K=4 <= E/2 gathers the chosen experts' weights;
+# a decode step of 20 tokens runs every expert (dense) unless the bound is below 20; otherwise the grouped path
+@pytest.mark.parametrize("t,decode,bound,path", [(20, False, 128, "grouped"), (2, False, 128, "gathered"),
+                                                 (20, True, 128, "dense"), (20, True, 16, "grouped"),
+                                                 (2, True, 128, "gathered")])
+def test_routed_experts_match_dense_reference(t, decode, bound, path, monkeypatch):
+    cfg = configs.tiny(moe_dense_decode_tokens=bound)
     experts = RoutedExperts(cfg, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (t, cfg.hidden_size))
     r = route(cfg, jax.random.normal(jax.random.key(2), (t, cfg.n_routed_experts)), None)
-    out = experts(x, r.indices, r.weights)
-    jaxpr = str(jax.make_jaxpr(lambda x: experts(x, r.indices, r.weights))(x))
-    assert (" sort[" in jaxpr) == (t == 20)   # grouped path: pairs sorted by expert (tiled matmul on CPU)
+    taken = []
+    for name in ("_dense", "_gathered"):
+        fn = getattr(RoutedExperts, name)
+        monkeypatch.setattr(RoutedExperts, name,
+                            lambda self, *a, _fn=fn, _n=name: taken.append(_n[1:]) or _fn(self, *a))
+    out = experts(x, r.indices, r.weights, decode=decode)
+    assert taken == ([] if path == "grouped" else [path])
+    jaxpr = str(jax.make_jaxpr(lambda x: experts(x, r.indices, r.weights, decode=decode))(x))
+    assert (" sort[" in jaxpr) == (path == "grouped")     # grouped path: pairs sorted by expert
     # test-only dense reference: every expert on every token, combined with one-hot routing weights
     g, u, d = (experts.gate_proj.get_value(), experts.up_proj.get_value(), experts.down_proj.get_value())
     h = jax.nn.silu(jnp.einsum("td,edf->tef", x, g)) * jnp.einsum("td,edf->tef", x, u)

@@ -21,7 +21,11 @@ Expert computation (:class:`RoutedExperts`) is dropless: the M pairs are sorted 
 matmuls (``pallas_kernels.grouped_matmul``: Mosaic GPU kernels on Hopper, ``jax.lax.ragged_dot`` elsewhere;
 ``md,edf->mf`` per group) run SwiGLU over exactly the tokens each expert got; no
 dense all-experts einsum. With few pairs (``2*M <= E``, e.g. decoding a small batch) the chosen experts' weights are
-gathered per pair instead (``td,tkdf->tkf``): the grouped-matmul kernel would read every expert's weights.
+gathered per pair instead (``td,tkdf->tkf``): the grouped-matmul kernel would read every expert's weights. A decode
+step of more pairs but at most ``cfg.moe_dense_decode_tokens`` tokens runs every expert on every token
+(``etd,edf->etf``, one batched matmul per projection) and weights the outputs by the routing, zero for unchosen
+experts (``etd,te->td``): it reads what the grouped kernel reads (every expert), with no sort or dispatch, and its
+extra FLOPs (``E/K`` times the useful ones) cost less than the weight reads while ``T`` is small.
 
 The router also returns what training needs: per-expert token counts (for the auxiliary-loss-free bias update)
 and the per-layer sequence-wise balance loss term ``sum_i f_i P_i`` averaged over sequences (DeepSeek-V3 eq.
@@ -184,13 +188,17 @@ class RoutedExperts(nnx.Module):
             w = w.astype(jnp.float32) * full
         return w.astype(dtype_of(self.cfg.dtype))
 
-    def __call__(self, x: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:
-        """``x [T, D]``, ``indices/weights [T, K] -> [T, D]`` (sum over the K chosen experts, weighted)."""
+    def __call__(self, x: jax.Array, indices: jax.Array, weights: jax.Array, *, decode: bool = False) -> jax.Array:
+        """``x [T, D]``, ``indices/weights [T, K] -> [T, D]`` (sum over the K chosen experts, weighted).
+        ``decode``: the T tokens are one decode step (one per sequence), which allows the dense path."""
         t, k = indices.shape
         e = self.cfg.n_routed_experts
         dt = dtype_of(self.cfg.dtype)
-        if 2 * t * k <= e and not (self.cfg.fp8 and self.fp8_block is None):   # (FP8 training: grouped path)
+        fp8_training = self.cfg.fp8 and self.fp8_block is None      # FP8 training: always the grouped path
+        if 2 * t * k <= e and not fp8_training:
             return self._gathered(x, indices, weights)
+        if decode and t <= self.cfg.moe_dense_decode_tokens and not fp8_training:
+            return self._dense(x, indices, weights)
         flat = indices.reshape(-1)                               # [M]
         order = jnp.argsort(flat, stable=True)                   # pairs sorted by expert
         inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
@@ -224,6 +232,23 @@ class RoutedExperts(nnx.Module):
         return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights).astype(dt)
 
 
+    def _dense(self, x: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:
+        """A small decode step with many pairs: every expert on every token, ``etd,edf->etf`` (x broadcast over E so
+        each projection is one batched matmul over the weights' own layout, no transpose of them), then
+        ``etd,te->td`` with the routing weights scattered to ``[T, E]`` (zero for unchosen experts, so they add
+        exact zeros). Same maths as the grouped path."""
+        t, _ = indices.shape
+        e = self.cfg.n_routed_experts
+        dt = dtype_of(self.cfg.dtype)
+        xe = jnp.broadcast_to(x.astype(dt)[None], (e, *x.shape))                      # [E, T, D]
+        h = jax.nn.silu(jnp.einsum("etd,edf->etf", xe, self._w("gate_proj"))) * jnp.einsum(
+            "etd,edf->etf", xe, self._w("up_proj"))
+        y = jnp.einsum("etf,efd->etd", h.astype(dt), self._w("down_proj"))             # [E, T, D]
+        combine = jnp.einsum("tk,tke->te", weights.astype(jnp.float32),
+                             jax.nn.one_hot(indices, e, dtype=jnp.float32))             # [T, E]
+        return jnp.einsum("etd,te->td", y.astype(jnp.float32), combine).astype(dt)
+
+
 class MoE(nnx.Module):
     """DeepSeekMoE block: ``y = sum_k w_k E_{idx_k}(x) + Shared(x)`` for ``x [B, S, D]``."""
 
@@ -251,8 +276,8 @@ class MoE(nnx.Module):
             r = self.gate(flat_x)
         plan = current_plan()
         with jax.named_scope("routed_experts"):
-            if plan is None:
-                y = self.experts(flat_x, r.indices, r.weights).reshape(b, s, d)
+            if plan is None:   # s == 1: one decode step (one new token per sequence)
+                y = self.experts(flat_x, r.indices, r.weights, decode=s == 1).reshape(b, s, d)
             else:  # on a mesh: shard_map, tokens travel to their experts (dsjax.model.moe_ep)
                 from dsjax.model.moe_ep import expert_parallel
 
