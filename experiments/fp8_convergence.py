@@ -13,6 +13,7 @@ docs/benchmarks.md and the plot saved as ``docs/fp8_convergence.png``.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import pathlib
@@ -30,12 +31,16 @@ flags.DEFINE_float("ema", 0.98, "EMA factor of the smoothed loss.")
 flags.DEFINE_integer("warmup", 5, "Steps excluded from the step-time median.")
 flags.DEFINE_integer("log_every", 50, "Print every this many steps.")
 flags.DEFINE_string("png", "docs/fp8_convergence.png", "Plot path (relative to the repo root).")
+flags.DEFINE_float("noise_floor", 0.0, "If > 0, a third run: BF16 again with the initial master weights perturbed by "
+                   "this relative Gaussian noise (e.g. 0.002, about one BF16 rounding). Its gap to the BF16 run is the "
+                   "divergence any perturbation of the trajectory causes at this scale, the floor against which the "
+                   "FP8 gap is read.")
 flags.DEFINE_bool("record", False, "Append the summary to docs/benchmarks.md (and write the PNG).")
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def run(fp8: bool) -> dict:
+def run(fp8: bool, perturb: float = 0.0) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -51,6 +56,13 @@ def run(fp8: bool) -> dict:
     graphdef, p, r = split_model(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
     step = jax.jit(make_train_step(cfg, graphdef, p, r), donate_argnums=0)
     state = jax.jit(init_state, static_argnums=0)(cfg, jax.random.key(0))
+    name = "fp8 " if fp8 else ("bf16" if not perturb else "bf16'")
+    if perturb:   # the noise-floor run: same everything, master weights nudged by ~one BF16 rounding
+        leaves, treedef = jax.tree.flatten(state.params)
+        keys = jax.random.split(jax.random.key(1234), len(leaves))
+        leaves = [p * (1 + perturb * jax.random.normal(k, p.shape, p.dtype)) if jnp.issubdtype(p.dtype, jnp.floating)
+                  else p for p, k in zip(leaves, keys)]
+        state = dataclasses.replace(state, params=jax.tree.unflatten(treedef, leaves))
     it = iter(make_dataset(cfg.data, make_tokenizer(cfg.data), process_index=0, process_count=1))
     losses, times = [], []
     t_compile = time.perf_counter()
@@ -63,10 +75,10 @@ def run(fp8: bool) -> dict:
         if i == 0:
             t_compile = time.perf_counter() - t_compile
         if not np.isfinite(loss):
-            print(f"{'fp8' if fp8 else 'bf16'}: non-finite loss at step {i}", flush=True)
+            print(f"{name}: non-finite loss at step {i}", flush=True)
         losses.append(loss)
         if i % FLAGS.log_every == 0 or i == FLAGS.steps - 1:
-            print(f"{'fp8 ' if fp8 else 'bf16'} step {i:5d} loss {loss:.4f} ({times[-1] * 1e3:.0f} ms)", flush=True)
+            print(f"{name} step {i:5d} loss {loss:.4f} ({times[-1] * 1e3:.0f} ms)", flush=True)
     return {"losses": losses, "step_s": statistics.median(times[FLAGS.warmup:] or times), "compile_s": t_compile,
             "model": cfg.model, "batch": cfg.data.batch_size, "seq": cfg.data.seq_len}
 
@@ -97,6 +109,14 @@ def main(argv):
         "step_ms_bf16": bf16["step_s"] * 1e3, "step_ms_fp8": fp8["step_s"] * 1e3,
         "step_time_ratio_fp8_over_bf16": fp8["step_s"] / bf16["step_s"],
     }
+    floor = None
+    if FLAGS.noise_floor > 0:
+        sp = ema(run(False, FLAGS.noise_floor)["losses"], FLAGS.ema)
+        floor = [(p - b) / b for b, p in zip(sb, sp)]
+        ftail = floor[len(floor) // 2:]
+        summary.update({"noise_floor_perturbation": FLAGS.noise_floor, "floor_final_rel_gap": floor[-1],
+                        "floor_max_abs_rel_gap_second_half": max(abs(g) for g in ftail),
+                        "floor_mean_rel_gap_second_half": sum(ftail) / len(ftail)})
     print(json.dumps(summary, indent=1))
     png = ROOT / FLAGS.png
     try:
@@ -113,10 +133,13 @@ def main(argv):
         a0.set_ylabel("training loss")
         a0.legend()
         a0.set_title(f"{FLAGS.config}: BF16 vs FP8 (E4M3, 1x128 / 128x128), same seed and data")
-        a1.plot([100 * g for g in gaps], color="C2")
+        a1.plot([100 * g for g in gaps], color="C2", label="FP8 vs BF16")
+        if floor is not None:
+            a1.plot([100 * g for g in floor], color="C7", label=f"BF16 perturbed by {FLAGS.noise_floor:g} vs BF16")
+            a1.legend()
         a1.axhline(0.25, ls="--", color="grey")
         a1.axhline(-0.25, ls="--", color="grey")
-        a1.set_ylabel("smoothed loss gap FP8 vs BF16 (%)")
+        a1.set_ylabel("smoothed loss gap vs BF16 (%)")
         a1.set_xlabel("step")
         fig.tight_layout()
         png.parent.mkdir(parents=True, exist_ok=True)
@@ -134,6 +157,10 @@ def main(argv):
                 f"{100 * gaps[-1]:+.3f}% | {100 * summary['max_abs_rel_gap_second_half']:.3f}% | "
                 f"{summary['step_ms_bf16']:.1f} | {summary['step_ms_fp8']:.1f} | "
                 f"{summary['step_time_ratio_fp8_over_bf16']:.2f}x |\n\n"
+                + ("" if floor is None else
+                   f"Noise floor: BF16 again with the initial master weights perturbed by {FLAGS.noise_floor:g} "
+                   f"(relative, Gaussian): final gap {100 * floor[-1]:+.3f}%, max abs gap (2nd half) "
+                   f"{100 * summary['floor_max_abs_rel_gap_second_half']:.3f}%.\n\n") +
                 f"(EMA {FLAGS.ema}; DeepSeek-V3's bar is a relative gap below 0.25%. Plot: `{FLAGS.png}`. Experts use "
                 f"fp8_grouped_linear: FP8-quantised operands through the bf16 grouped matmul, so only the dense "
                 f"projections get the FP8 GEMM speed.)\n")
