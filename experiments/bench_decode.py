@@ -2,6 +2,7 @@
 
     python -m experiments.bench_decode --config=small --batch_sizes=1,32,256 --prompt_len=128 --new_tokens=128 \
         --hf --record
+    python -m experiments.bench_decode --batch_sizes=1,32 --compare_grouped --compare_unscanned --hf   # variants
 
 Random weights (throughput does not depend on them; stop tokens are disabled so every sample decodes
 ``new_tokens``). Prefill tokens/s = B x P / time of a prefill; decode tokens/s = B x (N - 1) / (time of a full
@@ -38,6 +39,8 @@ flags.DEFINE_integer("repeats", 3, "Timed repetitions (the best is kept).")
 flags.DEFINE_integer("decode_unroll", 1, "SamplingConfig.decode_unroll (decode steps per while-loop iteration).")
 flags.DEFINE_bool("compare_grouped", False, "Also time every batch size with moe_dense_decode_tokens=0 (decode steps "
                   "use the grouped-matmul expert path instead of running every expert densely).")
+flags.DEFINE_bool("compare_unscanned", False, "Also time every batch size with scan_layers=False (one traced block per "
+                  "layer instead of a lax.scan while loop over the layers: no per-layer loop iteration on the device).")
 flags.DEFINE_bool("hf", False, "Also time HF transformers generate in a subprocess.")
 flags.DEFINE_bool("profile", False, "Trace one generate call per batch size and print its device time by scope and "
                   "kernel (per decoded token: divide by new_tokens).")
@@ -138,8 +141,12 @@ def main(argv):
 
     cfg = dsjax.configs.get(FLAGS.config, dtype="bfloat16", param_dtype="bfloat16")
     model = dsjax.Transformer(cfg, rngs=nnx.Rngs(0))
-    grouped = dsjax.Transformer(cfg.replace(moe_dense_decode_tokens=0), rngs=nnx.Rngs(0)) \
-        if FLAGS.compare_grouped else None
+    variants = []
+    if FLAGS.compare_grouped:
+        variants.append(("dsjax, dense decode off", cfg.replace(moe_dense_decode_tokens=0)))
+    if FLAGS.compare_unscanned:
+        variants.append(("dsjax, layers unscanned", cfg.replace(scan_layers=False)))
+    variants = [(label, dsjax.Transformer(c, rngs=nnx.Rngs(0))) for label, c in variants]
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind}, jax {jax.__version__}", flush=True)
     rows = []
@@ -149,11 +156,11 @@ def main(argv):
         except Exception as e:  # noqa: BLE001
             rows.append({"impl": "dsjax", "batch": b, "error": f"{type(e).__name__}: {str(e)[:300]}"})
         print(json.dumps(rows[-1]), flush=True)
-        if grouped is not None:
+        for label, variant in variants:
             try:
-                rows.append(bench_dsjax(grouped, b, "dsjax, dense decode off"))
+                rows.append(bench_dsjax(variant, b, label))
             except Exception as e:  # noqa: BLE001
-                rows.append({"impl": "dsjax, dense decode off", "batch": b, "error": f"{type(e).__name__}: {e}"[:300]})
+                rows.append({"impl": label, "batch": b, "error": f"{type(e).__name__}: {e}"[:300]})
             print(json.dumps(rows[-1]), flush=True)
         if FLAGS.hf:
             rows.append(bench_hf(b))
