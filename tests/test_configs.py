@@ -98,6 +98,7 @@ def test_hf_config_round_trip(tmp_path):
     (dict(remat_policy="sometimes"), r"remat_policy='sometimes': is unknown"),
     (dict(moe_layer_freq=2), r"moe_layer_freq=2: is not supported"),
     (dict(hidden_act="gelu"), r"hidden_act='gelu': is not supported"),
+    (dict(moe_dense_decode_tokens=-1), r"moe_dense_decode_tokens=-1: must be an int >= 0.*Fix"),
 ])
 def test_validation_messages(changes, pattern):
     with pytest.raises(ConfigError, match=pattern):
