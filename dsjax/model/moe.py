@@ -20,7 +20,7 @@ Routing (:class:`Router`, all in float32):
 Expert computation (:class:`RoutedExperts`) is dropless: the M pairs are sorted by expert and three grouped
 matmuls (``pallas_kernels.grouped_matmul``: Mosaic GPU kernels on Hopper, ``jax.lax.ragged_dot`` elsewhere;
 ``md,edf->mf`` per group) run SwiGLU over exactly the tokens each expert got; no
-dense all-experts einsum. With few pairs (``2*M <= E``, e.g. decoding a small batch) the chosen experts' weights are
+dense all-experts einsum outside small decode steps (below). With few pairs (``2*M <= E``, e.g. decoding a small batch) the chosen experts' weights are
 gathered per pair instead (``td,tkdf->tkf``): the grouped-matmul kernel would read every expert's weights. A decode
 step of more pairs but at most ``cfg.moe_dense_decode_tokens`` tokens runs every expert on every token
 (``etd,edf->etf``, one batched matmul per projection) and weights the outputs by the routing, zero for unchosen
@@ -230,7 +230,6 @@ class RoutedExperts(nnx.Module):
                                                                                      w("up_proj"))
         y = jnp.einsum("tkf,tkfd->tkd", h.astype(dt), w("down_proj"))
         return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights).astype(dt)
-
 
     def _dense(self, x: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:
         """A small decode step with many pairs: every expert on every token, ``etd,edf->etf`` (x broadcast over E so
