@@ -29,6 +29,20 @@ def write_rows(buf: jax.Array, new: jax.Array, index: jax.Array | int) -> jax.Ar
     return jax.vmap(lambda b, n, i: jax.lax.dynamic_update_slice_in_dim(b, n, i, axis=0))(buf, new, index)
 
 
+def write_layer_rows(buf: jax.Array, new: jax.Array, layer: jax.Array | int, index: jax.Array | int) -> jax.Array:
+    """Writes ``new [B, S, ...]`` into layer ``layer`` of a stacked cache ``buf [L, B, T, ...]`` at slot ``index``
+    (a scalar, or one slot per row ``[B]``), touching only the new rows (the stacked buffer is updated in place
+    under ``jit`` when it is a loop carry or donated)."""
+    index = jnp.asarray(index, jnp.int32)
+    layer = jnp.asarray(layer, jnp.int32)
+    new = new.astype(buf.dtype)
+    zeros = (0,) * (buf.ndim - 3)
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice(buf, new[None], (layer, jnp.int32(0), index, *zeros))
+    return jax.vmap(lambda b, n, i: jax.lax.dynamic_update_slice(b, n[None], (layer, i, *zeros)),
+                    in_axes=(1, 0, 0), out_axes=1)(buf, new, index)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LatentCache:

@@ -225,42 +225,47 @@ class Transformer(nnx.Module):
                 return h, (latent, stats)
             return self._remat(fn)
 
-        latents, moe_stats = [], []
+        # With a cache, every layer gets the whole stacked cache and its own index and returns the stack with its
+        # new rows written: the stack is updated in place (a loop carry under scan), never copied per layer.
+        moe_stats = []
+        stacked = None if cache is None else (cache.c_kv, cache.k_rot)
         k = self.cfg.first_k_dense_replace
         if self.layers is not None:
             for i, layer in enumerate(self.layers):
                 graphdef, state = nnx.split(layer)
-                layer_cache = None if cache is None else (cache.c_kv[i], cache.k_rot[i])
+                layer_cache = None if cache is None else (*stacked, i)
                 h, (latent, stats) = layer_fn(graphdef)(h, state, layer_cache)
-                latents.append(latent)
+                if cache is not None:
+                    stacked = latent
                 if stats is not None:
                     moe_stats.append(stats)
-            stacked_latent = None if cache is None else (jnp.stack([l[0] for l in latents]),
-                                                        jnp.stack([l[1] for l in latents]))
             stats = jax.tree.map(lambda *xs: jnp.stack(xs), *moe_stats) if moe_stats else None
-            return h, stacked_latent, stats
+            return h, stacked, stats
 
-        parts_latent, stats = [], None
+        stats = None
         for stack, lo, hi in ((self.dense_layers, 0, k), (self.moe_layers, k, self.cfg.num_hidden_layers)):
             if stack is None:
                 continue
             graphdef, state = nnx.split(stack)
             fn = layer_fn(graphdef)
-            stack_cache = None if cache is None else (cache.c_kv[lo:hi], cache.k_rot[lo:hi])
+            if cache is None:
+                def body(h, layer_state, fn=fn):
+                    h, (_, st) = fn(h, layer_state, None)
+                    return h, st
 
-            def body(h, xs, fn=fn):
-                layer_state, layer_cache = xs
-                return fn(h, layer_state, layer_cache)
+                h, st = jax.lax.scan(body, h, state)
+            else:
+                def body(carry, xs, fn=fn):
+                    h, c_all, k_all = carry
+                    layer_state, i = xs
+                    h, ((c_all, k_all), st) = fn(h, layer_state, (c_all, k_all, i))
+                    return (h, c_all, k_all), st
 
-            h, (latent, st) = jax.lax.scan(body, h, (state, stack_cache))
-            parts_latent.append(latent)
+                (h, *stacked), st = jax.lax.scan(body, (h, *stacked), (state, jnp.arange(lo, hi, dtype=jnp.int32)))
+                stacked = tuple(stacked)
             if st is not None:
                 stats = st
-        stacked_latent = None
-        if cache is not None:
-            stacked_latent = (jnp.concatenate([p[0] for p in parts_latent]),
-                              jnp.concatenate([p[1] for p in parts_latent]))
-        return h, stacked_latent, stats
+        return h, stacked, stats
 
     # ------------------------------------------------------------------ forward
     def __call__(self, input_ids: jax.Array, segment_ids: jax.Array | None = None,
