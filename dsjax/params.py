@@ -20,6 +20,7 @@ from collections import OrderedDict
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from dsjax.configs import ModelConfig
@@ -150,8 +151,6 @@ def decode_bytes_per_step(cfg: ModelConfig, batch: int, context: float, *, weigh
     ``4 / 128**2`` for their 128x128 block scales). Returns the components and ``"total"``; divide a measured
     memory bandwidth by ``total / batch`` for the roofline's tokens per second.
     """
-    import jax.numpy as jnp
-
     if batch < 1:
         raise ValueError(f"decode_bytes_per_step: batch={batch} must be >= 1")
     if context < 0:

@@ -76,8 +76,9 @@ PRESETS = {
     # 16 x G16); earlier runs: 50 steps at lr 1e-5 and 80 at 5e-5 both gave +9.3 points with the sampled accuracy
     # still rising, 160 at 3e-5 +11.7, 313 at 3e-5 (27-minute budget) +15.4; 262 at 5e-5 only +10.1: entropy fell
     # faster and more groups agreed (docs/r1.md); with min_prompts=8 (refill only below 8 disagreeing groups) steps
-    # took ~2.4 s instead of 3.5-4 s: 436 steps, +22.7 (session 7). Two thirds of the groups agree, so each rollout samples 3 x 16
-    # prompts (one decode batch of 768) instead of refilling 16 at a time (4 x 16 was not faster)
+    # took ~2.4 s instead of 3.5-4 s: 436 and 409 steps, +22.7 and +22.1 on two H100s (session 7). Two thirds of the
+    # groups agree, so each rollout samples 3 x 16 prompts (one decode batch of 768) instead of refilling 16 at a time
+    # (4 x 16 was not faster)
     "gpu": dict(model="small", ops="+-*", digits=3, pre_steps=200, sft_steps=100, grpo_steps=600, seq_len=256,
                 batch=32, G=16, prompts=16, lr=1e-3, sft_lr=3e-4, grpo_lr=3e-5, max_new=160, mu=1, minibatches=1,
                 dynamic_sampling=True, rollout_multiplier=3, eval_examples=512, time_budget_min=27.0, temperature=1.0,

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsjax.configs import ModelConfig
-from dsjax.model.cache import write_layer_rows, write_rows
+from dsjax.model.cache import write_layer_rows
 from dsjax.model.layers import Linear, RMSNorm, dtype_of
 from dsjax.model.rope import apply_rope
 
@@ -160,27 +160,20 @@ class MLA(nnx.Module):
         """``x [B,S,D] -> (y [B,S,D], latent)``.
 
         Without ``cache``, attention runs over the ``S`` tokens themselves (``mask [B,S,S]``) and ``latent`` is
-        their ``(c_kv, k_rot)``. With ``cache = (c_kv [B,T,R], k_rot [B,T,P])`` the new latents are written at
-        ``cache_index`` (a scalar slot, or one slot per row ``[B]``), attention runs over all ``T`` cached tokens (``mask [B,S,T]``)
-        and ``latent`` is the updated cache. ``cache = (c_kv [L,B,T,R], k_rot [L,B,T,P], layer)`` is the whole
-        stacked cache and this layer's index: only the new rows are written and ``latent`` is the updated stack
-        (the decoder passes this form, so a decode step does not copy every layer's cache).
+        their ``(c_kv, k_rot)``. With ``cache = (c_kv [L,B,T,R], k_rot [L,B,T,P], layer)`` -- a stacked cache and
+        this layer's index in it -- the new latents are written at ``cache_index`` (a scalar slot, or one slot per
+        row ``[B]``) of layer ``layer`` only, attention runs over all ``T`` cached tokens of that layer
+        (``mask [B,S,T]``) and ``latent`` is the updated stack (so a decode step never copies every layer's cache).
         """
         q_nope, q_rot = self.project_q(x, cos, sin)
         c_kv, k_rot = self.project_latent(x, cos, sin)
-        latent = None
+        latent = (c_kv, k_rot)
         if cache is not None:
             idx = 0 if cache_index is None else cache_index
-            if len(cache) == 3:   # (c_kv [L,B,T,R], k_rot [L,B,T,P], layer): write the new rows in place, read the layer
-                c_all, k_all, layer = cache
-                c_all = write_layer_rows(c_all, c_kv, layer, idx)
-                k_all = write_layer_rows(k_all, k_rot, layer, idx)
-                latent = (c_all, k_all)
-                c_kv = jax.lax.dynamic_index_in_dim(c_all, layer, 0, keepdims=False)
-                k_rot = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
-            else:
-                c_kv = write_rows(cache[0], c_kv, idx)
-                k_rot = write_rows(cache[1], k_rot, idx)
+            c_all, k_all, layer = cache
+            latent = (write_layer_rows(c_all, c_kv, layer, idx), write_layer_rows(k_all, k_rot, layer, idx))
+            c_kv = jax.lax.dynamic_index_in_dim(latent[0], layer, 0, keepdims=False)
+            k_rot = jax.lax.dynamic_index_in_dim(latent[1], layer, 0, keepdims=False)
         dt = dtype_of(self.cfg.dtype)
         if impl == "naive":
             o = self.attend_naive(q_nope, q_rot, c_kv.astype(dt), k_rot.astype(dt), mask,
@@ -189,4 +182,4 @@ class MLA(nnx.Module):
             o = self.attend_absorbed(q_nope, q_rot, c_kv.astype(dt), k_rot.astype(dt), mask)
         else:
             raise ValueError(f"impl={impl!r} is unknown. Fix: use 'naive' or 'absorbed'")
-        return self.o_proj(o), ((c_kv, k_rot) if latent is None else latent)
+        return self.o_proj(o), latent

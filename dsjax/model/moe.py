@@ -19,9 +19,9 @@ Routing (:class:`Router`, all in float32):
 
 Expert computation (:class:`RoutedExperts`) is dropless: the M pairs are sorted by expert and three grouped
 matmuls (``pallas_kernels.grouped_matmul``: Mosaic GPU kernels on Hopper, ``jax.lax.ragged_dot`` elsewhere;
-``md,edf->mf`` per group) run SwiGLU over exactly the tokens each expert got; no
-dense all-experts einsum outside small decode steps (below). With few pairs (``2*M <= E``, e.g. decoding a small batch) the chosen experts' weights are
-gathered per pair instead (``td,tkdf->tkf``): the grouped-matmul kernel would read every expert's weights. A decode
+``md,edf->mf`` per group) run SwiGLU over exactly the tokens each expert got; no dense all-experts einsum outside
+small decode steps (below). With few pairs (``2*M <= E``, e.g. decoding a small batch) the chosen experts' weights
+are gathered per pair instead (``td,tkdf->tkf``): the grouped-matmul kernel would read every expert's weights. A decode
 step of more pairs but at most ``cfg.moe_dense_decode_tokens`` tokens runs every expert on every token
 (``etd,edf->etf``, one batched matmul per projection) and weights the outputs by the routing, zero for unchosen
 experts (``etd,te->td``): it reads what the grouped kernel reads (every expert), with no sort or dispatch, and its
@@ -234,9 +234,8 @@ class RoutedExperts(nnx.Module):
     def _dense(self, x: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:
         """A small decode step with many pairs: every expert on every token, ``etd,edf->etf`` (x broadcast over E so
         each projection is one batched matmul over the weights' own layout, no transpose of them), then
-        ``etd,te->td`` with the routing weights scattered to ``[T, E]`` (zero for unchosen experts, so they add
-        exact zeros). Same maths as the grouped path."""
-        t, _ = indices.shape
+        ``etd,te->td`` with the routing weights spread to ``[T, E]`` by a one-hot (zero for unchosen experts, so
+        they add exact zeros). Same maths as the grouped path."""
         e = self.cfg.n_routed_experts
         dt = dtype_of(self.cfg.dtype)
         xe = jnp.broadcast_to(x.astype(dt)[None], (e, *x.shape))                      # [E, T, D]

@@ -133,8 +133,9 @@ class MTPModule(nnx.Module):
                  cache_index=None, return_latent: bool = False):
         """``h_prev [B,T,D]`` (depth k-1), ``emb_next [B,T,D]`` = Emb(t_{i+k}) ``-> (h_k [B,T,D] normed, stats)``.
 
-        With ``cache = (c_kv [B,S,R], k_rot [B,S,P])`` (the block's own latent cache, for drafting during decoding)
-        the new latents are written at ``cache_index`` and ``return_latent`` returns the updated cache third.
+        With ``cache = (c_kv [1,B,S,R], k_rot [1,B,S,P], 0)`` (the block's own one-layer latent cache, for drafting
+        during decoding) the new latents are written at ``cache_index`` and ``return_latent`` returns the updated
+        cache third.
         """
         x = self.eh_proj(jnp.concatenate([self.enorm(emb_next), self.hnorm(h_prev)], axis=-1))
         x, latent, stats = self.block(x, cos, sin, mask, valid, mla_impl=mla_impl, cache=cache,
@@ -355,9 +356,9 @@ def mtp_draft_step(model: "Transformer", depth: int, h_prev: jax.Array, next_tok
     mask = make_attention_mask(seg, kv_segments, cache_index)
     cos, sin = rope_cos_sin(model.cfg, positions, dtype_of(model.cfg.dtype))
     h, _, latent = model.mtp[depth](h_prev, model.embed_tokens(next_tokens), cos, sin, mask, seg != 0,
-                                    mla_impl="absorbed", cache=(cache.c_kv[0], cache.k_rot[0]),
+                                    mla_impl="absorbed", cache=(cache.c_kv, cache.k_rot, 0),
                                     cache_index=cache_index, return_latent=True)
-    return h, LatentCache(c_kv=latent[0][None], k_rot=latent[1][None], segment_ids=kv_segments)
+    return h, LatentCache(c_kv=latent[0], k_rot=latent[1], segment_ids=kv_segments)
 
 
 def abstract_model(cfg: ModelConfig, *, fp8: bool = False) -> Any:
