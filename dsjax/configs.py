@@ -43,7 +43,7 @@ SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
-ATTENTION_IMPLS = ("auto", "einsum", "cudnn", "jax")
+ATTENTION_IMPLS = ("auto", "einsum", "cudnn", "cudnn_mla", "jax")
 GROUPED_MATMUL_IMPLS = ("auto", "xla", "tiled", "mosaic_gpu")
 ROPE_TYPES = ("default", "yarn")
 
@@ -185,8 +185,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat_policy: str = "none"
-    # "auto": cuDNN flash attention on Hopper GPUs with bf16/fp16 compute, else "einsum" (explicit scores, any
-    # backend); "cudnn": always cuDNN (dense document mask, V zero-padded to the key size); "jax":
+    # "auto": cuDNN flash attention on Hopper GPUs with bf16/fp16 compute ("cudnn_mla" where cuDNN >= 9.10 and the
+    # value head size differs from the key's, else "cudnn"), else "einsum" (explicit scores, any backend); "cudnn": always cuDNN (dense document mask, V zero-padded to the key size); "cudnn_mla": cuDNN's
+    # MLA mode with unpadded V (key and value head sizes differ; cuDNN >= 9.10, Hopper; jax's internal API); "jax":
     # jax.nn.dot_product_attention with its default (XLA) backend.
     attention_impl: str = "auto"
     # routed-expert grouped matmuls: "auto" (Mosaic GPU kernels on Hopper, else XLA ragged_dot), "xla", "mosaic_gpu"

@@ -2,7 +2,8 @@
 
     python -m experiments.bench_decode --config=small --batch_sizes=1,32,256 --prompt_len=128 --new_tokens=128 \
         --hf --record
-    python -m experiments.bench_decode --batch_sizes=1,32 --compare_grouped --compare_unscanned --hf   # variants
+    python -m experiments.bench_decode --batch_sizes=1,32 --variant=sampling.unstack_layers=False \
+        --variant=moe_dense_decode_tokens=0 --hf   # variants against the defaults, same run
 
 Random weights (throughput does not depend on them; stop tokens are disabled so every sample decodes
 ``new_tokens``). Prefill tokens/s = B x P / time of a prefill; decode tokens/s = B x (N - 1) / (time of a full
@@ -37,10 +38,9 @@ flags.DEFINE_integer("prompt_len", 128, "Prompt length (tokens).")
 flags.DEFINE_integer("new_tokens", 128, "Generated tokens per sample.")
 flags.DEFINE_integer("repeats", 3, "Timed repetitions (the best is kept).")
 flags.DEFINE_integer("decode_unroll", 1, "SamplingConfig.decode_unroll (decode steps per while-loop iteration).")
-flags.DEFINE_bool("compare_grouped", False, "Also time every batch size with moe_dense_decode_tokens=0 (decode steps "
-                  "use the grouped-matmul expert path instead of running every expert densely).")
-flags.DEFINE_bool("compare_unscanned", False, "Also time every batch size with scan_layers=False (one traced block per "
-                  "layer instead of a lax.scan while loop over the layers: no per-layer loop iteration on the device).")
+flags.DEFINE_multi_string("variant", [], "Also time every batch size with these comma-separated overrides of the "
+                          "ModelConfig fields (e.g. moe_dense_decode_tokens=0, scan_layers=False) and of "
+                          "SamplingConfig fields prefixed 'sampling.' (e.g. sampling.unstack_layers=False).")
 flags.DEFINE_bool("hf", False, "Also time HF transformers generate in a subprocess.")
 flags.DEFINE_bool("profile", False, "Trace one generate call per batch size and print its device time by scope and "
                   "kernel (per decoded token: divide by new_tokens).")
@@ -49,7 +49,25 @@ flags.DEFINE_bool("record", False, "Append the table to docs/benchmarks.md.")
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def bench_dsjax(model, b: int, label: str = "dsjax") -> dict:
+def parse_variant(text: str) -> tuple[dict, dict]:
+    """``"a=1,sampling.b=False"`` -> (ModelConfig overrides, SamplingConfig overrides); values parsed as Python
+    literals (``ast.literal_eval``), else kept as strings."""
+    import ast
+
+    model, sampling = {}, {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise app.UsageError(f"--variant item {item!r} is not key=value")
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass
+        (sampling if key.startswith("sampling.") else model)[key.removeprefix("sampling.")] = value
+    return model, sampling
+
+
+def bench_dsjax(model, b: int, label: str = "dsjax", sampling_overrides: dict | None = None) -> dict:
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -64,7 +82,7 @@ def bench_dsjax(model, b: int, label: str = "dsjax") -> dict:
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(0), jnp.arange(b))
     graphdef, state = nnx.split(model)
     sampling = SamplingConfig(max_new_tokens=n, temperature=0.0, use_eos=False, length_bucket=p,
-                              decode_unroll=FLAGS.decode_unroll)
+                              decode_unroll=FLAGS.decode_unroll, **(sampling_overrides or {}))
 
     @jax.jit
     def only_prefill(state, prompts):
@@ -142,11 +160,10 @@ def main(argv):
     cfg = dsjax.configs.get(FLAGS.config, dtype="bfloat16", param_dtype="bfloat16")
     model = dsjax.Transformer(cfg, rngs=nnx.Rngs(0))
     variants = []
-    if FLAGS.compare_grouped:
-        variants.append(("dsjax, dense decode off", cfg.replace(moe_dense_decode_tokens=0)))
-    if FLAGS.compare_unscanned:
-        variants.append(("dsjax, layers unscanned", cfg.replace(scan_layers=False)))
-    variants = [(label, dsjax.Transformer(c, rngs=nnx.Rngs(0))) for label, c in variants]
+    for text in FLAGS.variant:
+        model_over, sampling_over = parse_variant(text)
+        variants.append((f"dsjax, {text}", dsjax.Transformer(cfg.replace(**model_over), rngs=nnx.Rngs(0))
+                         if model_over else model, sampling_over))
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind}, jax {jax.__version__}", flush=True)
     rows = []
@@ -156,9 +173,9 @@ def main(argv):
         except Exception as e:  # noqa: BLE001
             rows.append({"impl": "dsjax", "batch": b, "error": f"{type(e).__name__}: {str(e)[:300]}"})
         print(json.dumps(rows[-1]), flush=True)
-        for label, variant in variants:
+        for label, variant, sampling_over in variants:
             try:
-                rows.append(bench_dsjax(variant, b, label))
+                rows.append(bench_dsjax(variant, b, label, sampling_over))
             except Exception as e:  # noqa: BLE001
                 rows.append({"impl": label, "batch": b, "error": f"{type(e).__name__}: {e}"[:300]})
             print(json.dumps(rows[-1]), flush=True)

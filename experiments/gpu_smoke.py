@@ -25,7 +25,7 @@ def main():
     cos, sin = rope_cos_sin(cfg, pos, jnp.bfloat16)
     mask = make_attention_mask(seg, seg)
     outs, grads = {}, {}
-    for impl in ("einsum", "cudnn"):
+    for impl in ("einsum", "cudnn", "cudnn_mla"):
         mla = MLA(cfg.replace(attention_impl=impl), rngs=nnx.Rngs(0))
         g, s = nnx.split(mla)
         f = lambda s, h: nnx.merge(g, s)(h, cos, sin, mask)[0].astype(jnp.float32)

@@ -18,8 +18,8 @@ flags.DEFINE_multi_string("set", [], "Overrides.")
 flags.DEFINE_integer("batch_size", 8, "Batch.")
 flags.DEFINE_integer("seq_len", 2048, "Sequence length.")
 flags.DEFINE_integer("steps", 3, "Profiled steps.")
-
-
+flags.DEFINE_string("hlo_out", None, "Also write the compiled (optimised) HLO text of the step here (.gz: gzipped), "
+                    "to read what each fusion in the kernel list computes.")
 
 
 def main(argv):
@@ -39,6 +39,12 @@ def main(argv):
     state = jax.jit(init_state, static_argnums=0)(cfg, jax.random.key(0))
     batch = {k: jnp.asarray(v) for k, v in synthetic_batch(FLAGS.batch_size, FLAGS.seq_len,
                                                            cfg.model.vocab_size).items()}
+    if FLAGS.hlo_out:
+        import gzip
+
+        text = step.lower(state, batch).compile().as_text()
+        with (gzip.open if FLAGS.hlo_out.endswith(".gz") else open)(FLAGS.hlo_out, "wt") as f:
+            f.write(text)
     for _ in range(3):
         state, m = step(state, batch)
     jax.block_until_ready(m)
@@ -48,7 +54,7 @@ def main(argv):
         state, m = step(state, batch)
     jax.block_until_ready(m)
     jax.profiler.stop_trace()
-    summarize_trace(tmp, FLAGS.steps)
+    summarize_trace(tmp, FLAGS.steps, top=80)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@ import re
 SCOPES = ("ce_loss", "optimizer", "router", "routed_experts", "shared_experts", "routing_stats", "mla", "mlp", "moe")
 
 
-def summarize_trace(tmp: str, steps: int, device: str = "/device:GPU") -> None:
-    """Prints the device time per step of the trace in ``tmp`` by dsjax name scope and the 30 costliest kernels
-    (planes whose name starts with ``device``: pass "/device:GPU:0" for one GPU of several)."""
+def summarize_trace(tmp: str, steps: int, device: str = "/device:GPU", top: int = 30) -> None:
+    """Prints the device time per step of the trace in ``tmp`` by dsjax name scope and the costliest kernels
+    (``top`` of them; planes whose name starts with ``device``: pass "/device:GPU:0" for one GPU of several)."""
     import jax
 
     path = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[0]
@@ -37,13 +37,13 @@ def summarize_trace(tmp: str, steps: int, device: str = "/device:GPU") -> None:
                 scope = next((s for s in SCOPES if re.search(rf"\b{s}\b", long)), "other")
                 back = "bwd" if "transpose(" in long else "fwd"
                 by_scope[f"{scope} ({back})"] += dur
-                by_kernel[(ev.name[:60], scope)] += dur
+                by_kernel[(ev.name[:60] + " | " + str(stats.get("hlo_op", ""))[:40], scope)] += dur
     print(f"trace lines: {sorted(lines_seen)[:12]}; event stat keys: {sorted(seen_keys)}")
     print("sample op names:", *samples, sep="\n  ")
     print(f"device time per step: {total:.1f} ms (sum over streams)")
     for k, v in by_scope.most_common():
         print(f"  {k:32s} {v:8.2f} ms  {100 * v / total:5.1f}%")
     print("top kernels:")
-    for (name, scope), v in by_kernel.most_common(30):
+    for (name, scope), v in by_kernel.most_common(top):
         print(f"  {v:7.2f} ms  {scope:16s} {name}")
 

@@ -174,3 +174,28 @@ def test_generate_cli_on_a_workdir(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["import", "class"] and rows[1]["id"] == 7
     assert all(r["num_tokens"] == 4 for r in rows) and "MTP draft acceptance" in res.stdout
+
+
+def test_unstacked_layers_decode_like_the_scanned_model():
+    """``unstack_layers`` (the decode loop's default on a ``scan_layers=True`` model) gives layer i slice i of the
+    stacks, the same logits, and the same generated tokens and log-probs as decoding through the layer scan."""
+    from dsjax.model import unstack_layers
+
+    model = dsjax.Transformer(dsjax.configs.tiny(scan_layers=True), rngs=nnx.Rngs(3))
+    flat = unstack_layers(model)
+    assert flat.cfg.scan_layers is False and flat.dense_layers is None
+    assert len(flat.layers) == model.cfg.num_hidden_layers
+    k = model.cfg.first_k_dense_replace
+    np.testing.assert_array_equal(flat.layers[k + 1].mlp.experts.gate_proj[...],
+                                  model.moe_layers.mlp.experts.gate_proj[...][1])
+    np.testing.assert_array_equal(flat.layers[k + 1].mlp.gate.e_score_correction_bias[...],
+                                  model.moe_layers.mlp.gate.e_score_correction_bias[...][1])
+    ids = jnp.asarray([[1, 5, 9, 22, 40, 3, 7, 8]])
+    np.testing.assert_allclose(flat(ids).logits, model(ids).logits, atol=1e-5)
+    assert unstack_layers(flat) is flat
+    prompts = [[1, 5, 9, 22, 40], [1, 7, 3]]
+    kw = dict(max_new_tokens=6, temperature=0.0, use_eos=False)
+    a = dsjax.generate(model, prompts, sampling=SamplingConfig(**kw))
+    b = dsjax.generate(model, prompts, sampling=SamplingConfig(unstack_layers=False, **kw))
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from dsjax.inference.sampling import SamplingConfig, sample_tokens
-from dsjax.model import LatentCache, Transformer, init_cache
+from dsjax.model import LatentCache, Transformer, init_cache, unstack_layers
 
 __all__ = ["GenerateOutput", "generate", "generate_tokens", "prefill", "decode_step", "pad_prompts"]
 
@@ -108,6 +108,8 @@ def generate_tokens(graphdef: Any, state: Any, prompts: jax.Array, prompt_length
     logits, cache = prefill(model, prompts, prompt_lengths, cache, chunk=cfg.prefill_chunk)
     step_keys = lambda i: jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
     tok, lp = sample_tokens(logits, step_keys(0), cfg)
+    if cfg.unstack_layers:
+        model = unstack_layers(model)  # once, outside the decode loop (see SamplingConfig.unstack_layers)
 
     out_tok = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok)
     out_lp = jnp.zeros((b, n), jnp.float32).at[:, 0].set(lp)

@@ -33,6 +33,12 @@ class SamplingConfig:
       prefill_chunk: prompt tokens processed per prefill forward (bounds activation memory on long prompts).
       decode_unroll: decode steps per ``while_loop`` iteration; > 1 amortises the loop's per-iteration control
         overhead on GPUs (the stop test runs every ``decode_unroll`` tokens; extra steps are masked).
+      unstack_layers: for a model built with ``scan_layers=True``, decode with the layers unrolled on per-layer
+        copies of the stacked weights (:func:`dsjax.model.unstack_layers`), made once per call before the decode
+        loop. A layer scan inside the loop slices every layer's weights out of the stacks at every step, and XLA
+        copies those slices for the matmuls: a copy of all layer weights per decoded token. Costs a second copy
+        of the layer weights in memory during the call and a compile that grows with depth; set False when the
+        weights do not fit twice.
     """
 
     max_new_tokens: int = 64
@@ -44,6 +50,7 @@ class SamplingConfig:
     length_bucket: int = 64
     prefill_chunk: int = 512
     decode_unroll: int = 1
+    unstack_layers: bool = True
 
     def __post_init__(self):
         if self.max_new_tokens < 1:

@@ -30,7 +30,7 @@ from flax import nnx
 
 from dsjax.inference.generate import GenerateOutput, _layout, _stop_ids, pad_prompts
 from dsjax.inference.sampling import SamplingConfig
-from dsjax.model import Transformer, init_cache, mtp_draft_step
+from dsjax.model import Transformer, init_cache, mtp_draft_step, unstack_layers
 
 __all__ = ["SpeculativeOutput", "speculative_generate", "speculative_generate_tokens"]
 
@@ -84,6 +84,8 @@ def speculative_generate_tokens(graphdef: Any, state: Any, prompts: jax.Array, p
     nxt = jnp.concatenate([prompts[:, 1:], first[:, None]], axis=1)
     h_mtp, mtp = mtp_draft_step(model, 0, hidden, nxt, pos, mtp, 0, segment_ids=seg)
     draft = jnp.argmax(model.logits_f32(h_mtp[:, -1]), -1).astype(jnp.int32)
+    if cfg.unstack_layers:
+        model = unstack_layers(model)  # once, outside the decode loop (see SamplingConfig.unstack_layers)
 
     rows = jnp.arange(b)
     out_tok = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(first)

@@ -56,6 +56,16 @@ def _cudnn_flash_available(dtype) -> bool:
     return dev.platform == "gpu" and cc[:cc.find(".")].isdigit() and int(cc[:cc.find(".")]) >= 9
 
 
+def _cudnn_mla_available() -> bool:
+    """cuDNN's MLA mode (key and value head sizes differ) needs cuDNN >= 9.10 on Hopper or newer."""
+    try:
+        from jax._src.cudnn.fused_attention_stablehlo import check_cudnn_version
+
+        return check_cudnn_version() >= 91000
+    except Exception:  # noqa: BLE001 - no cuDNN, or jax moved its internal API: use the padded public path
+        return False
+
+
 class MLA(nnx.Module):
     """Multi-head Latent Attention. See the module docstring for the algorithm and shape letters."""
 
@@ -130,7 +140,19 @@ class MLA(nnx.Module):
                              "when attending over a cache")
         impl = self.cfg.attention_impl
         if impl == "auto":
-            impl = "cudnn" if _cudnn_flash_available(q.dtype) else "einsum"
+            impl = "einsum"
+            if _cudnn_flash_available(q.dtype):
+                impl = "cudnn_mla" if v.shape[-1] != q.shape[-1] and _cudnn_mla_available() else "cudnn"
+        if impl == "cudnn_mla":
+            # cuDNN's MLA mode (key head size C+P != value head size V; cuDNN >= 9.10 on Hopper) through jax's
+            # internal entry point, which the public API does not expose: no zero-padded V, no padded output
+            from jax._src.cudnn.fused_attention_stablehlo import MaskType
+            from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
+
+            o = cudnn_attention(q, k, v, None, None if mask is None else mask[:, None],
+                                scale=self.cfg.softmax_scale,
+                                mask_type=MaskType.CAUSAL if causal_from_start else MaskType.NO_MASK)
+            return o.astype(v.dtype)
         if impl != "einsum":
             # the public API wants equal key/value head sizes: pad V with zeros to C+P, drop the padding after
             dv = v.shape[-1]

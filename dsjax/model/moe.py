@@ -119,12 +119,19 @@ class Router(nnx.Module):
         return route(self.cfg, logits, bias)
 
 
+def _rows(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """``x[idx]`` for indices known to lie in ``[0, len(x))``: a plain gather, without the wrap-around of negative
+    indices and the NaN fill of out-of-bounds rows that ``jnp.take``'s default adds to every gathered element
+    (unsigned indices skip the wrap-around; ``promise_in_bounds`` the fill)."""
+    return x.at[idx.astype(jnp.uint32)].get(mode="promise_in_bounds")
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _dispatch(x: jax.Array, order: jax.Array, inverse: jax.Array, k: int) -> jax.Array:
     """``x [T, D] -> xs [M, D]`` with ``xs[i] = x[order[i] // K]`` (token rows in expert order).
 
     Its gradient is a gather plus a sum over each token's K copies (no scatter-add with atomics)."""
-    return jnp.take(x, order // k, axis=0)
+    return _rows(x, jax.lax.div(order, jnp.asarray(k, order.dtype)))  # order >= 0: truncating division is floor
 
 
 def _dispatch_fwd(x, order, inverse, k):
@@ -133,7 +140,7 @@ def _dispatch_fwd(x, order, inverse, k):
 
 def _dispatch_bwd(k, res, ct):
     inverse, t = res
-    return jnp.take(ct, inverse, axis=0).reshape(t, k, -1).sum(1), None, None
+    return _rows(ct, inverse).reshape(t, k, -1).sum(1), None, None
 
 
 _dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
@@ -142,11 +149,10 @@ _dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
 @jax.custom_vjp
 def _permute(x: jax.Array, perm: jax.Array, inverse: jax.Array) -> jax.Array:
     """``x[perm]`` for a permutation ``perm``; the gradient is the gather ``ct[inverse]``."""
-    return jnp.take(x, perm, axis=0)
+    return _rows(x, perm)
 
 
-_permute.defvjp(lambda x, p, i: (jnp.take(x, p, axis=0), (i,)),
-                lambda res, ct: (jnp.take(ct, res[0], axis=0), None, None))
+_permute.defvjp(lambda x, p, i: (_rows(x, p), (i,)), lambda res, ct: (_rows(ct, res[0]), None, None))
 
 
 class RoutedExperts(nnx.Module):

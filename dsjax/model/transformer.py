@@ -364,3 +364,30 @@ def mtp_draft_step(model: "Transformer", depth: int, h_prev: jax.Array, next_tok
 def abstract_model(cfg: ModelConfig, *, fp8: bool = False) -> Any:
     """The model with ``jax.ShapeDtypeStruct`` leaves (no allocation), via ``nnx.eval_shape``."""
     return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), fp8=fp8))
+
+
+def unstack_layers(model: Transformer) -> Transformer:
+    """The same model with ``scan_layers=False``: layer ``i``'s variables are slice ``i`` of the stacks.
+
+    For decoding loops: a layer ``lax.scan`` inside a ``while_loop`` slices every layer's weights out of the stacks
+    on every step, and XLA materialises those slices (a copy of all layer weights per decoded token) where a matmul
+    reads them. Unstacking once, before the loop, makes that copy once per call; the cost is a second copy of the
+    layer weights in memory while the unstacked model lives. A model built with ``scan_layers=False`` is returned
+    as is.
+    """
+    cfg = model.cfg
+    if not cfg.scan_layers:
+        return model
+    flat_cfg = dataclasses.replace(cfg, scan_layers=False)
+    graphdef, target = nnx.split(abstract_model(flat_cfg, fp8=model.fp8_block is not None))
+    src = dict(nnx.to_flat_state(nnx.state(model)))
+    k = cfg.first_k_dense_replace
+    out = {}
+    for path, t in nnx.to_flat_state(target):
+        if path[0] == "layers":
+            i = int(path[1])
+            stack, j = ("dense_layers", i) if i < k else ("moe_layers", i - k)
+            out[path] = t.replace(src[(stack, *path[2:])].get_value()[j])
+        else:
+            out[path] = src[path]
+    return nnx.merge(graphdef, nnx.State.from_flat_path(out))
