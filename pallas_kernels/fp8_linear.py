@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.fp8_gemm import fp8_gemm
-from pallas_kernels.fp8_quant import BLOCK, act_quant, act_quant_dual, act_quant_t, dequant, weight_quant_dual
+from pallas_kernels.fp8_quant import (BLOCK, _cast, _keep, _scale, act_quant, act_quant_dual, act_quant_t, dequant,
+                                      weight_quant_dual)
 from pallas_kernels.grouped_matmul import cotangent_like, grouped_matmul
 
 __all__ = ["fp8_linear", "fp8_grouped_linear"]
@@ -141,10 +142,25 @@ def _qdq_rows(x, dtype):
     return dequant(q, s, out_dtype=dtype)
 
 
-def _qdq_tokens(x, dtype):
-    """128x1 tiles (128 consecutive rows of one column), dequantised, in x's layout."""
-    qt, st = act_quant_t(x, implementation="xla")
-    return dequant(qt, st, out_dtype=dtype).T
+def _qdq_expert_tokens(x, group_sizes, dtype, eps: float = 1e-4):
+    """128x1 tiles that never straddle two experts, dequantised, in x's layout (``x [M, K]``, rows sorted by group).
+
+    Each expert's rows are cut into 128-row groups from the expert's own first row, as DeepSeek-V3 does by padding
+    every expert to a multiple of 128 tokens; one scale per (group, column), ``max(amax, eps) / 448``. A group shared
+    by two experts would scale one expert's rows by the other's range. Rows past ``sum(group_sizes)`` fall in the
+    last expert's groups (the grouped matmul ignores them).
+    """
+    m, g = x.shape[0], group_sizes.shape[0]
+    ends = jnp.cumsum(group_sizes)
+    rows = jnp.arange(m, dtype=jnp.int32)
+    expert = jnp.minimum(jnp.searchsorted(ends, rows, side="right"), g - 1)
+    pos = rows - (ends - group_sizes)[expert]                           # row index within its expert
+    chunks = (group_sizes + BLOCK - 1) // BLOCK
+    seg = (jnp.cumsum(chunks) - chunks)[expert] + pos // BLOCK          # expert-aligned 128-row group of each row
+    x32 = x.astype(jnp.float32)
+    amax = jax.ops.segment_max(jnp.abs(x32), seg, num_segments=m // BLOCK + g + 1, indices_are_sorted=True)
+    s = _scale(amax, eps, False)[seg]                                   # [M, K] per-row copy of its group's scales
+    return (_keep(_cast(x32, s)).astype(jnp.float32) * s).astype(dtype)
 
 
 def _qdq_blocks(w, dtype):
@@ -164,7 +180,7 @@ def _grouped_fwd(x, w, group_sizes, implementation, dtype):
     wd = _qdq_blocks(w, dtype)
     y = grouped_matmul(_qdq_rows(x, dtype), wd, group_sizes, implementation=implementation)
     # zero-size likes sliced from x and w: their dtypes and (inside shard_map) varying mesh axes
-    return y, (_qdq_tokens(x, dtype), wd, group_sizes, x.reshape(-1)[:0], w.reshape(-1)[:0])
+    return y, (_qdq_expert_tokens(x, group_sizes, dtype), wd, group_sizes, x.reshape(-1)[:0], w.reshape(-1)[:0])
 
 
 def _grouped_bwd(implementation, dtype, res, dy):
@@ -172,7 +188,7 @@ def _grouped_bwd(implementation, dtype, res, dy):
     gmm = functools.partial(grouped_matmul, group_sizes=group_sizes, implementation=implementation)
     dx = gmm(_qdq_rows(dy, dtype), jnp.swapaxes(wd, 1, 2))                 # dgrad: dY in 1x128 tiles along N
     _, vjp_w = jax.vjp(lambda b: gmm(xt, b), wd)
-    (dw,) = vjp_w(_qdq_tokens(dy, dtype))                                   # wgrad: X, dY in 128-token groups
+    (dw,) = vjp_w(_qdq_expert_tokens(dy, group_sizes, dtype))               # wgrad: X, dY in 128-token groups
     return cotangent_like(dx.astype(x_like.dtype), x_like), cotangent_like(dw.astype(w_like.dtype), w_like), None
 
 
@@ -187,8 +203,9 @@ def fp8_grouped_linear(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, co
     in 1x128 tiles, each ``w[g]`` in 128x128 blocks, the weight gradient's x and dY in 128-token groups), then
     dequantised to ``compute_dtype`` and multiplied by ``pallas_kernels.grouped_matmul`` (``implementation``: the
     Mosaic GPU bf16 kernels on Hopper, ``lax.ragged_dot`` elsewhere). So the numerics are FP8's (up to the bf16
-    rounding of the dequantised values) but the speed is the bf16 grouped matmul's. Token groups of the weight
-    gradient run over the sorted stream and may straddle two experts (DeepSeek pads each expert to 128 rows).
+    rounding of the dequantised values) but the speed is the bf16 grouped matmul's. The weight gradient's
+    128-token groups start at each expert's first row (DeepSeek pads every expert to 128 rows), so no group's
+    scale mixes two experts' rows.
     """
     if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1]:
         raise ValueError(f"fp8_grouped_linear expects x [M, K] and w [G, K, N]; got {x.shape}, {w.shape}")
