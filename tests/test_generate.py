@@ -129,7 +129,7 @@ def test_same_bucket_does_not_recompile(model):
     assert generate_tokens._cache_size() == size
 
 
-@pytest.mark.parametrize("unroll", [2, 4])
+@pytest.mark.parametrize("unroll", [4])  # a tail of masked steps (7 new tokens) and a stop inside an unrolled block
 def test_unrolled_decode_loop_gives_the_same_tokens(model, unroll):
     prompts = [[1, 5, 9, 22, 40], [1, 7, 3]]
     base = SamplingConfig(max_new_tokens=7, temperature=0.0, use_eos=False)
@@ -191,10 +191,10 @@ def test_unstacked_layers_decode_like_the_scanned_model():
     np.testing.assert_array_equal(flat.layers[k + 1].mlp.gate.e_score_correction_bias[...],
                                   model.moe_layers.mlp.gate.e_score_correction_bias[...][1])
     ids = jnp.asarray([[1, 5, 9, 22, 40, 3, 7, 8]])
-    np.testing.assert_allclose(flat(ids).logits, model(ids).logits, atol=1e-5)
+    np.testing.assert_allclose(_forward(flat, ids), _forward(model, ids), atol=1e-5)
     assert unstack_layers(flat) is flat
     prompts = [[1, 5, 9, 22, 40], [1, 7, 3]]
-    kw = dict(max_new_tokens=6, temperature=0.0, use_eos=False)
+    kw = dict(max_new_tokens=4, temperature=0.0, use_eos=False, length_bucket=8)
     a = dsjax.generate(model, prompts, sampling=SamplingConfig(**kw))
     b = dsjax.generate(model, prompts, sampling=SamplingConfig(unstack_layers=False, **kw))
     np.testing.assert_array_equal(a.tokens, b.tokens)
