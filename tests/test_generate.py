@@ -199,3 +199,24 @@ def test_unstacked_layers_decode_like_the_scanned_model():
     b = dsjax.generate(model, prompts, sampling=SamplingConfig(unstack_layers=False, **kw))
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
+def test_unstacked_master_weights_are_copied_in_the_compute_dtype():
+    """float32 master weights with bf16 compute (GRPO rollouts): the unstacked copy holds the matmul weights in bf16
+    (half the memory and the decode reads), exactly the cast each use makes, and the router and norms in float32.
+    (Logits match the scanned model's to bf16 rounding: XLA fuses an unrolled bf16 stack differently from the scan,
+    with or without the cast.)"""
+    from dsjax.model import unstack_layers
+
+    model = dsjax.Transformer(dsjax.configs.tiny(scan_layers=True, dtype="bfloat16", param_dtype="float32"),
+                              rngs=nnx.Rngs(4))
+    flat = unstack_layers(model)
+    layer = flat.layers[model.cfg.first_k_dense_replace]
+    assert layer.mlp.experts.down_proj[...].dtype == jnp.bfloat16
+    assert layer.self_attn.kv_b_proj.kernel[...].dtype == jnp.bfloat16
+    assert layer.mlp.gate.weight[...].dtype == jnp.float32 and layer.input_layernorm.weight[...].dtype == jnp.float32
+    np.testing.assert_array_equal(layer.mlp.experts.down_proj[...],
+                                  model.moe_layers.mlp.experts.down_proj[...][0].astype(jnp.bfloat16))
+    ids = jnp.asarray([[1, 5, 9, 22, 40, 3, 7, 8]])
+    np.testing.assert_allclose(np.asarray(_forward(flat, ids), np.float32), np.asarray(_forward(model, ids), np.float32),
+                               atol=2e-2)
