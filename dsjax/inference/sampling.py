@@ -37,8 +37,8 @@ class SamplingConfig:
         copies of the stacked weights (:func:`dsjax.model.unstack_layers`), made once per call before the decode
         loop. A layer scan inside the loop slices every layer's weights out of the stacks at every step, and XLA
         copies those slices for the matmuls: a copy of all layer weights per decoded token. Costs a second copy
-        of the layer weights in memory during the call and a compile that grows with depth; set False when the
-        weights do not fit twice.
+        of the layer weights in memory during the call (matmul weights in the compute dtype, so half the size of
+        float32 masters) and a compile that grows with depth; set False when the weights do not fit twice.
     """
 
     max_new_tokens: int = 64
