@@ -186,8 +186,9 @@ class ModelConfig:
     scan_layers: bool = False
     remat_policy: str = "none"
     # "auto": cuDNN flash attention on Hopper GPUs with bf16/fp16 compute ("cudnn_mla" where cuDNN >= 9.10 and the
-    # value head size differs from the key's, else "cudnn"), else "einsum" (explicit scores, any backend); "cudnn": always cuDNN (dense document mask, V zero-padded to the key size); "cudnn_mla": cuDNN's
-    # MLA mode with unpadded V (key and value head sizes differ; cuDNN >= 9.10, Hopper; jax's internal API); "jax":
+    # value head size differs from the key's, else "cudnn"), else "einsum" (explicit scores, any backend);
+    # "cudnn": always cuDNN (dense document mask, V zero-padded to the key size); "cudnn_mla": cuDNN's MLA mode with
+    # unpadded V (key and value head sizes differ; cuDNN >= 9.10, Hopper; jax's internal API); "jax":
     # jax.nn.dot_product_attention with its default (XLA) backend.
     attention_impl: str = "auto"
     # routed-expert grouped matmuls: "auto" (Mosaic GPU kernels on Hopper, else XLA ragged_dot), "xla", "mosaic_gpu"

@@ -49,31 +49,22 @@ flags.DEFINE_bool("record", False, "Append the table to docs/benchmarks.md.")
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def parse_variant(text: str) -> tuple[dict, dict]:
-    """``"a=1,sampling.b=False"`` -> (ModelConfig overrides, SamplingConfig overrides); values parsed as Python
-    literals (``ast.literal_eval``), else kept as strings."""
-    import ast
-
-    model, sampling = {}, {}
-    for item in filter(None, text.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise app.UsageError(f"--variant item {item!r} is not key=value")
-        try:
-            value = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            pass
-        (sampling if key.startswith("sampling.") else model)[key.removeprefix("sampling.")] = value
-    return model, sampling
+def split_variant(text: str) -> tuple[list[str], list[str]]:
+    """``"a=1,sampling.b=False"`` -> (ModelConfig overrides, SamplingConfig overrides) as ``key=value`` strings for
+    ``dsjax.train.config.apply_overrides`` (typed by the dataclass fields; unknown keys are errors)."""
+    items = [x for x in text.split(",") if x]
+    return ([x for x in items if not x.startswith("sampling.")],
+            [x.removeprefix("sampling.") for x in items if x.startswith("sampling.")])
 
 
-def bench_dsjax(model, b: int, label: str = "dsjax", sampling_overrides: dict | None = None) -> dict:
+def bench_dsjax(model, b: int, label: str = "dsjax", sampling_overrides: list[str] = ()) -> dict:
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from dsjax.inference import SamplingConfig, generate_tokens, prefill
     from dsjax.model import cache_bytes_per_token, init_cache
+    from dsjax.train.config import apply_overrides
 
     cfg = model.cfg
     p, n = FLAGS.prompt_len, FLAGS.new_tokens
@@ -81,8 +72,8 @@ def bench_dsjax(model, b: int, label: str = "dsjax", sampling_overrides: dict | 
     lengths = jnp.full((b,), p, jnp.int32)
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(0), jnp.arange(b))
     graphdef, state = nnx.split(model)
-    sampling = SamplingConfig(max_new_tokens=n, temperature=0.0, use_eos=False, length_bucket=p,
-                              decode_unroll=FLAGS.decode_unroll, **(sampling_overrides or {}))
+    sampling = apply_overrides(SamplingConfig(max_new_tokens=n, temperature=0.0, use_eos=False, length_bucket=p,
+                                              decode_unroll=FLAGS.decode_unroll), list(sampling_overrides))
 
     @jax.jit
     def only_prefill(state, prompts):
@@ -156,13 +147,14 @@ def main(argv):
     from flax import nnx
 
     import dsjax
+    from dsjax.train.config import apply_overrides
 
     cfg = dsjax.configs.get(FLAGS.config, dtype="bfloat16", param_dtype="bfloat16")
     model = dsjax.Transformer(cfg, rngs=nnx.Rngs(0))
     variants = []
     for text in FLAGS.variant:
-        model_over, sampling_over = parse_variant(text)
-        variants.append((f"dsjax, {text}", dsjax.Transformer(cfg.replace(**model_over), rngs=nnx.Rngs(0))
+        model_over, sampling_over = split_variant(text)
+        variants.append((f"dsjax, {text}", dsjax.Transformer(apply_overrides(cfg, model_over), rngs=nnx.Rngs(0))
                          if model_over else model, sampling_over))
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind}, jax {jax.__version__}", flush=True)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.fp8_gemm import fp8_gemm
-from pallas_kernels.fp8_quant import (BLOCK, _cast, _keep, _scale, act_quant, act_quant_dual, act_quant_t, dequant,
+from pallas_kernels.fp8_quant import (BLOCK, _cast, _keep, _scale, act_quant, act_quant_dual, dequant,
                                       weight_quant_dual)
 from pallas_kernels.grouped_matmul import cotangent_like, grouped_matmul
 

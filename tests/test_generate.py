@@ -218,5 +218,5 @@ def test_unstacked_master_weights_are_copied_in_the_compute_dtype():
     np.testing.assert_array_equal(layer.mlp.experts.down_proj[...],
                                   model.moe_layers.mlp.experts.down_proj[...][0].astype(jnp.bfloat16))
     ids = jnp.asarray([[1, 5, 9, 22, 40, 3, 7, 8]])
-    np.testing.assert_allclose(np.asarray(_forward(flat, ids), np.float32), np.asarray(_forward(model, ids), np.float32),
-                               atol=2e-2)
+    np.testing.assert_allclose(np.asarray(_forward(flat, ids), np.float32),
+                               np.asarray(_forward(model, ids), np.float32), atol=2e-2)
