@@ -15,7 +15,7 @@ scale-transpose). "err" is the relative Frobenius error against the f32 product 
 cost of each number format); "err vs ref" for ours is against the f32 product of the same quantised operands (the
 kernel's own error; bound 2e-3 with BF16 output). Ours is run with each ``--configs`` tiling and the best is
 reported with its tiling (config letters: tile_n, wg stacking m/n, stages, 'o' = promotion overlapped with the next
-wgmma).
+wgmma, 'cm'/'cn' = clusters of 2 CTAs along M/N multicasting the shared operand tile, 'wN' = raster width N).
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ flags.DEFINE_string("configs_small", "128m4,64m4", "Tilings of ours to try for M
 flags.DEFINE_integer("iters", 20, "Timed iterations per variant.")
 flags.DEFINE_bool("torch", True, "Time cuBLAS blockwise FP8 via torch._scaled_mm in a subprocess.")
 flags.DEFINE_bool("quant", True, "Time the quantisation ops (xla and pallas) against copy bandwidth.")
-flags.DEFINE_string("quant_tilings", "", "Extra Mosaic GPU quantisation tilings to time, as STEPSxSTAGES "
-                    "(column tiles per CTA x input tiles in flight), e.g. 2x2,8x2,14x1.")
+flags.DEFINE_string("quant_tilings", "", "Extra Mosaic GPU quantisation tilings to time, as STEPSxSTAGES[xBUFS] "
+                    "(column tiles per CTA x input tiles in flight x output buffers), e.g. 2x2,8x2,14x1x1.")
 flags.DEFINE_bool("quant_only", False, "Only the quantisation table (no GEMMs, no torch baseline, no check).")
 flags.DEFINE_bool("check", True, "Check ours against the reference on odd shapes, both variants, vmap, fp8_linear.")
 flags.DEFINE_float("time_budget_s", 420.0, "Skip remaining tilings once this much time has passed.")
@@ -62,11 +62,15 @@ def parse_config(spec: str):
     if "w" in spec:
         spec, w = spec.split("w")
         width = int(w)
+    cluster = "none"
+    if spec[-2:] in ("cm", "cn"):
+        spec, cluster = spec[:-2], spec[-1]
     overlap = spec.endswith("o")
     s = spec[:-1] if overlap else spec
     wg = "m" if "m" in s else "n"
     tile_n, stages = s.split(wg)
-    return GemmConfig(tile_n=int(tile_n), wg_dim=wg, stages=int(stages), overlap=overlap, grid_width=width)
+    return GemmConfig(tile_n=int(tile_n), wg_dim=wg, stages=int(stages), overlap=overlap, grid_width=width,
+                      cluster=cluster)
 
 
 def timed(f, *args):
@@ -299,18 +303,21 @@ def bench_quant():
                            for a, b in zip(out, ref)]
                     note = "bit-exact vs xla" if not any(bad) else f"MISMATCH vs xla (elements per output: {bad})"
                     if jax.default_backend() == "gpu":
-                        note += f"; tiling (bm, steps, stages) = {choose_tiling(*arg.shape, mode, arg.dtype)}"
+                        note += (f"; tiling (bm, steps, stages, out_bufs) = "
+                                 f"{choose_tiling(*arg.shape, mode, arg.dtype)}")
                 t = timed(g, arg)
                 rows.append((name, impl, t, nbytes / t / 1e9, note))
             except Exception as ex:  # noqa: BLE001
                 rows.append((name, impl, float("nan"), float("nan"), f"{type(ex).__name__}: {str(ex)[:200]}"))
         for spec in filter(None, FLAGS.quant_tilings.split(",")):
-            steps, stages = (int(v) for v in spec.split("x"))
+            steps, stages, *bufs = (int(v) for v in spec.split("x"))
+            bufs = bufs[0] if bufs else 2
             try:
-                g = jax.jit(lambda a, mode=mode, steps=steps, stages=stages: mgpu_quant(a, mode=mode, steps=steps,
-                                                                                      stages=stages))
+                g = jax.jit(lambda a, mode=mode, steps=steps, stages=stages, bufs=bufs: mgpu_quant(
+                    a, mode=mode, steps=steps, stages=stages, out_bufs=bufs))
                 t = timed(g, arg)
-                rows.append((name, f"pallas steps={steps} stages={stages}", t, nbytes / t / 1e9, "kernel only"))
+                rows.append((name, f"pallas steps={steps} stages={stages} out_bufs={bufs}", t, nbytes / t / 1e9,
+                             "kernel only"))
             except Exception as ex:  # noqa: BLE001
                 rows.append((name, f"pallas {spec}", float("nan"), float("nan"),
                              f"{type(ex).__name__}: {str(ex)[:200]}"))

@@ -35,7 +35,7 @@ from jax import lax
 
 from pallas_kernels.grouped_matmul import vary_like
 
-__all__ = ["GemmConfig", "fp8_gemm", "gemm_reference", "mosaic_gpu_supported", "default_config"]
+__all__ = ["GemmConfig", "fit_config", "fp8_gemm", "gemm_reference", "mosaic_gpu_supported", "default_config"]
 
 BLOCK = 128
 Variant = Literal["1d2d", "1d1d"]
@@ -51,13 +51,16 @@ class GemmConfig:
     """Tiling of the Mosaic GPU kernel. Each of the two consumer warpgroups owns a ``64 x tile_n`` output tile;
     ``wg_dim="m"`` stacks them along M (CTA tile 128 x tile_n), ``"n"`` along N (CTA tile 64 x 2 tile_n).
     ``overlap``: promote K step k-1 while the wgmma of step k runs. ``grid_minor``/``grid_width`` set the
-    planar-snake raster order of the persistent loop."""
+    planar-snake raster order of the persistent loop. ``cluster``: ``"m"`` pairs two CTAs along M in a cluster of 2
+    that multicast the shared B (weight) tile from one TMA load (half the L2->SMEM traffic for B); ``"n"`` pairs
+    them along N sharing the A tile; ``"none"``: no clusters."""
     tile_n: int = 128
     wg_dim: Literal["m", "n"] = "m"
     stages: int = 4
     overlap: bool = False
     grid_minor: Literal["m", "n"] = "n"
     grid_width: int = 8
+    cluster: Literal["none", "m", "n"] = "none"
 
     def __post_init__(self):
         if self.tile_n not in (64, 128):
@@ -70,20 +73,43 @@ class GemmConfig:
             raise ValueError(f"GemmConfig.stages={self.stages}; use 2..8 (SMEM limits larger values)")
         if self.grid_width < 1:
             raise ValueError(f"GemmConfig.grid_width={self.grid_width} must be >= 1")
+        if self.cluster not in ("none", "m", "n"):
+            raise ValueError(f"GemmConfig.cluster={self.cluster!r}; use 'none', 'm' or 'n'")
 
     @property
     def cta(self) -> tuple[int, int]:
         return (128, self.tile_n) if self.wg_dim == "m" else (64, 2 * self.tile_n)
 
+    @property
+    def cluster_tile(self) -> tuple[int, int]:
+        """The (M, N) extent of one cluster's output tile (the shape multiple the kernel needs)."""
+        cm, cn = self.cta
+        return (cm * (2 if self.cluster == "m" else 1), cn * (2 if self.cluster == "n" else 1))
+
 
 def default_config(m: int, n: int, k: int) -> GemmConfig:
-    """Heuristic tiling: 128x128 CTA tiles for large problems; 64-wide N tiles when N is not a multiple of 128 or
-    when the 128x128 grid would leave most of the SMs idle (small M)."""
-    if n % 128:
-        return GemmConfig(tile_n=64, wg_dim="m")
-    if _cdiv(m, 128) * (n // 128) < 132:
-        return GemmConfig(tile_n=64, wg_dim="m")
-    return GemmConfig()
+    """Heuristic tiling from H200 sweeps (docs/benchmarks.md): 128x128 CTA tiles for large problems, with the A
+    tile multicast to a CTA pair along N when K is long (+0.5-1% at K >= 7168, slightly slower at K = 1536);
+    64-wide N tiles when N is not a multiple of 128 or when the 128x128 grid would leave most of the SMs idle;
+    promotion overlapped with the next wgmma for small M (M <= 512: it won every such shape, and lost every large
+    one)."""
+    small = m <= 512
+    if n % 128 or _cdiv(m, 128) * (n // 128) < 132:
+        return GemmConfig(tile_n=64, wg_dim="m", overlap=small)
+    return GemmConfig(overlap=small, cluster="n" if k >= 4096 and not small else "none")
+
+
+def fit_config(cfg: GemmConfig, m: int, n: int) -> GemmConfig:
+    """``cfg`` adjusted to a shape: no cluster where the pair's tile does not divide N (cluster "n") or where M has
+    an odd number of CTA rows (cluster "m": padding M to the pair would add a whole tile row of work); 64-wide
+    tiles along M where N is not a multiple of the CTA tile."""
+    if cfg.cluster == "n" and n % cfg.cluster_tile[1]:
+        cfg = dataclasses.replace(cfg, cluster="none")
+    if n % cfg.cta[1]:
+        cfg = dataclasses.replace(cfg, tile_n=64, wg_dim="m", cluster="m" if cfg.cluster == "m" else "none")
+    if cfg.cluster == "m" and _cdiv(m, cfg.cta[0]) % 2:
+        cfg = dataclasses.replace(cfg, cluster="none")
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -208,10 +234,14 @@ def _mgpu_gemm(a, sa_t, b, sb, *, variant, out_dtype, cfg: GemmConfig, interpret
     kb = k // BLOCK
     tile_m, tile_n = 64, cfg.tile_n
     cta_m, cta_n = cfg.cta
-    if m % cta_m or n % cta_n or k % BLOCK:
-        raise ValueError(f"Mosaic GPU fp8_gemm: shape {(m, n, k)} is not a multiple of the CTA tile "
-                         f"{(cta_m, cta_n, BLOCK)}")
-    m_iters, n_iters = m // cta_m, n // cta_n
+    clu_m, clu_n = cfg.cluster_tile
+    if m % clu_m or n % clu_n or k % BLOCK:
+        raise ValueError(f"Mosaic GPU fp8_gemm: shape {(m, n, k)} is not a multiple of the cluster tile "
+                         f"{(clu_m, clu_n, BLOCK)}")
+    m_iters, n_iters = m // clu_m, n // clu_n
+    clustered = cfg.cluster != "none"
+    share_b = ("cluster",) if cfg.cluster == "m" else ()     # B (and 1d1d sb) multicast to the CTA pair along M
+    share_a = ("cluster",) if cfg.cluster == "n" else ()     # A and sa multicast to the CTA pair along N
     out_dtype = jnp.dtype(out_dtype)
     fp8_tr = (plgpu.TilingTransform((8, BLOCK)), plgpu.SwizzleTransform(128))  # 128 e4m3 = one 128-byte swizzle
     out_swz = plgpu.find_swizzle(tile_n * out_dtype.itemsize * 8)
@@ -220,13 +250,14 @@ def _mgpu_gemm(a, sa_t, b, sb, *, variant, out_dtype, cfg: GemmConfig, interpret
     def kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, o_gmem):
         def get_pipeline(body, compute_context):
             specs = [
-                plgpu.BlockSpec((cta_m, BLOCK), lambda kk: (0, kk), transforms=fp8_tr),
-                (plgpu.BlockSpec((BLOCK, cta_n), lambda kk: (kk, 0), transforms=fp8_tr) if b_kn else
-                 plgpu.BlockSpec((cta_n, BLOCK), lambda kk: (0, kk), transforms=fp8_tr)),
-                plgpu.BlockSpec((1, cta_m), lambda kk: (kk, 0)),
+                plgpu.BlockSpec((cta_m, BLOCK), lambda kk: (0, kk), transforms=fp8_tr, collective_axes=share_a),
+                (plgpu.BlockSpec((BLOCK, cta_n), lambda kk: (kk, 0), transforms=fp8_tr, collective_axes=share_b)
+                 if b_kn else
+                 plgpu.BlockSpec((cta_n, BLOCK), lambda kk: (0, kk), transforms=fp8_tr, collective_axes=share_b)),
+                plgpu.BlockSpec((1, cta_m), lambda kk: (kk, 0), collective_axes=share_a),
             ]
             if variant == "1d1d":
-                specs.append(plgpu.BlockSpec((1, cta_n), lambda kk: (kk, 0)))
+                specs.append(plgpu.BlockSpec((1, cta_n), lambda kk: (kk, 0), collective_axes=share_b))
             return plgpu.emit_pipeline_warp_specialized(
                 body, grid=(kb,), memory_registers=40, in_specs=specs, wg_axis="wg", num_compute_wgs=2,
                 max_concurrent_steps=cfg.stages, compute_context=compute_context)
@@ -252,6 +283,12 @@ def _mgpu_gemm(a, sa_t, b, sb, *, variant, out_dtype, cfg: GemmConfig, interpret
                 (lin,) = info.index
                 mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1 if cfg.grid_minor == "n" else 0,
                                             cfg.grid_width)
+                if clustered:                                # the pair's CTAs take adjacent tiles
+                    cta = lax.axis_index("cluster")
+                    if cfg.cluster == "m":
+                        mi = mi * 2 + cta
+                    else:
+                        ni = ni * 2 + cta
                 nb = (ni * cta_n + (wg * tile_n if cfg.wg_dim == "n" else 0)) // BLOCK
 
                 def scale_of(ki, sa_smem, sb_smem):
@@ -316,10 +353,12 @@ def _mgpu_gemm(a, sa_t, b, sb, *, variant, out_dtype, cfg: GemmConfig, interpret
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     kw = {} if interpret is None else {"interpret": interpret}
+    if clustered:
+        kw.update(cluster=(2,), cluster_names=("cluster",))
     f = plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(num_sms or _num_sms(),),
+        grid=((num_sms or _num_sms()) // (2 if clustered else 1),),
         grid_names=("sm",),
         num_threads=3,
         thread_name="wg",
@@ -412,12 +451,8 @@ def fp8_gemm(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, *, varian
     sa = sa.astype(jnp.float32)
     sb = sb.astype(jnp.float32)
     if jax.default_backend() == "gpu":
-        cfg = config or default_config(m, n, k)
-        cta_m = cfg.cta[0]
-        if n % cfg.cta[1]:
-            cfg = dataclasses.replace(cfg, tile_n=64, wg_dim="m")
-            cta_m = 128
-        mp = _cdiv(m, cta_m) * cta_m
+        cfg = fit_config(config or default_config(m, n, k), m, n)
+        mp = _cdiv(m, cfg.cluster_tile[0]) * cfg.cluster_tile[0]
         if mp != m:
             a = jnp.pad(a, ((0, mp - m), (0, 0)))
             sa = jnp.pad(sa, ((0, mp - m), (0, 0)))

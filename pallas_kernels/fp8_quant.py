@@ -2,7 +2,9 @@
 gradient, 128x128 weight blocks with their K-major transpose, and dequantisation.
 
 Every tile or block gets ``s = max(amax, eps) / 448`` in float32 (optionally rounded up to a power of two,
-``pow2_scale=True``, as DeepSeek uses for tensors that are communicated) and stores ``q = e4m3(x / s)``; the value
+``pow2_scale=True``, as DeepSeek uses for tensors that are communicated) and stores ``q = e4m3(x * (1 / s))``
+(one IEEE reciprocal per tile, then a multiply per element, as DeepGEMM's casts multiply by ``448 / amax``; within
+one f32 rounding of ``x / s`` before the E4M3 rounding, and exactly ``x / s`` for power-of-two scales); the value
 is restored as ``q * s``. Partial tiles at the edges are handled: their scale covers only the valid elements.
 
 Shapes (letter glossary): ``M`` rows (tokens), ``K`` the quantised (contraction) axis, ``Kb = ceil(K / 128)``,
@@ -66,7 +68,8 @@ def _scale(amax: jax.Array, eps: float, pow2_scale: bool) -> jax.Array:
 
 
 def _cast(x32: jax.Array, s: jax.Array) -> jax.Array:
-    return jnp.clip(x32 / s, -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
+    """``e4m3(clip(x * (1 / s)))``; ``s`` broadcastable (one reciprocal per scale, then multiplies)."""
+    return jnp.clip(x32 * (1.0 / s), -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
 
 
 def _keep(q: jax.Array) -> jax.Array:

@@ -20,14 +20,15 @@ quantised tile is written as f16 (exact for every e4m3 value) through a transpos
 
 Grid and pipeline: a plain CUDA grid ``(Mb, Kb / steps)`` of one-warpgroup CTAs. Each CTA walks ``steps``
 consecutive column tiles of one row strip with ``plgpu.emit_pipeline`` (``stages`` input tiles in flight, so the
-next tiles' TMA loads overlap the current tile's math) and stores every output through two SMEM buffers with
-asynchronous TMA stores (one commit group per step; a buffer is reused once its store two steps back has read
-it). ``choose_tiling`` picks ``steps`` so the grid has >= ~2 CTAs per SM (H100/H200: 132 SMs) and ``stages`` to fit
-SMEM.
+next tiles' TMA loads overlap the current tile's math) and stores every output through ``out_bufs`` SMEM buffers
+with asynchronous TMA stores (one commit group per step; a buffer is reused once its previous store has read it).
+``choose_tiling`` picks the tiling measured best on an H200: for activations one input tile in flight and single
+output buffers, so that two CTAs share an SM (the math, not the bandwidth, limited one CTA per SM).
 
 Scale: ``s = max(amax, eps) / 448`` (IEEE division, as the reference), optionally rounded up to the next power
 of two from the float's bits (``fp8_quant._pow2_ceil``: exact; ``exp2(ceil(log2(s)))`` was not, on the GPU nor on
-the CPU interpreter); ``q = e4m3(clip(x / s, -448, 448))`` with an IEEE division, so the kernel is bit-exact
+the CPU interpreter); ``q = e4m3(clip(x * (1 / s), -448, 448))`` with one IEEE reciprocal per scale (not a
+division per element: the dual kernel was instruction-bound at one warpgroup per SM), so the kernel is bit-exact
 against the reference.
 
 Shapes: ``M % 16 == 0`` and ``K % 16 == 0`` (TMA row strides must be 16-byte aligned); other shapes raise a
@@ -75,8 +76,9 @@ def _scale(amax, eps: float, pow2_scale: bool):
     return s
 
 
-def _cast(x, s):
-    return jnp.clip(x / s, -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
+def _cast(x, inv):
+    """``inv``: the broadcast reciprocal of the scale (``1 / s`` computed once per scale, as the reference)."""
+    return jnp.clip(x * inv, -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
 
 
 def mgpu_quant_supported(shape, mode: Mode) -> bool:
@@ -88,35 +90,44 @@ def mgpu_quant_supported(shape, mode: Mode) -> bool:
     return m > 0 and k > 0 and m % 16 == 0 and k % 16 == 0
 
 
-def smem_bytes(mode: Mode, bm: int, stages: int, in_dtype) -> int:
-    """SMEM of one CTA: ``stages`` input tiles, two buffers per output, the f16 transpose staging tile."""
+def smem_bytes(mode: Mode, bm: int, stages: int, in_dtype, out_bufs: int = 2) -> int:
+    """SMEM of one CTA: ``stages`` input tiles, ``out_bufs`` buffers per output, the f16 transpose staging tile."""
     n = stages * bm * BLOCK * jnp.dtype(in_dtype).itemsize
     if mode in ("rows", "dual", "block"):
-        n += 2 * bm * BLOCK + 2 * 4 * (bm if mode != "block" else BLOCK)      # q, sT / sb
+        n += out_bufs * (bm * BLOCK + 4 * (bm if mode != "block" else BLOCK))  # q, sT / sb
     if mode in ("cols", "dual", "block"):
-        n += 2 * BLOCK * bm + 2 * BLOCK * bm                                  # qt, f16 staging
+        n += out_bufs * BLOCK * bm + 2 * BLOCK * bm                            # qt, f16 staging
     if mode in ("cols", "dual"):
-        n += 2 * 4 * BLOCK                                                    # stT
+        n += out_bufs * 4 * BLOCK                                              # stT
     return n
 
 
-def choose_tiling(m: int, k: int, mode: Mode, in_dtype=jnp.bfloat16) -> tuple[int, int, int]:
-    """(bm, steps, stages). 128-row tiles; ``steps`` (column tiles per CTA) is the largest divisor of Kb (<= 16)
-    that still leaves >= TARGET_CTAS CTAs, else 1; ``stages`` = 2 input tiles in flight (1 if that overflows
-    SMEM, e.g. f32 inputs with both outputs)."""
+def choose_tiling(m: int, k: int, mode: Mode, in_dtype=jnp.bfloat16) -> tuple[int, int, int, int]:
+    """(bm, steps, stages, out_bufs), 128-row tiles, from a sweep on an H200 (docs/benchmarks.md, 8192x7168):
+
+    * activations (``rows``/``cols``/``dual``): the kernel is bound by its per-element math at one warpgroup per
+      CTA, so occupancy wins: one input tile in flight and one buffer per output (dual: ~97 KB of SMEM, two CTAs
+      per SM; 80% of copy bandwidth against 61% with double buffering), ``steps`` = 2 column tiles per CTA when
+      that still leaves >= TARGET_CTAS CTAs, else 1.
+    * weights (``block``, f32 in): two input tiles in flight, one buffer per output (one CTA per SM either way),
+      ``steps`` = the largest divisor of Kb (<= 16) leaving >= TARGET_CTAS CTAs."""
     bm = BLOCK
     kb, mt = -(-k // BLOCK), -(-m // bm)
+    if mode != "block":
+        return bm, (2 if kb % 2 == 0 and mt * (kb // 2) >= TARGET_CTAS else 1), 1, 1
     divisors = [d for d in range(1, min(kb, 16) + 1) if kb % d == 0]
     good = [d for d in divisors if mt * (kb // d) >= TARGET_CTAS]
-    stages = 2 if smem_bytes(mode, bm, 2, in_dtype) <= SMEM_BUDGET else 1
-    return bm, (max(good) if good else 1), stages
+    stages = 2 if smem_bytes(mode, bm, 2, in_dtype, 1) <= SMEM_BUDGET else 1
+    return bm, (max(good) if good else 1), stages, 1
 
 
 def mgpu_quant(x: jax.Array, *, mode: Mode, eps: float = 1e-4, pow2_scale: bool = False, bm: int | None = None,
-               steps: int | None = None, stages: int | None = None, interpret=None) -> tuple[jax.Array, ...]:
+               steps: int | None = None, stages: int | None = None, out_bufs: int | None = None,
+               interpret=None) -> tuple[jax.Array, ...]:
     """Runs the kernel on ``x [M, K]``; returns the outputs in the *kernel's* layouts (see the module docstring):
     ``rows -> (q, sT [Kb, M])``, ``cols -> (qt, stT [Mb, K])``, ``dual -> (q, sT, qt, stT)``,
-    ``block -> (q, qt, sb [Mb, Kb * 128])``. ``bm``/``steps``/``stages`` override ``choose_tiling``."""
+    ``block -> (q, qt, sb [Mb, Kb * 128])``. ``bm``/``steps``/``stages`` override ``choose_tiling``;
+    ``out_bufs`` (1 or 2) SMEM buffers per output (1: less SMEM, so two CTAs may share an SM)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -134,16 +145,19 @@ def mgpu_quant(x: jax.Array, *, mode: Mode, eps: float = 1e-4, pow2_scale: bool 
         # sliced back: one extra copy of x, for edge shapes only
         mp, kp = -(-m // BLOCK) * BLOCK, -(-k // BLOCK) * BLOCK
         out = mgpu_quant(jnp.pad(x, ((0, mp - m), (0, kp - k))), mode=mode, eps=eps, pow2_scale=pow2_scale,
-                         bm=bm, steps=steps, stages=stages, interpret=interpret)
+                         bm=bm, steps=steps, stages=stages, out_bufs=out_bufs, interpret=interpret)
         shapes = {"rows": ((m, k), (-1, m)), "cols": ((k, m), (-1, k)), "dual": ((m, k), (-1, m), (k, m), (-1, k)),
                   "block": ((m, k), (k, m), (-1, -1))}[mode]
         return tuple(o[:a if a >= 0 else None, :b if b >= 0 else None] for o, (a, b) in zip(out, shapes))
-    d_bm, d_steps, d_stages = choose_tiling(m, k, mode, x.dtype)
-    bm, steps, stages = bm or d_bm, steps or d_steps, stages or d_stages
+    d_bm, d_steps, d_stages, d_bufs = choose_tiling(m, k, mode, x.dtype)
+    bm, steps, stages, out_bufs = bm or d_bm, steps or d_steps, stages or d_stages, out_bufs or d_bufs
     if bm not in (64, 128) or (mode != "rows" and bm != BLOCK):
         raise ValueError(f"mgpu_quant: bm={bm} is unsupported for mode {mode!r}; use 128 (or 64 for 'rows')")
-    if smem_bytes(mode, bm, stages, x.dtype) > SMEM_BUDGET:
-        raise ValueError(f"mgpu_quant: bm={bm}, stages={stages} needs {smem_bytes(mode, bm, stages, x.dtype)} "
+    if out_bufs not in (1, 2):
+        raise ValueError(f"mgpu_quant: out_bufs={out_bufs}; use 1 or 2")
+    if smem_bytes(mode, bm, stages, x.dtype, out_bufs) > SMEM_BUDGET:
+        raise ValueError(f"mgpu_quant: bm={bm}, stages={stages} needs "
+                         f"{smem_bytes(mode, bm, stages, x.dtype, out_bufs)} "
                          f"bytes of SMEM for mode {mode!r} and {x.dtype} input (limit {SMEM_BUDGET}); use fewer "
                          f"stages")
     kb, mt = -(-k // BLOCK), -(-m // bm)
@@ -185,7 +199,7 @@ def mgpu_quant(x: jax.Array, *, mode: Mode, eps: float = 1e-4, pow2_scale: bool 
             s_all = lax.broadcast_in_dim(s, x.shape, ())
             if pow2_scale:
                 s_row, s_all = _pow2_ceil(s_row), _pow2_ceil(s_all)
-            qv = _cast(x, s_all)
+            qv = _cast(x, 1.0 / s_all)
             q_ref[...] = qv
             store_t(qt_ref, qv, tmp)
             s_ref.at[0][...] = s_row
@@ -194,12 +208,12 @@ def mgpu_quant(x: jax.Array, *, mode: Mode, eps: float = 1e-4, pow2_scale: bool 
             q_ref, s_ref = o[:2]
             o = o[2:]
             s_row = _scale(jnp.max(a, axis=1), eps, pow2_scale)                    # [bm]
-            q_ref[...] = _cast(x, lax.broadcast_in_dim(s_row, x.shape, (0,)))
+            q_ref[...] = _cast(x, lax.broadcast_in_dim(1.0 / s_row, x.shape, (0,)))
             s_ref.at[0][...] = s_row
         if cols:
             qt_ref, st_ref = o
             s_col = _scale(jnp.max(a, axis=0), eps, pow2_scale)                    # [128]
-            store_t(qt_ref, _cast(x, lax.broadcast_in_dim(s_col, x.shape, (1,))), tmp)
+            store_t(qt_ref, _cast(x, lax.broadcast_in_dim(1.0 / s_col, x.shape, (1,))), tmp)
             st_ref.at[0][...] = s_col
 
     def kernel(x_gmem, *o_gmem):
@@ -210,8 +224,8 @@ def mgpu_quant(x: jax.Array, *, mode: Mode, eps: float = 1e-4, pow2_scale: bool 
 
             def body(idx, x_smem):
                 (j,) = idx
-                slot, c = lax.rem(j, 2), jo * steps + j
-                plgpu.wait_smem_to_gmem(1, wait_read_only=True)   # step j-2's stores have read this slot
+                slot, c = lax.rem(j, out_bufs), jo * steps + j
+                plgpu.wait_smem_to_gmem(out_bufs - 1, wait_read_only=True)   # this slot's last stores read it
                 bufs = [r.at[slot] for r in o_smem]
                 compute(x_smem, bufs, tmp)
                 plgpu.commit_smem()
@@ -224,7 +238,7 @@ def mgpu_quant(x: jax.Array, *, mode: Mode, eps: float = 1e-4, pow2_scale: bool 
             plgpu.emit_pipeline(body, grid=(steps,), in_specs=[in_spec], max_concurrent_steps=stages)(x_gmem)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-        scratch = [plgpu.SMEM((2, *blk), dt, transforms=tr) for (_, dt, blk, tr, _) in outs]
+        scratch = [plgpu.SMEM((out_bufs, *blk), dt, transforms=tr) for (_, dt, blk, tr, _) in outs]
         if cols or block:                                                 # f16 staging tile for the transpose
             scratch.append(plgpu.SMEM((BLOCK, bm), jnp.float16, transforms=_tr(jnp.float16)))
         pl.run_scoped(scoped, *scratch)

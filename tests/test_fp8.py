@@ -26,7 +26,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import (GemmConfig, act_quant, act_quant_dual, act_quant_t, dequant, fp8_gemm, fp8_linear,
                             gemm_reference, weight_quant_dual)
-from pallas_kernels.fp8_gemm import _mgpu_gemm
+from pallas_kernels.fp8_gemm import _mgpu_gemm, fit_config
 
 NAN_INTERPRET = pltpu.InterpretParams(uninitialized_memory="nan")
 
@@ -222,16 +222,19 @@ def test_tpu_kernel_interpret(variant):
     ("1d2d", GemmConfig(tile_n=64, wg_dim="n", overlap=True, stages=2)),
     ("1d1d", GemmConfig(tile_n=128, wg_dim="m", overlap=True)),
     ("1d1d", GemmConfig(tile_n=128, wg_dim="n", overlap=False, grid_width=2)),
+    ("1d2d", GemmConfig(tile_n=128, wg_dim="m", cluster="m")),          # B multicast to a CTA pair along M
+    ("1d1d", GemmConfig(tile_n=64, wg_dim="n", overlap=True, cluster="n")),  # A (and sa) multicast along N
 ])
 def test_mosaic_gpu_kernel_interpret(variant, cfg):
     """The Hopper kernel in the Mosaic GPU interpreter (one CTA looping over every tile). FP8 wgmma needs the B tile
     K-major through a transposed SMEM view, which the interpreter cannot run: the test feeds B as [K, N] instead
-    (``b_kn``, test-only), everything else is the production kernel."""
+    (``b_kn``, test-only), everything else is the production kernel. Two CTAs (one cluster of two where the config
+    asks for clusters) loop over the tiles."""
     m, n, k = 256, 256, 384
     aq, sa, bq, sb, ref = _operands(m, n, k, variant, key=5)
     sb_in = sb if variant == "1d2d" else sb.T
     out = _mgpu_gemm(aq, sa.T, bq.T, sb_in, variant=variant, out_dtype=jnp.float32, cfg=cfg,
-                        interpret=plgpu.InterpretGPUParams(uninitialized_memory="nan"), b_kn=True, num_sms=1)
+                        interpret=plgpu.InterpretGPUParams(uninitialized_memory="nan"), b_kn=True, num_sms=2)
     assert np.all(np.isfinite(np.asarray(out)))
     assert _rel(out, ref) < 1e-5
 
@@ -246,6 +249,17 @@ def test_gemm_errors():
         fp8_gemm(aq[:, :200], sa, bq[:, :200], sb, implementation="pallas")
     with pytest.raises(ValueError, match="unsupported"):
         GemmConfig(tile_n=96)
+    with pytest.raises(ValueError, match="cluster"):
+        GemmConfig(cluster="k")
+
+
+def test_fit_config():
+    """Clusters are dropped where the CTA pair does not tile the shape, 64-wide tiles where N % 128 != 0."""
+    assert fit_config(GemmConfig(cluster="m"), 4096, 7168).cluster == "m"
+    assert fit_config(GemmConfig(cluster="m"), 128, 7168).cluster == "none"       # one CTA row: no pair along M
+    assert fit_config(GemmConfig(cluster="n"), 4096, 2112) == GemmConfig(tile_n=64, wg_dim="m")
+    assert fit_config(GemmConfig(cluster="n"), 4096, 7168).cluster == "n"
+    assert fit_config(GemmConfig(cluster="m"), 256, 2112) == GemmConfig(tile_n=64, wg_dim="m", cluster="m")
 
 
 # ---------------------------------------------------------------------------------------------------------------
