@@ -46,9 +46,7 @@ def _gemm_impl(implementation: str, n: int, k: int) -> str:
 
 
 def _quant_impl(implementation: str) -> str:
-    # The quantisation kernels are Mosaic TPU kernels; on GPUs XLA fuses them (see fp8_quant).
-    if implementation == "pallas" and jax.default_backend() == "gpu":
-        return "xla"
+    # "auto": Mosaic GPU kernels on Hopper where the shape allows, Mosaic TPU on TPU, XLA elsewhere (fp8_quant)
     return implementation
 
 
