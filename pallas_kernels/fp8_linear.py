@@ -16,7 +16,8 @@ for the backward pass are FP8: X in 128x1 tiles (for wgrad) and W's transposed b
 Leading axes of ``x`` are flattened into the token axis. The function works under ``jit``, ``vmap`` (the kernels
 have batching rules; the Mosaic GPU GEMM folds a batched activation into more rows) and inside ``shard_map`` (it
 only sees local shards).
-Shapes whose K or N is not a multiple of 128 use the XLA path with partial edge tiles.
+Shapes whose K or N is not a multiple of 128 are zero-padded to whole tiles where the Pallas GEMMs run (the same
+scales and quantised values as partial tiles), and use the XLA path with partial edge tiles elsewhere.
 """
 
 from __future__ import annotations
@@ -132,8 +133,22 @@ def fp8_linear(x: jax.Array, w: jax.Array, *, w_layout: Literal["kn", "nk"] = "k
     if out_dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
         out_dtype = jnp.dtype(jnp.float32)
     lead = x.shape[:-1]
-    y = _linear(x.reshape(-1, k), w_nk, out_dtype, implementation, quantize)
+    x2 = x.reshape(-1, k)
+    np_, kp = _cdiv(n, BLOCK) * BLOCK, _cdiv(k, BLOCK) * BLOCK
+    if quantize and (np_, kp) != (n, k) and _pads_to_tiles(implementation):
+        # The Pallas GEMMs need whole 128-tiles: zero-pad K and N (zeros leave every tile's amax, so every scale
+        # and quantised value, as the XLA path's partial tiles have them) and slice; autodiff slices the grads.
+        # (MLA's kv_a projection, N = 576, ran ~9x slower than BF16 on the XLA path.)
+        y = _linear(jnp.pad(x2, ((0, 0), (0, kp - k))), jnp.pad(w_nk, ((0, np_ - n), (0, kp - k))), out_dtype,
+                    implementation, quantize)[:, :n]
+    else:
+        y = _linear(x2, w_nk, out_dtype, implementation, quantize)
     return y.reshape(*lead, n)
+
+
+def _pads_to_tiles(implementation: str) -> bool:
+    """Whether the GEMMs would run a Pallas kernel (which needs whole tiles) rather than the XLA reference."""
+    return implementation == "pallas" or (implementation == "auto" and jax.default_backend() in ("gpu", "tpu"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
