@@ -5,7 +5,8 @@
 Builds the ``--config`` model preset with ``--layers`` layers (no MTP, unscanned), takes one batch of the default
 training data and computes the gradient of the next-token loss for the same initial parameters with:
 
-* FP32 compute (the reference), BF16 compute (the preset's), FP8 everywhere (``fp8=True``);
+* FP32 compute (the reference), BF16 compute (the preset's), FP8 everywhere (``fp8=True``), FP8 with the first
+  layer in BF16 (``fp8_bf16_layers=1``);
 * FP8 in the experts only (dense ``fp8_linear`` calls run unquantised), FP8 in the dense projections only (the
   experts run the BF16 grouped matmul), and FP8 in one dense projection at a time (``--one_at_a_time``),
   selected by the (K, N) of its weight.
@@ -78,6 +79,7 @@ def main(argv):
 
     report("bf16 compute", grads())
     report("fp8 everywhere", grads(fp8=True))
+    report("fp8, layer 0 in bf16 (fp8_bf16_layers=1)", grads(fp8=True, fp8_bf16_layers=1))
     dense = layers.fp8_linear
     experts = moe.fp8_grouped_linear
 

@@ -445,3 +445,28 @@ def test_fp8_grouped_weight_gradient_groups_never_straddle_experts():
     dw, dw_ref = jax.grad(loss)(w, True), jax.grad(loss)(w, False)
     for e in range(2):  # both operands quantised (~3.7% each): within 6% per expert, the small one included
         assert _rel(dw[e], dw_ref[e]) < 0.06, e
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_fp8_bf16_layers_keeps_leading_layers_in_bf16(scan):
+    """ModelConfig.fp8_bf16_layers=N: the first N decoder layers build their projections without fp8_compute (BF16),
+    the rest with it; with scan_layers the split must be the dense/MoE stack boundary. The model still runs."""
+    from flax import nnx
+
+    from dsjax import configs
+    from dsjax.model import Transformer
+    from dsjax.model.layers import Linear
+
+    cfg = configs.tiny(fp8=True, fp8_bf16_layers=1, scan_layers=scan)       # tiny: first_k_dense_replace=1
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    first = model.dense_layers if scan else model.layers[0]
+    rest = [model.moe_layers] if scan else list(model.layers)[1:]
+    assert [m.fp8_compute for _, m in nnx.iter_graph(first) if isinstance(m, Linear)] and not any(
+        m.fp8_compute for _, m in nnx.iter_graph(first) if isinstance(m, Linear))
+    assert all(m.fp8_compute for r in rest for _, m in nnx.iter_graph(r) if isinstance(m, Linear))
+    out = model(jnp.ones((1, 16), jnp.int32))
+    assert np.all(np.isfinite(np.asarray(out.logits)))
+    with pytest.raises(ValueError, match="fp8_bf16_layers"):
+        configs.tiny(fp8_bf16_layers=2, scan_layers=True)
+    with pytest.raises(ValueError, match="fp8_bf16_layers"):
+        configs.tiny(fp8_bf16_layers=4)

@@ -180,12 +180,15 @@ class Transformer(nnx.Module):
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=pd, dtype=dt, rngs=rngs,
                                   init_std=cfg.initializer_range)
         k, n = cfg.first_k_dense_replace, cfg.num_hidden_layers
-        if cfg.scan_layers:
+        nb = cfg.fp8_bf16_layers if cfg.fp8 else 0                   # leading layers kept in BF16 under fp8
+        bf16_cfg = dataclasses.replace(cfg, fp8=False, fp8_bf16_layers=0) if nb else cfg
+        if cfg.scan_layers:                                           # nb is 0 or k (validated)
             self.layers = None
-            self.dense_layers = _stack_layers(cfg, k, False, rngs, fp8_block) if k > 0 else None
+            self.dense_layers = _stack_layers(bf16_cfg, k, False, rngs, fp8_block) if k > 0 else None
             self.moe_layers = _stack_layers(cfg, n - k, True, rngs, fp8_block) if n > k else None
         else:
-            self.layers = nnx.List([DecoderLayer(cfg, moe=i >= k, rngs=rngs, fp8_block=fp8_block) for i in range(n)])
+            self.layers = nnx.List([DecoderLayer(bf16_cfg if i < nb else cfg, moe=i >= k, rngs=rngs,
+                                                 fp8_block=fp8_block) for i in range(n)])
             self.dense_layers = self.moe_layers = None
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
         if cfg.tie_word_embeddings:
