@@ -3,6 +3,9 @@ from the same seed on the same data; reports the relative gap of the smoothed lo
 time ratio FP8/BF16, and writes the curves to a PNG.
 
     python -m experiments.fp8_convergence --config=small --steps=1000 --record
+    # an FP8 variant against the BF16 run of an earlier call (same config, data and card):
+    python -m experiments.fp8_convergence --config=small --steps=1000 --bf16_from=losses.json \
+        --fp8_set model.fp8_bf16_layers=1 --save_losses=losses_variant.json
 
 Both runs use the preset's data pipeline (``data.*``; the default corpus unless overridden with ``--set``), its
 optimiser and schedule, and identical initial parameters (``init_state`` with one key). The loss is the training
@@ -36,6 +39,11 @@ flags.DEFINE_float("noise_floor", 0.0, "If > 0, a third run: BF16 again with the
                    "divergence any perturbation of the trajectory causes at this scale, the floor against which the "
                    "FP8 gap is read.")
 flags.DEFINE_bool("record", False, "Append the summary to docs/benchmarks.md (and write the PNG).")
+flags.DEFINE_multi_string("fp8_set", [], "Overrides for the FP8 run only, e.g. --fp8_set model.fp8_bf16_layers=1.")
+flags.DEFINE_string("save_losses", None, "Write every run's per-step losses and step time to this JSON file.")
+flags.DEFINE_string("bf16_from", None, "Reuse the BF16 run (losses, step time) from a --save_losses file of an "
+                    "earlier run with the same config and data (the 10-minute device calls fit fewer runs); the "
+                    "step-time ratio is then across two processes.")
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -52,7 +60,8 @@ def run(fp8: bool, perturb: float = 0.0) -> dict:
     from dsjax.train.step import init_state, make_train_step, split_model
 
     cfg = tc.apply_overrides(tc.get(FLAGS.config), [f"steps={FLAGS.steps}", *FLAGS.set,
-                                                    f"model.fp8={'true' if fp8 else 'false'}"])
+                                                    f"model.fp8={'true' if fp8 else 'false'}",
+                                                    *(FLAGS.fp8_set if fp8 else [])])
     graphdef, p, r = split_model(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
     step = jax.jit(make_train_step(cfg, graphdef, p, r), donate_argnums=0)
     state = jax.jit(init_state, static_argnums=0)(cfg, jax.random.key(0))
@@ -98,7 +107,14 @@ def main(argv):
 
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} x{jax.device_count()}, jax {jax.__version__}", flush=True)
-    bf16, fp8 = run(False), run(True)
+    if FLAGS.bf16_from:
+        bf16 = json.loads(pathlib.Path(FLAGS.bf16_from).read_text())["bf16"]
+        if len(bf16["losses"]) != FLAGS.steps:
+            raise app.UsageError(f"--bf16_from has {len(bf16['losses'])} steps, --steps={FLAGS.steps}")
+    else:
+        bf16 = run(False)
+    fp8 = run(True)
+    saved = {"bf16": bf16, "fp8": fp8}
     sb, sf = ema(bf16["losses"], FLAGS.ema), ema(fp8["losses"], FLAGS.ema)
     gaps = [(f - b) / b for b, f in zip(sb, sf)]
     tail = gaps[len(gaps) // 2:]
@@ -111,13 +127,18 @@ def main(argv):
     }
     floor = None
     if FLAGS.noise_floor > 0:
-        sp = ema(run(False, FLAGS.noise_floor)["losses"], FLAGS.ema)
+        saved["floor"] = run(False, FLAGS.noise_floor)
+        sp = ema(saved["floor"]["losses"], FLAGS.ema)
         floor = [(p - b) / b for b, p in zip(sb, sp)]
         ftail = floor[len(floor) // 2:]
         summary.update({"noise_floor_perturbation": FLAGS.noise_floor, "floor_final_rel_gap": floor[-1],
                         "floor_max_abs_rel_gap_second_half": max(abs(g) for g in ftail),
                         "floor_mean_rel_gap_second_half": sum(ftail) / len(ftail)})
     print(json.dumps(summary, indent=1))
+    if FLAGS.save_losses:
+        keep = ("losses", "step_s", "compile_s", "batch", "seq")
+        pathlib.Path(FLAGS.save_losses).write_text(json.dumps(
+            {k: {f: v[f] for f in keep} for k, v in saved.items()}))
     png = ROOT / FLAGS.png
     try:
         import matplotlib
