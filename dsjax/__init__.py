@@ -38,5 +38,6 @@ def save_hf(*args, **kwargs):
 __all__ = [
     "configs", "sharding", "MeshConfig", "ConfigError", "ModelConfig", "Transformer", "ModelOutput", "LatentCache",
     "RoutingBias", "init_cache", "cache_bytes_per_token", "mha_cache_bytes_per_token", "count_params", "param_table",
-    "decode_bytes_per_step", "format_param_table", "load_hf", "save_hf", "generate", "SamplingConfig", "GenerateOutput", "__version__",
+    "decode_bytes_per_step", "format_param_table", "load_hf", "save_hf", "generate", "SamplingConfig",
+    "GenerateOutput", "__version__",
 ]

@@ -52,11 +52,6 @@ def _gemm_impl(implementation: str, n: int, k: int) -> str:
     return implementation
 
 
-def _quant_impl(implementation: str) -> str:
-    # "auto": Mosaic GPU kernels on Hopper where the shape allows, Mosaic TPU on TPU, XLA elsewhere (fp8_quant)
-    return implementation
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _linear(x, w_nk, out_dtype, implementation, quantize):
     return _fwd(x, w_nk, out_dtype, implementation, quantize)[0]
@@ -67,7 +62,7 @@ def _fwd(x, w_nk, out_dtype, implementation, quantize):
     if not quantize:
         y = jnp.dot(x.astype(jnp.float32), w_nk.astype(jnp.float32).T, precision="highest")
         return y.astype(out_dtype), (x, w_nk)
-    qi, gi = _quant_impl(implementation), _gemm_impl(implementation, n, k)
+    qi, gi = implementation, _gemm_impl(implementation, n, k)
     m = x.shape[0]
     mp = _cdiv(m, BLOCK) * BLOCK                        # wgrad needs whole 128-token groups: pad with zero rows
     xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
@@ -93,7 +88,7 @@ def _linear_bwd(out_dtype, implementation, quantize, res, dy):
     xtq, xts, wtq, wts, x_like, w_like = res
     m, x_dtype, w_dtype = x_like.shape[0], x_like.dtype, w_like.dtype
     k, n = wtq.shape
-    qi = _quant_impl(implementation)
+    qi = implementation            # quantisation backend: fp8_quant's dispatch (Mosaic GPU/TPU kernel or XLA)
     mp = xtq.shape[1]
     dyp = jnp.pad(dy, ((0, mp - m), (0, 0))) if mp != m else dy
     dyq, dys, dytq, dyts = act_quant_dual(dyp, eps=EPS, implementation=qi)    # 1x128 along N, and 128x1

@@ -88,12 +88,12 @@ def _is_gpu_interpret(interpret) -> bool:
     return isinstance(interpret, plgpu.InterpretGPUParams)
 
 
+def _gpu_cc() -> str:
+    return str(getattr(jax.devices()[0], "compute_capability", "0"))
+
+
 def _hopper_or_newer() -> bool:
-    dev = jax.devices()[0]
-    if dev.platform != "gpu":
-        return False
-    cc = str(getattr(dev, "compute_capability", "0"))
-    return int(cc.split(".")[0]) >= 9
+    return jax.devices()[0].platform == "gpu" and int(_gpu_cc().split(".")[0]) >= 9
 
 
 def _resolve(implementation: str, op: str, interpret=None, shape2d=None) -> str:
@@ -114,10 +114,9 @@ def _resolve(implementation: str, op: str, interpret=None, shape2d=None) -> str:
     if _is_gpu_interpret(interpret):
         return "mgpu"
     if jax.default_backend() == "gpu":
-        cc = str(getattr(jax.devices()[0], "compute_capability", "0"))
-        if int(cc.split(".")[0]) < 9:
+        if not _hopper_or_newer():
             raise NotImplementedError(f"{op}: implementation='pallas' on GPUs is a Mosaic GPU kernel for Hopper "
-                                      f"(sm_90) or newer; this GPU is sm_{cc}. Use implementation='xla'")
+                                      f"(sm_90) or newer; this GPU is sm_{_gpu_cc()}. Use implementation='xla'")
         return "mgpu"
     return "pallas"
 
