@@ -39,8 +39,8 @@ flags.DEFINE_integer("iters", 20, "Timed iterations per variant.")
 flags.DEFINE_bool("torch", True, "Time cuBLAS blockwise FP8 via torch._scaled_mm in a subprocess.")
 flags.DEFINE_bool("quant", True, "Time the quantisation ops (xla and pallas) against copy bandwidth.")
 flags.DEFINE_string("quant_tilings", "", "Extra Mosaic GPU quantisation tilings to time, as STEPSxSTAGES[xBUFS] "
-                    "(column tiles per CTA x input tiles in flight x output buffers; BUFS omitted: the kernel's default), "
-                    "e.g. 2x2,8x2,14x1x1.")
+                    "(column tiles per CTA x input tiles in flight x output buffers; BUFS omitted: the "
+                    "kernel's default), e.g. 2x2,8x2,14x1x1.")
 flags.DEFINE_bool("quant_only", False, "Only the quantisation table (no GEMMs, no torch baseline, no check).")
 flags.DEFINE_bool("check", True, "Check ours against the reference on odd shapes, both variants, vmap, fp8_linear.")
 flags.DEFINE_float("time_budget_s", 420.0, "Skip remaining tilings once this much time has passed.")
