@@ -46,6 +46,8 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
 ATTENTION_IMPLS = ("auto", "einsum", "cudnn", "cudnn_mla", "jax")
 GROUPED_MATMUL_IMPLS = ("auto", "xla", "tiled", "mosaic_gpu")
 ROPE_TYPES = ("default", "yarn")
+FP8_PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj",
+                   "up_proj", "down_proj")
 
 
 class ConfigError(ValueError):
@@ -209,6 +211,12 @@ class ModelConfig:
     # layer in BF16). With scan_layers the split must fall on the dense/MoE stack boundary: 0 or
     # first_k_dense_replace.
     fp8_bf16_layers: int = 0
+    # With fp8=True: these projections (by their attribute/checkpoint name, in every layer) compute in BF16. MLA:
+    # q_proj, q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj; MLPs (dense layers and shared experts):
+    # gate_proj, up_proj, down_proj. For ablations of where FP8 noise costs accuracy (experiments/fp8_grad_error.py
+    # found the forward quantisation of the shared latent key/value path, kv_a_proj_with_mqa and kv_b_proj, the
+    # most sensitive); DeepSeek-V3 keeps none of them in BF16.
+    fp8_bf16_projections: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self):
@@ -282,6 +290,15 @@ class ModelConfig:
                 or not 0 <= self.fp8_bf16_layers <= self.num_hidden_layers:
             _fail("fp8_bf16_layers", self.fp8_bf16_layers, f"must be an int in [0, {self.num_hidden_layers}]",
                   "use 0 (every layer in FP8) or the number of leading layers to keep in BF16")
+        if isinstance(self.fp8_bf16_projections, list):                    # from a JSON round trip
+            object.__setattr__(self, "fp8_bf16_projections", tuple(self.fp8_bf16_projections))
+        if not isinstance(self.fp8_bf16_projections, tuple):
+            _fail("fp8_bf16_projections", self.fp8_bf16_projections, "must be a tuple of projection names",
+                  f"use e.g. ('kv_a_proj_with_mqa', 'kv_b_proj'), names from {FP8_PROJECTIONS}")
+        bad = set(self.fp8_bf16_projections) - set(FP8_PROJECTIONS)
+        if bad:
+            _fail("fp8_bf16_projections", self.fp8_bf16_projections, f"names unknown projections {sorted(bad)}",
+                  f"use names from {FP8_PROJECTIONS}")
         if self.scan_layers and self.fp8_bf16_layers not in (0, self.first_k_dense_replace):
             _fail("fp8_bf16_layers", self.fp8_bf16_layers, "must fall on the dense/MoE stack boundary with "
                   "scan_layers=True", f"use 0 or first_k_dense_replace={self.first_k_dense_replace}, or "
@@ -405,7 +422,7 @@ class ModelConfig:
         }
         skip = {"rope_scaling", "quantization_config", "dtype", "param_dtype", "scan_layers", "remat_policy",
                 "attention_impl", "grouped_matmul_impl", "moe_dense_decode_tokens", "eos_token_id", "fp8",
-                "fp8_bf16_layers"}
+                "fp8_bf16_layers", "fp8_bf16_projections"}
         for f in dataclasses.fields(self):
             if f.name not in skip:
                 d[f.name] = getattr(self, f.name)
@@ -439,7 +456,8 @@ _HF_ALIASES = {"num_mtp_layers": "num_nextn_predict_layers", "num_experts": "n_r
 # Every other key that is not a ModelConfig field (auto_map, ep_size, use_cache, ...) carries no architecture
 # information and is ignored.
 _HF_IGNORED = {"dtype", "torch_dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
-               "grouped_matmul_impl", "moe_dense_decode_tokens", "fp8", "fp8_bf16_layers"}
+               "grouped_matmul_impl", "moe_dense_decode_tokens", "fp8", "fp8_bf16_layers",
+               "fp8_bf16_projections"}
 
 
 def _parse_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:

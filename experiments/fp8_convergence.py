@@ -3,15 +3,22 @@ from the same seed on the same data; reports the relative gap of the smoothed lo
 time ratio FP8/BF16, and writes the curves to a PNG.
 
     python -m experiments.fp8_convergence --config=small --steps=1000 --record
-    # an FP8 variant against the BF16 run of an earlier call (same config, data and card):
-    python -m experiments.fp8_convergence --config=small --steps=1000 --bf16_from=losses.json \
-        --fp8_set model.fp8_bf16_layers=1 --save_losses=losses_variant.json
+    # runs in separate processes (e.g. several sharing one GPU, --shared_gpu), then one report:
+    python -m experiments.fp8_convergence --runs=bf16 --save_losses=bf16.json --eval_batches=16 &
+    python -m experiments.fp8_convergence --runs=fp8 --save_losses=fp8.json --eval_batches=16 &
+    python -m experiments.fp8_convergence --runs=fp8 --fp8_set model.fp8_bf16_layers=1 --save_losses=v1.json &
+    wait; python -m experiments.fp8_convergence --runs= --load=bf16.json --load=fp8.json --load=v1.json --record
 
-Both runs use the preset's data pipeline (``data.*``; the default corpus unless overridden with ``--set``), its
+Every run uses the preset's data pipeline (``data.*``; the default corpus unless overridden with ``--set``), its
 optimiser and schedule, and identical initial parameters (``init_state`` with one key). The loss is the training
 loss per step; smoothing is an exponential moving average (``--ema``). Step time is the median wall time of the
-steps after ``--warmup`` (each run compiles separately). With ``--record`` the summary is appended to
-docs/benchmarks.md and the plot saved as ``docs/fp8_convergence.png``.
+steps after ``--warmup`` (each run compiles separately; with ``--shared_gpu`` it is not reported).
+
+``--eval_batches=N`` separates *training* quality from the FP8 forward pass's own noise: after training, the final
+weights of each run are evaluated (next-token cross-entropy) on the next N batches of the stream, which no run
+trained on, with a BF16 forward and with an FP8 forward. An FP8-trained model whose BF16-forward loss matches the
+BF16-trained model's trained as well; the FP8-forward column minus the BF16-forward column is what quantising the
+forward pass adds to the same weights' loss.
 """
 
 from __future__ import annotations
@@ -29,26 +36,45 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "small", "Training preset (dsjax.train.config.get).")
 flags.DEFINE_integer("steps", 1000, "Training steps per run.")
-flags.DEFINE_multi_string("set", [], "Extra overrides for both runs, e.g. --set data.batch_size=8.")
+flags.DEFINE_multi_string("set", [], "Extra overrides for every run, e.g. --set data.batch_size=8.")
+flags.DEFINE_list("runs", ["bf16", "fp8"], "Runs to train in this process: bf16, fp8, floor (the noise-floor run, "
+                  "see --noise_floor). Empty: only report on --load files.")
 flags.DEFINE_float("ema", 0.98, "EMA factor of the smoothed loss.")
 flags.DEFINE_integer("warmup", 5, "Steps excluded from the step-time median.")
-flags.DEFINE_integer("log_every", 50, "Print every this many steps.")
-flags.DEFINE_string("png", "docs/fp8_convergence.png", "Plot path (relative to the repo root).")
-flags.DEFINE_float("noise_floor", 0.0, "If > 0, a third run: BF16 again with the initial master weights perturbed by "
-                   "this relative Gaussian noise (e.g. 0.002, about one BF16 rounding). Its gap to the BF16 run is the "
-                   "divergence any perturbation of the trajectory causes at this scale, the floor against which the "
-                   "FP8 gap is read.")
+flags.DEFINE_integer("log_every", 50, "Print (and save, with --save_losses) every this many steps.")
+flags.DEFINE_string("png", "docs/fp8_convergence.png", "Plot path (relative to the repo root); written with "
+                    "--record or when given.")
+flags.DEFINE_float("noise_floor", 0.0, "If > 0, also the 'floor' run: BF16 again with the initial master "
+                   "weights perturbed by this relative Gaussian noise (e.g. 0.002, about one BF16 rounding). Its "
+                   "gap to the BF16 run is the divergence any perturbation of the trajectory causes at this scale, "
+                   "the floor against which the FP8 gap is read.")
 flags.DEFINE_bool("record", False, "Append the summary to docs/benchmarks.md (and write the PNG).")
 flags.DEFINE_multi_string("fp8_set", [], "Overrides for the FP8 run only, e.g. --fp8_set model.fp8_bf16_layers=1.")
-flags.DEFINE_string("save_losses", None, "Write every run's per-step losses and step time to this JSON file.")
-flags.DEFINE_string("bf16_from", None, "Reuse the BF16 run (losses, step time) from a --save_losses file of an "
-                    "earlier run with the same config and data (the 10-minute device calls fit fewer runs); the "
-                    "step-time ratio is then across two processes.")
+flags.DEFINE_string("save_losses", None, "Write this process's runs (per-step losses, step time, evaluation) to this "
+                    "JSON file, updated every --log_every steps.")
+flags.DEFINE_multi_string("load", [], "JSON files written by --save_losses of earlier runs with the same config and "
+                          "data: their runs join the report (a bf16 run is the baseline; each fp8 run is a row).")
+flags.DEFINE_integer("eval_batches", 0, "After training, the cross-entropy of the final weights on this many "
+                     "unseen batches, with a BF16 and with an FP8 forward pass.")
+flags.DEFINE_bool("shared_gpu", False, "Several runs share the GPU (concurrent processes): step times are recorded "
+                  "but not reported.")
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def run(fp8: bool, perturb: float = 0.0) -> dict:
+def _label(run: dict) -> str:
+    if run["name"] != "fp8":
+        return run["name"]
+    return "fp8" + (" " + ", ".join(run["fp8_set"]) if run.get("fp8_set") else "")
+
+
+def _save(saved: dict) -> None:
+    if FLAGS.save_losses:
+        pathlib.Path(FLAGS.save_losses).write_text(json.dumps(saved))
+
+
+def run(name: str, saved: dict) -> dict:
+    """Trains one run (``name``: bf16, fp8 or floor); ``saved[name]`` is kept up to date (and saved) as it goes."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -59,21 +85,25 @@ def run(fp8: bool, perturb: float = 0.0) -> dict:
     from dsjax.train import config as tc
     from dsjax.train.step import init_state, make_train_step, split_model
 
+    fp8 = name == "fp8"
+    fp8_set = list(FLAGS.fp8_set) if fp8 else []
     cfg = tc.apply_overrides(tc.get(FLAGS.config), [f"steps={FLAGS.steps}", *FLAGS.set,
-                                                    f"model.fp8={'true' if fp8 else 'false'}",
-                                                    *(FLAGS.fp8_set if fp8 else [])])
+                                                    f"model.fp8={'true' if fp8 else 'false'}", *fp8_set])
     graphdef, p, r = split_model(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
     step = jax.jit(make_train_step(cfg, graphdef, p, r), donate_argnums=0)
     state = jax.jit(init_state, static_argnums=0)(cfg, jax.random.key(0))
-    name = "fp8 " if fp8 else ("bf16" if not perturb else "bf16'")
-    if perturb:   # the noise-floor run: same everything, master weights nudged by ~one BF16 rounding
+    if name == "floor":   # the noise-floor run: same everything, master weights nudged by ~one BF16 rounding
         leaves, treedef = jax.tree.flatten(state.params)
         keys = jax.random.split(jax.random.key(1234), len(leaves))
-        leaves = [p * (1 + perturb * jax.random.normal(k, p.shape, p.dtype)) if jnp.issubdtype(p.dtype, jnp.floating)
-                  else p for p, k in zip(leaves, keys)]
+        leaves = [p * (1 + FLAGS.noise_floor * jax.random.normal(k, p.shape, p.dtype))
+                  if jnp.issubdtype(p.dtype, jnp.floating) else p for p, k in zip(leaves, keys)]
         state = dataclasses.replace(state, params=jax.tree.unflatten(treedef, leaves))
     it = iter(make_dataset(cfg.data, make_tokenizer(cfg.data), process_index=0, process_count=1))
-    losses, times = [], []
+    out = saved[name] = {"name": name, "fp8_set": fp8_set, "losses": [], "batch": cfg.data.batch_size,
+                         "seq": cfg.data.seq_len, "shared_gpu": FLAGS.shared_gpu,
+                         "device": jax.devices()[0].device_kind,
+                         "perturb": FLAGS.noise_floor if name == "floor" else 0.0}
+    times = []
     t_compile = time.perf_counter()
     for i in range(FLAGS.steps):
         batch = {k: jnp.asarray(v) for k, v in next(it).items()}
@@ -82,14 +112,52 @@ def run(fp8: bool, perturb: float = 0.0) -> dict:
         loss = float(m["loss"])                         # syncs: the wall time covers the whole step
         times.append(time.perf_counter() - t)
         if i == 0:
-            t_compile = time.perf_counter() - t_compile
+            out["compile_s"] = time.perf_counter() - t_compile
         if not np.isfinite(loss):
             print(f"{name}: non-finite loss at step {i}", flush=True)
-        losses.append(loss)
+        out["losses"].append(loss)
         if i % FLAGS.log_every == 0 or i == FLAGS.steps - 1:
+            out["step_s"] = statistics.median(times[FLAGS.warmup:] or times)
             print(f"{name} step {i:5d} loss {loss:.4f} ({times[-1] * 1e3:.0f} ms)", flush=True)
-    return {"losses": losses, "step_s": statistics.median(times[FLAGS.warmup:] or times), "compile_s": t_compile,
-            "model": cfg.model, "batch": cfg.data.batch_size, "seq": cfg.data.seq_len}
+            _save(saved)
+    if FLAGS.eval_batches:
+        out["eval"] = evaluate(cfg, state, it, FLAGS.eval_batches)
+        print(f"{name} eval (cross-entropy on {FLAGS.eval_batches} unseen batches): {out['eval']}", flush=True)
+        _save(saved)
+    return out
+
+
+def evaluate(cfg, state, it, n: int) -> dict:
+    """Cross-entropy of ``state``'s weights on the next ``n`` batches with a BF16 and an FP8 forward pass."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dsjax.model import Transformer
+    from dsjax.train.losses import chunked_cross_entropy, shifted_targets
+    from dsjax.train.step import split_model
+
+    batches = [{k: jnp.asarray(v) for k, v in next(it).items()} for _ in range(n)]
+    result = {}
+    for fwd, fp8 in (("bf16_forward", False), ("fp8_forward", True)):
+        mcfg = dataclasses.replace(cfg.model, fp8=fp8, fp8_bf16_layers=0, fp8_bf16_projections=())
+        graphdef, p_t, r_t = split_model(nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0))))
+
+        @jax.jit
+        def ce(params, rest, b, graphdef=graphdef, p_t=p_t, r_t=r_t):
+            p, r = nnx.State(p_t), nnx.State(r_t)
+            nnx.replace_by_pure_dict(p, params)
+            nnx.replace_by_pure_dict(r, rest)
+            model = nnx.merge(graphdef, p, r)
+            o = model(b["tokens"], b.get("segment_ids"), b["positions"], return_hidden=True, compute_logits=False)
+            seg = b.get("segment_ids", jnp.ones_like(b["tokens"]))
+            tg, w = shifted_targets(b["tokens"], seg, b["loss_mask"], 1)
+            s, _ = chunked_cross_entropy(o.hidden, model.logits_f32, tg, w, cfg.loss.ce_chunk_tokens)
+            return s, jnp.sum(w)
+
+        sums = [ce(state.params, state.rest, b) for b in batches]
+        result[fwd] = float(sum(s for s, _ in sums) / sum(w for _, w in sums))
+    return result
 
 
 def ema(xs, a):
@@ -100,6 +168,14 @@ def ema(xs, a):
     return out
 
 
+def _gaps(base: list[float], other: list[float]) -> dict:
+    sb, so = ema(base, FLAGS.ema), ema(other, FLAGS.ema)
+    g = [(o - b) / b for b, o in zip(sb, so)]
+    tail = g[len(g) // 2:]
+    return {"smoothed": so, "gaps": g, "final": g[-1], "max_abs_2nd_half": max(abs(x) for x in tail),
+            "mean_2nd_half": sum(tail) / len(tail)}
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -107,86 +183,126 @@ def main(argv):
 
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} x{jax.device_count()}, jax {jax.__version__}", flush=True)
-    if FLAGS.bf16_from:
-        bf16 = json.loads(pathlib.Path(FLAGS.bf16_from).read_text())["bf16"]
-        if len(bf16["losses"]) != FLAGS.steps:
-            raise app.UsageError(f"--bf16_from has {len(bf16['losses'])} steps, --steps={FLAGS.steps}")
-    else:
-        bf16 = run(False)
-    fp8 = run(True)
-    saved = {"bf16": bf16, "fp8": fp8}
-    sb, sf = ema(bf16["losses"], FLAGS.ema), ema(fp8["losses"], FLAGS.ema)
-    gaps = [(f - b) / b for b, f in zip(sb, sf)]
-    tail = gaps[len(gaps) // 2:]
+    unknown = set(FLAGS.runs) - {"bf16", "fp8", "floor"}
+    if unknown:
+        raise app.UsageError(f"--runs: unknown {sorted(unknown)}; use bf16, fp8, floor")
+    runs = list(FLAGS.runs) + (["floor"] if FLAGS.noise_floor > 0 and "floor" not in FLAGS.runs else [])
+    if "floor" in runs and FLAGS.noise_floor <= 0:
+        raise app.UsageError("--runs=floor needs --noise_floor > 0")
+    loaded: list[dict] = []
+    for f in FLAGS.load:
+        for name, r in json.loads(pathlib.Path(f).read_text()).items():
+            r.setdefault("name", name)
+            if len(r["losses"]) != FLAGS.steps:
+                raise app.UsageError(f"--load={f}: run {name} has {len(r['losses'])} steps, --steps={FLAGS.steps}")
+            loaded.append(r)
+    saved: dict = {}
+    for name in runs:
+        run(name, saved)
+    every = loaded + list(saved.values())
+    bf16 = next((r for r in every if r["name"] == "bf16"), None)
+    floor_run = next((r for r in every if r["name"] == "floor"), None)
+    fp8_runs = [r for r in every if r["name"] == "fp8"]
+    if bf16 is None or not fp8_runs:
+        print("no bf16 + fp8 pair to compare (runs saved)" if FLAGS.save_losses else "nothing to compare")
+        return
+    sb = ema(bf16["losses"], FLAGS.ema)
+    rows = [(r, _gaps(bf16["losses"], r["losses"])) for r in fp8_runs]
+    floor = _gaps(bf16["losses"], floor_run["losses"]) if floor_run else None
+    shared = any(r.get("shared_gpu") for r in [bf16, *fp8_runs])
     summary = {
-        "steps": FLAGS.steps, "final_smoothed_bf16": sb[-1], "final_smoothed_fp8": sf[-1],
-        "final_rel_gap": gaps[-1], "max_abs_rel_gap_second_half": max(abs(g) for g in tail),
-        "mean_rel_gap_second_half": sum(tail) / len(tail),
-        "step_ms_bf16": bf16["step_s"] * 1e3, "step_ms_fp8": fp8["step_s"] * 1e3,
-        "step_time_ratio_fp8_over_bf16": fp8["step_s"] / bf16["step_s"],
+        "steps": FLAGS.steps, "final_smoothed_bf16": sb[-1], "step_ms_bf16": bf16["step_s"] * 1e3,
+        "fp8_runs": [{"label": _label(r), "final_smoothed": g["smoothed"][-1], "final_rel_gap": g["final"],
+                      "max_abs_rel_gap_second_half": g["max_abs_2nd_half"], "mean_rel_gap_second_half":
+                      g["mean_2nd_half"], "step_ms": r["step_s"] * 1e3,
+                      "step_time_ratio_over_bf16": r["step_s"] / bf16["step_s"], "eval": r.get("eval")}
+                     for r, g in rows],
+        "bf16_eval": bf16.get("eval"),
     }
-    floor = None
-    if FLAGS.noise_floor > 0:
-        saved["floor"] = run(False, FLAGS.noise_floor)
-        sp = ema(saved["floor"]["losses"], FLAGS.ema)
-        floor = [(p - b) / b for b, p in zip(sb, sp)]
-        ftail = floor[len(floor) // 2:]
-        summary.update({"noise_floor_perturbation": FLAGS.noise_floor, "floor_final_rel_gap": floor[-1],
-                        "floor_max_abs_rel_gap_second_half": max(abs(g) for g in ftail),
-                        "floor_mean_rel_gap_second_half": sum(ftail) / len(ftail)})
+    if floor:
+        summary.update({"noise_floor_perturbation": floor_run["perturb"], "floor_final_rel_gap": floor["final"],
+                        "floor_max_abs_rel_gap_second_half": floor["max_abs_2nd_half"],
+                        "floor_mean_rel_gap_second_half": floor["mean_2nd_half"]})
     print(json.dumps(summary, indent=1))
-    if FLAGS.save_losses:
-        keep = ("losses", "step_s", "compile_s", "batch", "seq")
-        pathlib.Path(FLAGS.save_losses).write_text(json.dumps(
-            {k: {f: v[f] for f in keep} for k, v in saved.items()}))
-    png = ROOT / FLAGS.png
+    _save(saved)
+    if FLAGS.record or FLAGS["png"].present:
+        _plot(bf16, rows, floor, floor_run)
+    if FLAGS.record:
+        _record(dev, bf16, rows, floor, floor_run, shared)
+
+
+def _plot(bf16, rows, floor, floor_run) -> None:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        fig, (a0, a1) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
-        a0.plot(bf16["losses"], alpha=0.25, color="C0")
-        a0.plot(fp8["losses"], alpha=0.25, color="C1")
-        a0.plot(sb, color="C0", label="BF16 (EMA)")
-        a0.plot(sf, color="C1", label="FP8 (EMA)")
-        a0.set_ylabel("training loss")
-        a0.legend()
-        a0.set_title(f"{FLAGS.config}: BF16 vs FP8 (E4M3, 1x128 / 128x128), same seed and data")
-        a1.plot([100 * g for g in gaps], color="C2", label="FP8 vs BF16")
-        if floor is not None:
-            a1.plot([100 * g for g in floor], color="C7", label=f"BF16 perturbed by {FLAGS.noise_floor:g} vs BF16")
-            a1.legend()
-        a1.axhline(0.25, ls="--", color="grey")
-        a1.axhline(-0.25, ls="--", color="grey")
-        a1.set_ylabel("smoothed loss gap vs BF16 (%)")
-        a1.set_xlabel("step")
-        fig.tight_layout()
-        png.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(png, dpi=110)
-        print(f"wrote {png}")
     except ImportError:
         print("matplotlib missing: no plot")
-    if FLAGS.record:
-        text = (f"\n## FP8 vs BF16 training convergence, `{FLAGS.config}` ({datetime.date.today().isoformat()}, "
-                f"{dev.device_kind}, jax {jax.__version__})\n\n"
-                f"Command: `python -m experiments.fp8_convergence {' '.join(sys.argv[1:])}`\n\n"
-                f"| steps | batch x seq | smoothed loss BF16 | smoothed loss FP8 | final gap | max abs gap "
-                f"(2nd half) | step ms BF16 | step ms FP8 | FP8/BF16 time |\n|---|---|---|---|---|---|---|---|---|\n"
-                f"| {FLAGS.steps} | {bf16['batch']} x {bf16['seq']} | {sb[-1]:.4f} | {sf[-1]:.4f} | "
-                f"{100 * gaps[-1]:+.3f}% | {100 * summary['max_abs_rel_gap_second_half']:.3f}% | "
-                f"{summary['step_ms_bf16']:.1f} | {summary['step_ms_fp8']:.1f} | "
-                f"{summary['step_time_ratio_fp8_over_bf16']:.2f}x |\n\n"
-                + ("" if floor is None else
-                   f"Noise floor: BF16 again with the initial master weights perturbed by {FLAGS.noise_floor:g} "
-                   f"(relative, Gaussian): final gap {100 * floor[-1]:+.3f}%, max abs gap (2nd half) "
-                   f"{100 * summary['floor_max_abs_rel_gap_second_half']:.3f}%.\n\n") +
-                f"(EMA {FLAGS.ema}; DeepSeek-V3's bar is a relative gap below 0.25%. Plot: `{FLAGS.png}`. Experts use "
-                f"fp8_grouped_linear: FP8-quantised operands through the bf16 grouped matmul, so only the dense "
-                f"projections get the FP8 GEMM speed.)\n")
-        with open(ROOT / "docs" / "benchmarks.md", "a") as f:
-            f.write(text)
+        return
+    fig, (a0, a1) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    a0.plot(bf16["losses"], alpha=0.25, color="C0")
+    a0.plot(ema(bf16["losses"], FLAGS.ema), color="C0", label="bf16 (EMA)")
+    for i, (r, g) in enumerate(rows):
+        a0.plot(r["losses"], alpha=0.25, color=f"C{i + 1}")
+        a0.plot(g["smoothed"], color=f"C{i + 1}", label=f"{_label(r)} (EMA)")
+        a1.plot([100 * x for x in g["gaps"]], color=f"C{i + 1}", label=f"{_label(r)} vs BF16")
+    a0.set_ylabel("training loss")
+    a0.legend()
+    a0.set_title(f"{FLAGS.config}: BF16 vs FP8 (E4M3, 1x128 / 128x128), same seed and data")
+    if floor is not None:
+        a1.plot([100 * x for x in floor["gaps"]], color="C7",
+                label=f"BF16 perturbed by {floor_run['perturb']:g} vs BF16")
+    a1.legend()
+    a1.axhline(0.25, ls="--", color="grey")
+    a1.axhline(-0.25, ls="--", color="grey")
+    a1.set_ylabel("smoothed loss gap vs BF16 (%)")
+    a1.set_xlabel("step")
+    fig.tight_layout()
+    png = ROOT / FLAGS.png
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    print(f"wrote {png}")
+
+
+def _record(dev, bf16, rows, floor, floor_run, shared: bool) -> None:
+    import jax
+
+    sb = ema(bf16["losses"], FLAGS.ema)
+    ms = (lambda r: "n/a") if shared else (lambda r: f"{r['step_s'] * 1e3:.1f}")
+    ratio = (lambda r: "n/a") if shared else (lambda r: f"{r['step_s'] / bf16['step_s']:.2f}x")
+    text = (f"\n## FP8 vs BF16 training convergence, `{FLAGS.config}` ({datetime.date.today().isoformat()}, "
+            f"{bf16.get('device', dev.device_kind)}, jax {jax.__version__})\n\n"
+            f"Command: `python -m experiments.fp8_convergence {' '.join(sys.argv[1:])}`\n\n"
+            f"| FP8 run | steps | batch x seq | smoothed loss BF16 | smoothed loss FP8 | final gap "
+            f"| mean gap (2nd half) | max abs gap (2nd half) | step ms BF16 | step ms FP8 | FP8/BF16 time |\n"
+            f"|---|---|---|---|---|---|---|---|---|---|---|\n")
+    for r, g in rows:
+        text += (f"| {_label(r)} | {FLAGS.steps} | {bf16['batch']} x {bf16['seq']} | {sb[-1]:.4f} | "
+                 f"{g['smoothed'][-1]:.4f} | {100 * g['final']:+.3f}% | {100 * g['mean_2nd_half']:+.3f}% | "
+                 f"{100 * g['max_abs_2nd_half']:.3f}% | {ms(bf16)} | {ms(r)} | {ratio(r)} |\n")
+    if floor is not None:
+        text += (f"\nNoise floor: BF16 again with the initial master weights perturbed by {floor_run['perturb']:g} "
+                 f"(relative, Gaussian): final gap {100 * floor['final']:+.3f}%, mean gap (2nd half) "
+                 f"{100 * floor['mean_2nd_half']:+.3f}%, max abs gap (2nd half) "
+                 f"{100 * floor['max_abs_2nd_half']:.3f}%.\n")
+    evals = [(r, r["eval"]) for r in [bf16, *[r for r, _ in rows]] if r.get("eval")]
+    if evals:
+        base = bf16.get("eval")
+        text += (f"\nFinal weights evaluated on {FLAGS.eval_batches} unseen batches (next-token cross-entropy; "
+                 f"in brackets: relative to the BF16-trained weights with a BF16 forward):\n\n"
+                 f"| trained as | BF16 forward | FP8 forward | FP8 forward / BF16 forward |\n|---|---|---|---|\n")
+        for r, e in evals:
+            rel = (lambda v: f" ({100 * (v / base['bf16_forward'] - 1):+.3f}%)") if base else (lambda v: "")
+            text += (f"| {_label(r)} | {e['bf16_forward']:.4f}{rel(e['bf16_forward'])} | "
+                     f"{e['fp8_forward']:.4f}{rel(e['fp8_forward'])} | "
+                     f"{100 * (e['fp8_forward'] / e['bf16_forward'] - 1):+.3f}% |\n")
+    text += (f"\n(EMA {FLAGS.ema}; DeepSeek-V3's bar is a relative gap below 0.25%. Plot: `{FLAGS.png}`. "
+             + ("The runs shared one GPU (concurrent processes), so no step times are reported. " if shared else "")
+             + "Experts use fp8_grouped_linear: FP8-quantised operands through the bf16 grouped matmul, so only the "
+               "dense projections get the FP8 GEMM speed.)\n")
+    with open(ROOT / "docs" / "benchmarks.md", "a") as f:
+        f.write(text)
 
 
 if __name__ == "__main__":

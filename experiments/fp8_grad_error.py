@@ -6,7 +6,10 @@ Builds the ``--config`` model preset with ``--layers`` layers (no MTP, unscanned
 training data and computes the gradient of the next-token loss for the same initial parameters with:
 
 * FP32 compute (the reference), BF16 compute (the preset's), FP8 everywhere (``fp8=True``), FP8 with the first
-  layer in BF16 (``fp8_bf16_layers=1``);
+  layer in BF16 (``fp8_bf16_layers=1``), FP8 with the shared latent key/value projections in BF16
+  (``fp8_bf16_projections=("kv_a_proj_with_mqa", "kv_b_proj")``);
+* FP8 in one kind of GEMM of the dense projections only -- forward, dgrad or wgrad (``fp8_linear(quantize=(g,))``;
+  the experts stay FP8);
 * FP8 in the experts only (dense ``fp8_linear`` calls run unquantised), FP8 in the dense projections only (the
   experts run the BF16 grouped matmul), and FP8 in one dense projection at a time (``--one_at_a_time``),
   selected by the (K, N) of its weight.
@@ -80,6 +83,8 @@ def main(argv):
     report("bf16 compute", grads())
     report("fp8 everywhere", grads(fp8=True))
     report("fp8, layer 0 in bf16 (fp8_bf16_layers=1)", grads(fp8=True, fp8_bf16_layers=1))
+    report("fp8, kv_a/kv_b in bf16 (fp8_bf16_projections)",
+           grads(fp8=True, fp8_bf16_projections=("kv_a_proj_with_mqa", "kv_b_proj")))
     dense = layers.fp8_linear
     experts = moe.fp8_grouped_linear
 
@@ -88,6 +93,9 @@ def main(argv):
                               implementation=implementation)
 
     try:
+        for g in ("fwd", "dgrad", "wgrad"):
+            layers.fp8_linear = functools.partial(dense, quantize=(g,))
+            report(f"fp8 dense: {g} GEMMs only (+ experts)", grads(fp8=True))
         layers.fp8_linear = functools.partial(dense, quantize=False)
         report("fp8 experts only", grads(fp8=True))
         layers.fp8_linear = dense

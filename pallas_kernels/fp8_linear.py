@@ -11,7 +11,9 @@ checkpoint ``[out, in]`` layout instead), differentiable through ``jax.custom_vj
 
 Quantisation is straight-through (its gradient is the identity; scales carry no gradient). The residuals saved
 for the backward pass are FP8: X in 128x1 tiles (for wgrad) and W's transposed blocks (for dgrad).
-``quantize=False`` turns every quantisation off (the same three GEMMs in f32), which ``check_grads`` can verify.
+``quantize=False`` turns every quantisation off (the same three GEMMs in f32), which ``check_grads`` can verify; a
+subset of ``("fwd", "dgrad", "wgrad")`` quantises only those GEMMs (an ablation of where FP8 error enters; this mixed
+form runs every GEMM as an f32 XLA dot on quantise-dequantised operands and saves x and w unquantised).
 
 Leading axes of ``x`` are flattened into the token axis. The function works under ``jit``, ``vmap`` (the kernels
 have batching rules; the Mosaic GPU GEMM folds a batched activation into more rows) and inside ``shard_map`` (it
@@ -30,7 +32,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.fp8_gemm import fp8_gemm
 from pallas_kernels.fp8_quant import (BLOCK, _cast, _keep, _scale, act_quant, act_quant_dual, dequant,
-                                      weight_quant_dual)
+                                      quantize_blocks, weight_quant_dual)
 from pallas_kernels.grouped_matmul import cotangent_like, grouped_matmul
 
 __all__ = ["fp8_linear", "fp8_grouped_linear"]
@@ -40,6 +42,7 @@ __all__ = ["fp8_linear", "fp8_grouped_linear"]
 # most 1x128 tiles of dY have amax far below 1e-4 (tiny, 1,024 tokens: 81% of tiles under 1e-4, 19% under 1e-5),
 # and a clamped scale pushes their values into E4M3's subnormals or to zero.
 EPS = 1e-30
+GEMMS = ("fwd", "dgrad", "wgrad")
 
 
 def _cdiv(a, b):
@@ -57,8 +60,18 @@ def _linear(x, w_nk, out_dtype, implementation, quantize):
     return _fwd(x, w_nk, out_dtype, implementation, quantize)[0]
 
 
+def _qdq(a, block):
+    """Quantise-dequantise ``a [R, C]`` in ``block`` tiles (XLA reference), f32."""
+    q, s = quantize_blocks(a.astype(jnp.float32), block, eps=EPS)
+    return dequant(q, s, block=block)
+
+
 def _fwd(x, w_nk, out_dtype, implementation, quantize):
     n, k = w_nk.shape
+    if quantize not in ((), GEMMS):       # ablation: some GEMMs quantised, f32 dots on dequantised operands
+        xa = _qdq(x, (1, BLOCK)) if "fwd" in quantize else x.astype(jnp.float32)
+        wa = _qdq(w_nk, (BLOCK, BLOCK)) if "fwd" in quantize else w_nk.astype(jnp.float32)
+        return jnp.dot(xa, wa.T, precision="highest").astype(out_dtype), (x, w_nk)
     if not quantize:
         y = jnp.dot(x.astype(jnp.float32), w_nk.astype(jnp.float32).T, precision="highest")
         return y.astype(out_dtype), (x, w_nk)
@@ -79,6 +92,18 @@ def _linear_fwd(x, w_nk, out_dtype, implementation, quantize):
 
 
 def _linear_bwd(out_dtype, implementation, quantize, res, dy):
+    if quantize not in ((), GEMMS):
+        x, w_nk = res
+        dy32 = dy.astype(jnp.float32)
+        if "dgrad" in quantize:
+            dx = jnp.dot(_qdq(dy32, (1, BLOCK)), _qdq(w_nk, (BLOCK, BLOCK)), precision="highest")
+        else:
+            dx = jnp.dot(dy32, w_nk.astype(jnp.float32), precision="highest")
+        if "wgrad" in quantize:
+            dw = jnp.dot(_qdq(dy32, (BLOCK, 1)).T, _qdq(x, (BLOCK, 1)), precision="highest")
+        else:
+            dw = jnp.dot(dy32.T, x.astype(jnp.float32), precision="highest")
+        return cotangent_like(dx.astype(x.dtype), x), cotangent_like(dw.astype(w_nk.dtype), w_nk)
     if not quantize:
         x, w_nk = res
         dy32 = dy.astype(jnp.float32)
@@ -106,7 +131,8 @@ _linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 def fp8_linear(x: jax.Array, w: jax.Array, *, w_layout: Literal["kn", "nk"] = "kn", out_dtype=None,
-               implementation: Literal["auto", "xla", "pallas"] = "auto", quantize: bool = True) -> jax.Array:
+               implementation: Literal["auto", "xla", "pallas"] = "auto",
+               quantize: bool | tuple[str, ...] = True) -> jax.Array:
     """``x [..., K] @ w [K, N] -> [..., N]`` with FP8 forward and backward GEMMs (see the module docstring).
 
     Args:
@@ -114,7 +140,8 @@ def fp8_linear(x: jax.Array, w: jax.Array, *, w_layout: Literal["kn", "nk"] = "k
       w: the weight, ``[K, N]`` (``w_layout="kn"``, Flax kernels) or ``[N, K]`` (``"nk"``, checkpoints).
       out_dtype: output dtype (default ``x.dtype``); bf16 or f32.
       implementation: GEMM/quantisation backend, as in ``fp8_gemm``.
-      quantize: ``False`` runs the same custom_vjp without any quantisation (f32 GEMMs), for gradient checks.
+      quantize: ``False`` runs the same custom_vjp without any quantisation (f32 GEMMs), for gradient checks; a
+        tuple of names from ``("fwd", "dgrad", "wgrad")`` quantises only those GEMMs (ablations; slow path).
     """
     if x.ndim < 1 or w.ndim != 2:
         raise ValueError(f"fp8_linear expects x [..., K] and a 2-D w; got {x.shape}, {w.shape}")
@@ -124,6 +151,11 @@ def fp8_linear(x: jax.Array, w: jax.Array, *, w_layout: Literal["kn", "nk"] = "k
     n, k = w_nk.shape
     if x.shape[-1] != k:
         raise ValueError(f"fp8_linear: x has {x.shape[-1]} features but w ({w_layout}) {w.shape} expects {k}")
+    if isinstance(quantize, bool):
+        quantize = GEMMS if quantize else ()
+    if not isinstance(quantize, (tuple, list)) or set(quantize) - set(GEMMS):
+        raise ValueError(f"fp8_linear: quantize={quantize!r}; use a bool or a subset of {GEMMS}")
+    quantize = tuple(g for g in GEMMS if g in quantize)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     if out_dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
         out_dtype = jnp.dtype(jnp.float32)

@@ -317,6 +317,28 @@ def test_fp8_linear_check_grads_without_quantisation():
                               order=1, modes=["rev"], atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("gemm", ["fwd", "dgrad", "wgrad"])
+def test_fp8_linear_quantize_one_gemm(gemm):
+    """``quantize=(gemm,)``: that GEMM matches the fully quantised layer, the others the unquantised one (a fixed
+    cotangent, so dY is the same in all three runs); partial tiles (M=200, N=136) included."""
+    x = jax.random.normal(jax.random.key(12), (200, 256))
+    w = jax.random.normal(jax.random.key(13), (256, 136)) * 0.05
+    c = jax.random.normal(jax.random.key(14), (200, 136))
+
+    def run(q):
+        y, vjp = jax.vjp(lambda x, w: fp8_linear(x, w, quantize=q, implementation="xla"), x, w)
+        return (y, *vjp(c))                                               # (y, dx, dw)
+
+    full, none, one = run(True), run(False), run((gemm,))
+    assert _rel(full[0], none[0]) > 1e-2                                 # quantisation is visible at all
+    for i, name in enumerate(("fwd", "dgrad", "wgrad")):
+        want = full[i] if name == gemm else none[i]
+        assert _rel(one[i], want) < 1e-5, (name, _rel(one[i], want))
+    np.testing.assert_array_equal(run(())[0], none[0])
+    with pytest.raises(ValueError, match="quantize"):
+        fp8_linear(x, w, quantize=("forward",))
+
+
 def test_fp8_linear_vmap_and_shard_map():
     x = jax.random.normal(jax.random.key(12), (8, 128, 256))
     w = jax.random.normal(jax.random.key(13), (256, 128)) * 0.05
@@ -472,3 +494,33 @@ def test_fp8_bf16_layers_keeps_leading_layers_in_bf16(scan):
         configs.tiny(fp8_bf16_layers=2, scan_layers=True)
     with pytest.raises(ValueError, match="fp8_bf16_layers"):
         configs.tiny(fp8_bf16_layers=4)
+
+
+def test_fp8_bf16_projections_keeps_named_projections_in_bf16():
+    """ModelConfig.fp8_bf16_projections: the named projections build without fp8_compute in every layer (MLA and
+    MLP names), every other projection keeps it; the router never uses it; unknown names are rejected."""
+    from flax import nnx
+
+    from dsjax import configs
+    from dsjax.model import Transformer
+    from dsjax.model.layers import Linear
+
+    keep = ("kv_a_proj_with_mqa", "kv_b_proj", "down_proj")
+    cfg = configs.tiny(fp8=True, fp8_bf16_projections=keep)
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    seen = {}
+    for path, m in nnx.iter_graph(model):
+        if isinstance(m, Linear):
+            seen.setdefault(str(path[-1]), set()).add(m.fp8_compute)
+    assert set(keep) <= set(seen) and seen.pop("lm_head") == {False}            # the output head stays BF16
+    seen.pop("eh_proj", None)                                                   # MTP's projection: not named
+    assert set(seen) <= set(configs.FP8_PROJECTIONS)
+    for name, flags in seen.items():
+        assert flags == ({False} if name in keep else {True}), (name, flags)
+    plain = nnx.eval_shape(lambda: Transformer(configs.tiny(fp8=False, fp8_bf16_projections=keep), rngs=nnx.Rngs(0)))
+    assert not any(m.fp8_compute for _, m in nnx.iter_graph(plain) if isinstance(m, Linear))
+    with pytest.raises(ValueError, match="fp8_bf16_projections.*kv_proj"):
+        configs.tiny(fp8=True, fp8_bf16_projections=("kv_proj",))
+    with pytest.raises(ValueError, match="fp8_bf16_projections.*tuple"):
+        configs.tiny(fp8=True, fp8_bf16_projections="kv_b_proj")
+    assert "fp8_bf16_projections" not in cfg.to_hf_config()
