@@ -192,19 +192,33 @@ def _qdq_expert_tokens(x, group_sizes, dtype, eps: float = EPS):
     """128x1 tiles that never straddle two experts, dequantised, in x's layout (``x [M, K]``, rows sorted by group).
 
     Each expert's rows are cut into 128-row groups from the expert's own first row, as DeepSeek-V3 does by padding
-    every expert to a multiple of 128 tokens; one scale per (group, column), ``max(amax, eps) / 448``. A group shared
-    by two experts would scale one expert's rows by the other's range. Rows past ``sum(group_sizes)`` fall in the
-    last expert's groups (the grouped matmul ignores them).
+    every expert to a multiple of 128 tokens; one scale per (group, column), ``max(amax, eps) / 448``, from that
+    group's own rows only. A group shared by two experts would scale one expert's rows by the other's range. Rows
+    past ``sum(group_sizes)`` (ignored by the grouped matmul) take the scales of the last expert's last group.
+
+    The amax is a gather + reduction: group ``c`` reads rows ``start_c .. start_c + 127`` (masked past its expert's
+    end) and takes the column max (no scatter: a ``segment_max`` over rows is an atomic scatter on GPUs).
     """
     m, g = x.shape[0], group_sizes.shape[0]
+    n_groups = m // BLOCK + g + 1                    # >= sum(ceil(group_sizes / 128)) for any sizes summing to <= m
     ends = jnp.cumsum(group_sizes)
-    rows = jnp.arange(m, dtype=jnp.int32)
-    expert = jnp.minimum(jnp.searchsorted(ends, rows, side="right"), g - 1)
-    pos = rows - (ends - group_sizes)[expert]                           # row index within its expert
+    starts = ends - group_sizes
     chunks = (group_sizes + BLOCK - 1) // BLOCK
-    seg = (jnp.cumsum(chunks) - chunks)[expert] + pos // BLOCK          # expert-aligned 128-row group of each row
+    chunk_ends = jnp.cumsum(chunks)
+    first = chunk_ends - chunks                                        # each expert's first group index
+    c = jnp.arange(n_groups, dtype=jnp.int32)
+    e = jnp.minimum(jnp.searchsorted(chunk_ends, c, side="right"), g - 1)   # each group's expert
+    off = (c - first[e]) * BLOCK                                       # its first row within the expert
+    length = jnp.clip(group_sizes[e] - off, 0, BLOCK)
+    length = jnp.where(c < chunk_ends[-1], length, 0)                  # groups past the last: empty
+    j = jnp.arange(BLOCK, dtype=jnp.int32)
+    rows = jnp.clip(starts[e][:, None] + off[:, None] + j[None], 0, m - 1)          # [n_groups, 128]
     x32 = x.astype(jnp.float32)
-    amax = jax.ops.segment_max(jnp.abs(x32), seg, num_segments=m // BLOCK + g + 1, indices_are_sorted=True)
+    amax = jnp.max(jnp.where((j[None] < length[:, None])[..., None], jnp.abs(x32)[rows], 0.0), axis=1)
+    # each row's group: rows past the end fall in the last expert's last group
+    r = jnp.arange(m, dtype=jnp.int32)
+    er = jnp.minimum(jnp.searchsorted(ends, r, side="right"), g - 1)
+    seg = jnp.minimum(first[er] + (r - starts[er]) // BLOCK, jnp.maximum(chunk_ends[-1] - 1, 0))
     s = _scale(amax, eps, False)[seg]                                   # [M, K] per-row copy of its group's scales
     return (_keep(_cast(x32, s)).astype(jnp.float32) * s).astype(dtype)
 

@@ -469,6 +469,33 @@ def test_fp8_grouped_weight_gradient_groups_never_straddle_experts():
         assert _rel(dw[e], dw_ref[e]) < 0.06, e
 
 
+@pytest.mark.parametrize("sizes", [(100, 0, 300, 57), (0, 0, 0, 0), (128, 256, 1, 0), (0, 3, 0, 400)])
+def test_qdq_expert_tokens_matches_numpy(sizes):
+    """The weight gradient's 128-token groups of fp8_grouped_linear against a NumPy reference: each expert's rows cut
+    into 128-row groups from its first row, per-column scales from the group's own rows; rows past the experts
+    (here huge garbage) change no valid row. Equal up to one f32 rounding of the scale (XLA may divide by 448 as a
+    multiply by its reciprocal); rows scaled by another group's amax would differ far more."""
+    from pallas_kernels.fp8_linear import EPS, _qdq_expert_tokens
+
+    rng = np.random.default_rng(sum(sizes))
+    m, tot = 512, sum(sizes)
+    x = (rng.standard_normal((m, 192)) * np.exp(2 * rng.standard_normal((m, 1)))).astype(np.float32)
+    x[tot:] = 1e6
+    got = np.asarray(jax.jit(_qdq_expert_tokens, static_argnums=2)(jnp.asarray(x), jnp.asarray(sizes, jnp.int32),
+                                                                   jnp.float32))
+    want = np.zeros_like(x)
+    start = 0
+    for n in sizes:
+        for g0 in range(start, start + n, 128):
+            blk = x[g0:min(g0 + 128, start + n)]
+            s = (np.maximum(np.abs(blk).max(0), np.float32(EPS)) / np.float32(448)).astype(np.float32)
+            q = np.clip(blk * (np.float32(1) / s), -448, 448).astype(ml_dtypes.float8_e4m3fn)
+            want[g0:g0 + len(blk)] = q.astype(np.float32) * s
+        start += n
+    np.testing.assert_allclose(got[:tot], want[:tot], rtol=5e-7, atol=0)
+    assert np.all(np.isfinite(got))
+
+
 @pytest.mark.parametrize("scan", [False, True])
 def test_fp8_bf16_layers_keeps_leading_layers_in_bf16(scan):
     """ModelConfig.fp8_bf16_layers=N: the first N decoder layers build their projections without fp8_compute (BF16),
