@@ -52,7 +52,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 def split_variant(text: str) -> tuple[list[str], list[str]]:
     """``"a=1,sampling.b=False"`` -> (ModelConfig overrides, SamplingConfig overrides) as ``key=value`` strings for
     ``dsjax.train.config.apply_overrides`` (typed by the dataclass fields; unknown keys are errors)."""
-    items = [x for x in text.split(",") if x]
+    from dsjax.train.config import split_overrides
+
+    items = split_overrides(text)
     return ([x for x in items if not x.startswith("sampling.")],
             [x.removeprefix("sampling.") for x in items if x.startswith("sampling.")])
 

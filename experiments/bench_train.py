@@ -117,7 +117,7 @@ def main(argv):
     print(f"device: {dev.device_kind} x{jax.device_count()} ({dev.platform}), jax {jax.__version__}", flush=True)
     rows = []
     for v in FLAGS.variant:
-        overrides = [x for x in v.split(",") if x]
+        overrides = tc.split_overrides(v, bare=("unpacked",))
         try:
             rows.append(bench_variant(overrides))
         except Exception as e:  # noqa: BLE001 - report OOM / unsupported variants and go on

@@ -225,6 +225,18 @@ def test_overrides_are_typed_and_checked():
         dataclasses.replace(tiny_preset(), micro_batches=3)
 
 
+def test_split_overrides_keeps_tuple_values_together():
+    from dsjax.train.config import split_overrides
+
+    items = split_overrides("model.fp8=true,model.fp8_bf16_projections=kv_a_proj_with_mqa,kv_b_proj,unpacked,steps=3",
+                            bare=("unpacked",))
+    assert items == ["model.fp8=true", "model.fp8_bf16_projections=kv_a_proj_with_mqa,kv_b_proj", "unpacked",
+                     "steps=3"]
+    cfg = apply_overrides(tiny_preset(), [x for x in items if x != "unpacked"])
+    assert cfg.model.fp8_bf16_projections == ("kv_a_proj_with_mqa", "kv_b_proj") and cfg.steps == 3
+    assert split_overrides("") == [] and split_overrides("a=1,,b=2") == ["a=1", "b=2"]
+
+
 def test_mfu_formula():
     cfg = TrainConfig(model=configs.deepseek_v3(num_nextn_predict_layers=0),
                       data=tiny_preset().data.__class__(seq_len=4096))

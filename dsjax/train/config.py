@@ -20,7 +20,7 @@ from dsjax.data import DataConfig
 from dsjax.sharding import MeshConfig
 
 __all__ = ["OptimConfig", "LossConfig", "BalanceConfig", "CheckpointConfig", "TrainConfig", "get", "names",
-           "apply_overrides", "to_dict", "from_dict"]
+           "apply_overrides", "split_overrides", "to_dict", "from_dict"]
 
 SCHEDULES = ("cosine", "constant", "wsd", "linear")
 DTYPES = ("float32", "bfloat16")
@@ -273,6 +273,19 @@ def _apply(obj: Any, tree: dict[str, Any], prefix: str) -> Any:
         else:
             changes[head] = _coerce(sub, hints[head], full)
     return dataclasses.replace(obj, **changes)
+
+
+def split_overrides(text: str, bare: tuple[str, ...] = ()) -> list[str]:
+    """``"a.b=1,c=x,y,unpacked"`` -> ``["a.b=1", "c=x,y", "unpacked"]``: a comma-separated list of ``key=value``
+    overrides (benchmark ``--variant`` flags) where a tuple value keeps its commas. An item without ``=`` continues
+    the previous value unless it is one of the ``bare`` words (flags such as ``unpacked``)."""
+    out: list[str] = []
+    for item in (x for x in text.split(",") if x):
+        if "=" not in item and item not in bare and out and "=" in out[-1]:
+            out[-1] += "," + item
+        else:
+            out.append(item)
+    return out
 
 
 def apply_overrides(cfg: TrainConfig, overrides: list[str] | tuple[str, ...]) -> TrainConfig:
