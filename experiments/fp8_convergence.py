@@ -10,7 +10,8 @@ time ratio FP8/BF16, and writes the curves to a PNG.
     wait; python -m experiments.fp8_convergence --runs= --load=bf16.json --load=fp8.json --load=v1.json --record
 
 Every run uses the preset's data pipeline (``data.*``; the default corpus unless overridden with ``--set``), its
-optimiser and schedule, and identical initial parameters (``init_state`` with one key). The loss is the training
+optimiser and schedule, and identical initial parameters (``init_state`` with the preset's ``seed``; another seed:
+``--set seed=1 --set data.seed=1``). The loss is the training
 loss per step; smoothing is an exponential moving average (``--ema``). Step time is the median wall time of the
 steps after ``--warmup`` (each run compiles separately; with ``--shared_gpu`` it is not reported).
 
@@ -91,7 +92,7 @@ def run(name: str, saved: dict) -> dict:
                                                     f"model.fp8={'true' if fp8 else 'false'}", *fp8_set])
     graphdef, p, r = split_model(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
     step = jax.jit(make_train_step(cfg, graphdef, p, r), donate_argnums=0)
-    state = jax.jit(init_state, static_argnums=0)(cfg, jax.random.key(0))
+    state = jax.jit(init_state, static_argnums=0)(cfg, jax.random.key(cfg.seed))   # --set seed=..., data.seed=...
     if name == "floor":   # the noise-floor run: same everything, master weights nudged by ~one BF16 rounding
         leaves, treedef = jax.tree.flatten(state.params)
         keys = jax.random.split(jax.random.key(1234), len(leaves))
