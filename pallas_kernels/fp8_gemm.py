@@ -36,7 +36,8 @@ from jax import lax
 
 from pallas_kernels.grouped_matmul import vary_like
 
-__all__ = ["GemmConfig", "fit_config", "fp8_gemm", "gemm_reference", "mosaic_gpu_supported", "default_config"]
+__all__ = ["GemmConfig", "fit_config", "fp8_gemm", "fp8_gemm_grouped", "gemm_reference", "grouped_gemm_reference",
+           "mosaic_gpu_supported", "default_config"]
 
 BLOCK = 128
 Variant = Literal["1d2d", "1d1d"]
@@ -224,15 +225,22 @@ def _num_sms() -> int:
     return jax.devices()[0].core_count
 
 
-def _mgpu_gemm(a, sa_t, b, sb, *, variant, out_dtype, cfg: GemmConfig, interpret=None, b_kn=False, num_sms=None):
+def _mgpu_gemm(a, sa_t, b, sb, tile_group=None, *, variant, out_dtype, cfg: GemmConfig, interpret=None, b_kn=False,
+               num_sms=None, groups: int = 0):
     """a [M, K], sa_t [Kb, M], b [N, K] (or [K, N] with ``b_kn``, a test-only layout for the GPU interpreter,
-    which cannot run wgmma on a transposed SMEM view), sb [Nb, Kb] (1d2d) or sb_t [Kb, N] (1d1d)."""
+    which cannot run wgmma on a transposed SMEM view), sb [Nb, Kb] (1d2d) or sb_t [Kb, N] (1d1d).
+
+    ``groups=G`` (m-grouped, 1d2d): b stacks G weights ``[G*N, K]`` (``[K, G*N]`` with ``b_kn``), sb ``[G*Nb, Kb]``,
+    and ``tile_group [M/128]`` int32 names the group of each 128-row tile of a (values in [0, G))."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     m, k = a.shape
-    n = b.shape[1] if b_kn else b.shape[0]
+    n = (b.shape[1] if b_kn else b.shape[0]) // max(groups, 1)
     kb = k // BLOCK
+    if groups and (variant != "1d2d" or cfg.cluster == "m" or tile_group is None or n % BLOCK):
+        raise ValueError("m-grouped fp8_gemm: variant '1d2d' with tile_group, and no CTA pair along M (the pair "
+                         "could straddle two groups), N a multiple of 128")
     tile_m, tile_n = 64, cfg.tile_n
     cta_m, cta_n = cfg.cta
     clu_m, clu_n = cfg.cluster_tile
@@ -248,7 +256,8 @@ def _mgpu_gemm(a, sa_t, b, sb, *, variant, out_dtype, cfg: GemmConfig, interpret
     out_swz = plgpu.find_swizzle(tile_n * out_dtype.itemsize * 8)
     out_tr = (plgpu.TilingTransform((8, out_swz // out_dtype.itemsize)), plgpu.SwizzleTransform(out_swz))
 
-    def kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, o_gmem):
+    def kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, *refs):
+        grp_gmem, o_gmem = refs if groups else (None, refs[0])
         def get_pipeline(body, compute_context):
             specs = [
                 plgpu.BlockSpec((cta_m, BLOCK), lambda kk: (0, kk), transforms=fp8_tr, collective_axes=share_a),
@@ -290,7 +299,10 @@ def _mgpu_gemm(a, sa_t, b, sb, *, variant, out_dtype, cfg: GemmConfig, interpret
                         mi = mi * 2 + cta
                     else:
                         ni = ni * 2 + cta
-                nb = (ni * cta_n + (wg * tile_n if cfg.wg_dim == "n" else 0)) // BLOCK
+                # m-grouped: this tile's group selects its weight rows (and their block scales) in the stack
+                g = grp_gmem[(mi * cta_m) // BLOCK] if groups else 0
+                b_row0 = g * n + ni * cta_n
+                nb = g * (n // BLOCK) + (ni * cta_n + (wg * tile_n if cfg.wg_dim == "n" else 0)) // BLOCK
 
                 def scale_of(ki, sa_smem, sb_smem):
                     sa = sa_smem[0, wg_m]                                          # (64,) row scales
@@ -345,7 +357,7 @@ def _mgpu_gemm(a, sa_t, b, sb, *, variant, out_dtype, cfg: GemmConfig, interpret
                     plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[rows, cols])
 
                 args = [a_gmem.at[pl.ds(mi * cta_m, cta_m), :],
-                        b_gmem.at[:, pl.ds(ni * cta_n, cta_n)] if b_kn else b_gmem.at[pl.ds(ni * cta_n, cta_n), :],
+                        b_gmem.at[:, pl.ds(b_row0, cta_n)] if b_kn else b_gmem.at[pl.ds(b_row0, cta_n), :],
                         sa_gmem.at[:, pl.ds(mi * cta_m, cta_m)]]
                 if variant == "1d1d":
                     args.append(sb_gmem.at[:, pl.ds(ni * cta_n, cta_n)])
@@ -366,7 +378,8 @@ def _mgpu_gemm(a, sa_t, b, sb, *, variant, out_dtype, cfg: GemmConfig, interpret
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         **kw,
     )
-    return vary_like(f(a, sa_t, b, sb), a, sa_t, b, sb)   # typed per device inside shard_map (see vary_like)
+    ins = (a, sa_t, b, sb) + ((tile_group.astype(jnp.int32),) if groups else ())
+    return vary_like(f(*ins), *ins)   # typed per device inside shard_map (see vary_like)
 
 
 def _batchable(kernel_fn, a, sa_t, b, sb, **kw):
@@ -469,3 +482,80 @@ def fp8_gemm(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, *, varian
         interpret = pltpu.InterpretParams()
     return _batchable(_tpu_gemm, a, sa.T, b, sb, variant=variant, out_dtype=jnp.dtype(out_dtype),
                       interpret=interpret or False)[:m]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# m-grouped (MoE experts): rows of each group contiguous and aligned to 128-row tiles, one weight per group
+# ----------------------------------------------------------------------------------------------------------------
+
+def _check_grouped(a, sa, b, sb, tile_group):
+    if a.ndim != 2 or b.ndim != 3 or sa.ndim != 2 or sb.ndim != 3 or tile_group.ndim != 1:
+        raise ValueError(f"fp8_gemm_grouped expects a [M, K], sa [M, Kb], b [G, N, K], sb [G, Nb, Kb], tile_group "
+                         f"[M/128]; got {a.shape}, {sa.shape}, {b.shape}, {sb.shape}, {tile_group.shape}")
+    m, k = a.shape
+    g, n, k2 = b.shape
+    if k != k2 or m % BLOCK:
+        raise ValueError(f"fp8_gemm_grouped: a {a.shape} and b {b.shape} must share K, and M must be a multiple of "
+                         f"128 (each group's rows start on a 128-row tile)")
+    kb = _cdiv(k, BLOCK)
+    if sa.shape != (m, kb) or sb.shape != (g, _cdiv(n, BLOCK), kb) or tile_group.shape != (m // BLOCK,):
+        raise ValueError(f"fp8_gemm_grouped: scales {sa.shape}, {sb.shape} or tile_group {tile_group.shape} do not "
+                         f"match a {a.shape}, b {b.shape} (want {(m, kb)}, {(g, _cdiv(n, BLOCK), kb)}, "
+                         f"{(m // BLOCK,)})")
+
+
+def grouped_gemm_reference(a, sa, b, sb, tile_group, *, out_dtype=jnp.bfloat16) -> jax.Array:
+    """Dequantise to f32 and multiply each 128-row tile by its group's weight (``lax.ragged_dot``, HIGHEST): the
+    semantics of :func:`fp8_gemm_grouped` (needs ``tile_group`` non-decreasing, as the contiguous layout has it)."""
+    _check_grouped(a, sa, b, sb, tile_group)
+    m, k = a.shape
+    g, n, _ = b.shape
+    a, b = lax.optimization_barrier((a, b))
+    a32 = a.astype(jnp.float32) * jnp.repeat(sa.astype(jnp.float32), BLOCK, axis=1)[:, :k]
+    sb_full = jnp.repeat(jnp.repeat(sb.astype(jnp.float32), BLOCK, axis=1), BLOCK, axis=2)[:, :n, :k]
+    b32 = b.astype(jnp.float32) * sb_full                                             # [G, N, K]
+    sizes = BLOCK * jnp.bincount(tile_group.astype(jnp.int32), length=g).astype(jnp.int32)
+    out = lax.ragged_dot(a32, jnp.swapaxes(b32, 1, 2), sizes, precision=lax.Precision.HIGHEST,
+                         preferred_element_type=jnp.float32)
+    return out.astype(out_dtype)
+
+
+def fp8_gemm_grouped(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, tile_group: jax.Array, *,
+                     out_dtype=jnp.bfloat16, implementation: Implementation = "auto",
+                     config: GemmConfig | None = None) -> jax.Array:
+    """m-grouped blockwise FP8 GEMM for MoE experts (DeepGEMM's "contiguous" layout): ``out[rows of tile t] =
+    a[rows of t] @ b[tile_group[t]]^T`` with 1x128 activation scales and 128x128 weight-block scales (1d2d).
+
+    Args:
+      a, sa: e4m3 ``[M, K]`` rows sorted by group, each group's rows starting on a 128-row boundary (zero rows pad
+        each group to whole tiles; ``M % 128 == 0``), and ``[M, ceil(K/128)]`` scales.
+      b, sb: e4m3 weights ``[G, N, K]`` (``[out, in]`` per group) and ``[G, ceil(N/128), ceil(K/128)]`` scales.
+      tile_group: ``[M / 128]`` int32, the group of each 128-row tile, non-decreasing; trailing unused tiles may
+        repeat the last group (their rows, zeros, give zeros).
+      implementation: ``"pallas"`` (the Mosaic GPU kernel on Hopper: each persistent tile reads its group's weight
+        rows from the stacked weights), ``"xla"`` (dequantise + ``lax.ragged_dot``), ``"auto"``: Pallas on Hopper
+        when ``N`` and ``K`` are multiples of 128, XLA otherwise (no Mosaic TPU version yet).
+      config: Mosaic GPU tiling (default ``default_config``; CTA pairs along M are not used: a pair could span two
+        groups).
+    """
+    _check_grouped(a, sa, b, sb, tile_group)
+    if jnp.dtype(out_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+        raise ValueError(f"fp8_gemm_grouped: out_dtype={out_dtype} is unsupported; use bfloat16 or float32")
+    m, k = a.shape
+    g, n, _ = b.shape
+    ok = _is_hopper() and n % BLOCK == 0 and k % BLOCK == 0
+    if implementation == "auto":
+        implementation = "pallas" if ok else "xla"
+    if implementation == "xla":
+        return grouped_gemm_reference(a, sa, b, sb, tile_group, out_dtype=out_dtype)
+    if implementation != "pallas":
+        raise ValueError(f"fp8_gemm_grouped: implementation={implementation!r}; use 'auto', 'xla' or 'pallas'")
+    if not ok:
+        raise ValueError(f"fp8_gemm_grouped(implementation='pallas') needs a Hopper GPU and N, K multiples of 128; "
+                         f"got (M, N, K) = {(m, n, k)} on {jax.default_backend()}. Fix: implementation='xla'")
+    cfg = fit_config(config or default_config(m, n, k), m, n)
+    if cfg.cluster == "m":
+        cfg = dataclasses.replace(cfg, cluster="none")
+    return _mgpu_gemm(a, sa.astype(jnp.float32).T, b.reshape(g * n, k), sb.astype(jnp.float32).reshape(-1, sb.shape[2]),
+                      jnp.clip(tile_group, 0, g - 1), variant="1d2d", out_dtype=jnp.dtype(out_dtype), cfg=cfg,
+                      groups=g)

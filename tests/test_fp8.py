@@ -250,6 +250,71 @@ def test_mosaic_gpu_kernel_interpret(variant, cfg):
     assert _rel(out, ref) < 1e-5
 
 
+def _grouped_operands(sizes, n, k, key=0):
+    """The contiguous m-grouped layout: group g's rows start on a 128-row tile, zero rows pad it to whole tiles,
+    one spare tile at the end repeats the last group. Returns quantised operands, tile_group and a float64
+    per-row reference (zero rows where no group's row lives)."""
+    g = len(sizes)
+    tiles = [-(-s // 128) for s in sizes]
+    tile_group = np.repeat(np.arange(g), tiles).tolist() + [g - 1]
+    m = 128 * len(tile_group)
+    ka, kb = jax.random.split(jax.random.key(key))
+    a = np.zeros((m, k), np.float32)
+    row = 0
+    for s, t in zip(sizes, tiles):
+        a[row:row + s] = np.asarray(jax.random.normal(jax.random.fold_in(ka, row), (s, k)))
+        row += 128 * t
+    b = jax.random.normal(kb, (g, n, k)) * 0.05
+    aq, sa = act_quant(jnp.asarray(a), implementation="xla")
+    bq, sb = zip(*[weight_quant_dual(b[i], implementation="xla")[:2] for i in range(g)])
+    bq, sb = jnp.stack(bq), jnp.stack(sb)
+    a64 = np.asarray(aq, np.float64) * np.repeat(np.asarray(sa, np.float64), 128, 1)[:, :k]
+    b64 = np.asarray(bq, np.float64) * np.repeat(np.repeat(np.asarray(sb, np.float64), 128, 1), 128, 2)[:, :n, :k]
+    ref = np.concatenate([a64[128 * t:128 * (t + 1)] @ b64[tile_group[t]].T for t in range(len(tile_group))])
+    return aq, sa, bq, sb, jnp.asarray(tile_group, jnp.int32), ref
+
+
+def test_grouped_gemm_reference_float64():
+    from pallas_kernels import fp8_gemm_grouped
+
+    aq, sa, bq, sb, tg, ref = _grouped_operands((100, 0, 300, 1), 256, 384)
+    out = fp8_gemm_grouped(aq, sa, bq, sb, tg, out_dtype=jnp.float32, implementation="xla")
+    assert out.shape == ref.shape and _rel(out, ref) < 1e-6
+    with pytest.raises(ValueError, match="multiple of 128"):
+        fp8_gemm_grouped(aq[:200], sa[:200], bq, sb, tg)
+    with pytest.raises(ValueError, match="Hopper"):
+        fp8_gemm_grouped(aq, sa, bq, sb, tg, implementation="pallas")
+
+
+@pytest.mark.parametrize("cfg", [GemmConfig(tile_n=128, wg_dim="m"),
+                                 GemmConfig(tile_n=64, wg_dim="n", overlap=True, cluster="n")])
+def test_mosaic_gpu_grouped_kernel_interpret(cfg):
+    """The m-grouped Hopper kernel in the Mosaic GPU interpreter (B fed [K, G*N], as in the plain kernel's test):
+    every 128-row tile multiplies its group's weight block rows and scales; an empty group and a one-row group
+    included; two CTAs loop over the tiles."""
+    aq, sa, bq, sb, tg, ref = _grouped_operands((100, 0, 200, 1), 256, 256, key=3)
+    g, n, k = bq.shape
+    b_kn = jnp.concatenate([bq[i].T for i in range(g)], axis=1)                       # [K, G*N]
+    out = _mgpu_gemm(aq, sa.T, b_kn, sb.reshape(-1, sb.shape[2]), tg, variant="1d2d", out_dtype=jnp.float32,
+                     cfg=cfg, interpret=plgpu.InterpretGPUParams(uninitialized_memory="nan"), b_kn=True, num_sms=2,
+                     groups=g)
+    assert np.all(np.isfinite(np.asarray(out)))
+    assert _rel(out, ref) < 1e-5
+
+
+def test_mosaic_gpu_grouped_kernel_lowers_for_cuda():
+    """Without a GPU: the m-grouped kernel's Mosaic GPU lowering at DeepSeek-V3-like expert shapes."""
+    from jax import export
+
+    g, n, k, m = 8, 2048, 7168, 128 * 40
+    f = jax.jit(functools.partial(_mgpu_gemm, variant="1d2d", out_dtype=jnp.bfloat16, cfg=GemmConfig(cluster="n"),
+                                  num_sms=132, groups=g))
+    args = (jax.ShapeDtypeStruct((m, k), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((k // 128, m), jnp.float32),
+            jax.ShapeDtypeStruct((g * n, k), jnp.float8_e4m3fn),
+            jax.ShapeDtypeStruct((g * n // 128, k // 128), jnp.float32), jax.ShapeDtypeStruct((m // 128,), jnp.int32))
+    assert "mosaic_gpu" in export.export(f, platforms=["cuda"])(*args).mlir_module()
+
+
 def test_gemm_errors():
     aq, sa, bq, sb, _ = _operands(128, 128, 256, "1d2d")
     with pytest.raises(ValueError, match="disagree on K"):
@@ -379,6 +444,19 @@ def test_mosaic_gpu_kernel_on_gpu():
             jnp.full((1000, 2112), jnp.nan, out_dtype).block_until_ready().delete()   # poison the allocator
             out = np.asarray(f(aq, sa, bq, sb), np.float32)
             assert np.all(np.isfinite(out)) and _rel(out, ref) < bound
+
+
+@pytest.mark.gpu
+def test_mosaic_gpu_grouped_kernel_on_gpu():
+    from pallas_kernels import fp8_gemm_grouped
+
+    aq, sa, bq, sb, tg, ref = _grouped_operands((300, 0, 1000, 1, 129), 512, 1024)
+    for cfg in (None, GemmConfig(tile_n=64, wg_dim="m"), GemmConfig(cluster="n")):
+        f = jax.jit(lambda *a: fp8_gemm_grouped(*a, out_dtype=jnp.float32, implementation="pallas", config=cfg))
+        f.lower(aq, sa, bq, sb, tg).compile()
+        jnp.full(ref.shape, jnp.nan, jnp.float32).block_until_ready().delete()          # poison the allocator
+        out = np.asarray(f(aq, sa, bq, sb, tg))
+        assert np.all(np.isfinite(out)) and _rel(out, ref) < 5e-4, cfg
 
 
 def test_tiny_model_trains_in_fp8_close_to_reference():
