@@ -217,6 +217,10 @@ class ModelConfig:
     # found the forward quantisation of the shared latent key/value path, kv_a_proj_with_mqa and kv_b_proj, the
     # most sensitive); DeepSeek-V3 keeps none of them in BF16.
     fp8_bf16_projections: tuple[str, ...] = ()
+    # With fp8=True, the routed experts' GEMMs: "bf16" quantises and dequantises the operands (FP8 numerics) and
+    # runs the BF16 grouped matmul; "fp8" runs the forward and the activation gradient through the m-grouped FP8
+    # GEMM (pallas_kernels.fp8_gemm_grouped; same numerics up to summation order). Not yet timed on a GPU.
+    fp8_grouped_gemm: str = "bf16"
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self):
@@ -290,6 +294,8 @@ class ModelConfig:
                 or not 0 <= self.fp8_bf16_layers <= self.num_hidden_layers:
             _fail("fp8_bf16_layers", self.fp8_bf16_layers, f"must be an int in [0, {self.num_hidden_layers}]",
                   "use 0 (every layer in FP8) or the number of leading layers to keep in BF16")
+        if self.fp8_grouped_gemm not in ("bf16", "fp8"):
+            _fail("fp8_grouped_gemm", self.fp8_grouped_gemm, "is not a grouped-GEMM mode", "use 'bf16' or 'fp8'")
         if isinstance(self.fp8_bf16_projections, list):                    # from a JSON round trip
             object.__setattr__(self, "fp8_bf16_projections", tuple(self.fp8_bf16_projections))
         if not isinstance(self.fp8_bf16_projections, tuple):
@@ -422,7 +428,7 @@ class ModelConfig:
         }
         skip = {"rope_scaling", "quantization_config", "dtype", "param_dtype", "scan_layers", "remat_policy",
                 "attention_impl", "grouped_matmul_impl", "moe_dense_decode_tokens", "eos_token_id", "fp8",
-                "fp8_bf16_layers", "fp8_bf16_projections"}
+                "fp8_bf16_layers", "fp8_bf16_projections", "fp8_grouped_gemm"}
         for f in dataclasses.fields(self):
             if f.name not in skip:
                 d[f.name] = getattr(self, f.name)
@@ -457,7 +463,7 @@ _HF_ALIASES = {"num_mtp_layers": "num_nextn_predict_layers", "num_experts": "n_r
 # information and is ignored.
 _HF_IGNORED = {"dtype", "torch_dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
                "grouped_matmul_impl", "moe_dense_decode_tokens", "fp8", "fp8_bf16_layers",
-               "fp8_bf16_projections"}
+               "fp8_bf16_projections", "fp8_grouped_gemm"}
 
 
 def _parse_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:

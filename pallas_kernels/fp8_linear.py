@@ -30,7 +30,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.fp8_gemm import fp8_gemm
+from pallas_kernels.fp8_gemm import fp8_gemm, fp8_gemm_grouped
 from pallas_kernels.fp8_quant import (BLOCK, _cast, _keep, _scale, act_quant, act_quant_dual, dequant,
                                       quantize_blocks, weight_quant_dual)
 from pallas_kernels.grouped_matmul import cotangent_like, grouped_matmul
@@ -255,18 +255,102 @@ def _grouped_bwd(implementation, dtype, res, dy):
 _grouped.defvjp(_grouped_fwd, _grouped_bwd)
 
 
+def _contiguous_layout(group_sizes, m: int):
+    """DeepGEMM's contiguous m-grouped layout for rows sorted by group: group g's rows start on a 128-row tile.
+
+    Returns ``(src [Mp], valid [Mp], tile_group [Mp/128], prow [M], row_valid [M])``: padded row p holds source row
+    ``src[p]`` where ``valid[p]`` (zeros elsewhere); source row r sits at padded row ``prow[r]`` (``row_valid[r]``:
+    r < sum(group_sizes)). ``Mp = 128 * (ceil(M/128) + G)`` is a static bound on the tiles any sizes need.
+    """
+    g = group_sizes.shape[0]
+    n_tiles = _cdiv(m, BLOCK) + g
+    ends = jnp.cumsum(group_sizes)
+    starts = ends - group_sizes
+    chunks = (group_sizes + BLOCK - 1) // BLOCK
+    chunk_ends = jnp.cumsum(chunks)
+    first = chunk_ends - chunks
+    t = jnp.arange(n_tiles, dtype=jnp.int32)
+    tile_group = jnp.minimum(jnp.searchsorted(chunk_ends, t, side="right"), g - 1).astype(jnp.int32)
+    p = jnp.arange(n_tiles * BLOCK, dtype=jnp.int32)
+    pg = tile_group[p // BLOCK]
+    off = p - first[pg] * BLOCK
+    valid = (p // BLOCK < chunk_ends[-1]) & (off < group_sizes[pg])
+    src = jnp.where(valid, starts[pg] + off, 0)
+    r = jnp.arange(m, dtype=jnp.int32)
+    er = jnp.minimum(jnp.searchsorted(ends, r, side="right"), g - 1)
+    row_valid = r < ends[-1]
+    prow = jnp.where(row_valid, first[er] * BLOCK + r - starts[er], 0)
+    return src, valid, tile_group, prow, row_valid
+
+
+def _grouped_fp8_gemm(a, layout, wq, ws, out_dtype, implementation):
+    """``a [M, K]`` (rows sorted by group) times per-group FP8 weights ``wq [G, N, K]`` (128x128 scales ``ws``)
+    through the m-grouped FP8 GEMM: ``a`` is laid out on 128-row tiles, quantised in 1x128 tiles, multiplied, and
+    its rows gathered back (rows past the groups give zeros)."""
+    src, valid, tile_group, prow, row_valid = layout
+    ap = jnp.where(valid[:, None], a[src], 0).astype(a.dtype)
+    aq, sa = act_quant(ap, eps=EPS, implementation=implementation)
+    out = fp8_gemm_grouped(aq, sa, wq, ws, tile_group, out_dtype=out_dtype, implementation=implementation)
+    return jnp.where(row_valid[:, None], out[prow], 0).astype(out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _grouped8(x, w, group_sizes, implementation, gmm_impl, dtype):
+    return _grouped8_fwd(x, w, group_sizes, implementation, gmm_impl, dtype)[0]
+
+
+def _grouped8_fwd(x, w, group_sizes, implementation, gmm_impl, dtype):
+    # each w[g] [K, N]: 128x128 blocks in both layouts from one read -- [N, K] for the forward, [K, N] for dgrad
+    wq_kn, ws_kn, wq_nk, ws_nk = jax.vmap(lambda wg: weight_quant_dual(wg, eps=EPS, implementation="xla"))(w)
+    layout = _contiguous_layout(group_sizes, x.shape[0])
+    y = _grouped_fp8_gemm(x, layout, wq_nk, ws_nk, dtype, implementation)
+    return y, (_qdq_expert_tokens(x, group_sizes, dtype), wq_kn, ws_kn, group_sizes, x.reshape(-1)[:0],
+               w.reshape(-1)[:0])
+
+
+def _grouped8_bwd(implementation, gmm_impl, dtype, res, dy):
+    xt, wq_kn, ws_kn, group_sizes, x_like, w_like = res
+    layout = _contiguous_layout(group_sizes, dy.shape[0])
+    dx = _grouped_fp8_gemm(dy, layout, wq_kn, ws_kn, dtype, implementation)   # dgrad: dY 1x128 along N
+    gmm = functools.partial(grouped_matmul, group_sizes=group_sizes, implementation=gmm_impl)
+    g, k, n = wq_kn.shape[0], wq_kn.shape[1], wq_kn.shape[2]
+    _, vjp_w = jax.vjp(lambda b: gmm(xt, b), jnp.zeros((g, k, n), dtype))
+    (dw,) = vjp_w(_qdq_expert_tokens(dy, group_sizes, dtype))               # wgrad: X, dY in 128-token groups
+    return cotangent_like(dx.astype(x_like.dtype), x_like), cotangent_like(dw.astype(w_like.dtype), w_like), None
+
+
+_grouped8.defvjp(_grouped8_fwd, _grouped8_bwd)
+
+
 def fp8_grouped_linear(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, compute_dtype=jnp.bfloat16,
-                       implementation: str = "auto") -> jax.Array:
+                       implementation: str = "auto", gemm: Literal["bf16", "fp8"] = "bf16") -> jax.Array:
     """MoE experts with DeepSeek-V3 FP8 numerics: ``x [M, K]`` (rows sorted by group) ``x w [G, K, N] -> [M, N]``.
 
-    There is no grouped FP8 GEMM kernel yet: every operand is quantised exactly as in :func:`fp8_linear` (x and dY
+    By default (``gemm="bf16"``) every operand is quantised exactly as in :func:`fp8_linear` (x and dY
     in 1x128 tiles, each ``w[g]`` in 128x128 blocks, the weight gradient's x and dY in 128-token groups), then
     dequantised to ``compute_dtype`` and multiplied by ``pallas_kernels.grouped_matmul`` (``implementation``: the
     Mosaic GPU bf16 kernels on Hopper, ``lax.ragged_dot`` elsewhere). So the numerics are FP8's (up to the bf16
     rounding of the dequantised values) but the speed is the bf16 grouped matmul's. The weight gradient's
     128-token groups start at each expert's first row (DeepSeek pads every expert to 128 rows), so no group's
     scale mixes two experts' rows.
+
+    ``gemm="fp8"`` runs the forward and the activation gradient through the m-grouped FP8 GEMM
+    (:func:`pallas_kernels.fp8_gemm_grouped`, the Mosaic GPU kernel on Hopper, else its XLA reference): each
+    expert's rows are laid out on 128-row tiles (DeepGEMM's contiguous layout, at most ``G`` padding tiles), the
+    activations quantised in 1x128 tiles and the weights in 128x128 blocks as above; the weight gradient stays the
+    quantise-dequantise + grouped-matmul path. ``implementation`` then picks the FP8 kernels too: ``"auto"`` /
+    ``"mosaic_gpu"`` -> Mosaic GPU where supported, ``"xla"`` / ``"tiled"`` -> the XLA references. Not yet timed
+    on a GPU against the default.
     """
     if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1]:
         raise ValueError(f"fp8_grouped_linear expects x [M, K] and w [G, K, N]; got {x.shape}, {w.shape}")
+    if gemm == "fp8":
+        impl8 = {"auto": "auto", "mosaic_gpu": "auto", "pallas": "pallas", "xla": "xla", "tiled": "xla"}
+        if implementation not in impl8:
+            raise ValueError(f"fp8_grouped_linear: implementation={implementation!r}; use one of {list(impl8)}")
+        gmm_impl = "auto" if implementation == "pallas" else implementation
+        return _grouped8(x, w, group_sizes.astype(jnp.int32), impl8[implementation], gmm_impl,
+                         jnp.dtype(compute_dtype))
+    if gemm != "bf16":
+        raise ValueError(f"fp8_grouped_linear: gemm={gemm!r}; use 'bf16' or 'fp8'")
     return _grouped(x, w, group_sizes.astype(jnp.int32), implementation, jnp.dtype(compute_dtype))

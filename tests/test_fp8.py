@@ -521,6 +521,56 @@ def test_fp8_gradients_of_small_magnitude(grouped):
     assert _rel(g[0], g_ref[0]) < 0.06 and _rel(dw, g_ref[1]) < 0.06, (_rel(g[0], g_ref[0]), _rel(dw, g_ref[1]))
 
 
+def test_fp8_grouped_linear_fp8_gemm_matches_dequantised_path():
+    """gemm="fp8" (the m-grouped FP8 GEMM on the contiguous 128-row-tile layout, forward and dgrad) computes what
+    the default quantise-dequantise path computes: the same quantised operands, f32 compute here, so only the
+    summation order differs; an empty group, a partial last tile and rows past the groups (zeros) included."""
+    from pallas_kernels import fp8_grouped_linear
+
+    sizes = jnp.array([100, 0, 150, 20], jnp.int32)                  # 270 of 300 rows
+    kx, kw, kd = jax.random.split(jax.random.key(31), 3)
+    x = jax.random.normal(kx, (300, 256))
+    w = jax.random.normal(kw, (4, 256, 384)) * 0.05
+    dy = jax.random.normal(kd, (300, 384))
+
+    def run(gemm):
+        y, vjp = jax.vjp(lambda x, w: fp8_grouped_linear(x, w, sizes, compute_dtype=jnp.float32,
+                                                         implementation="xla", gemm=gemm), x, w)
+        return (y, *vjp(dy))
+
+    ref, got = run("bf16"), jax.jit(lambda: run("fp8"))()
+    for name, a, b in zip(("y", "dx", "dw"), got, ref):
+        assert _rel(a[:270], b[:270]) < 1e-5, (name, _rel(a[:270], b[:270]))
+    assert not np.any(np.asarray(got[0][270:])) and not np.any(np.asarray(got[1][270:]))
+    with pytest.raises(ValueError, match="gemm"):
+        fp8_grouped_linear(x, w, sizes, gemm="fp16")
+
+
+def test_model_with_fp8_grouped_gemm_matches_default():
+    """ModelConfig.fp8_grouped_gemm="fp8" (tiny, float32 compute, unscanned): loss and gradients equal the default
+    FP8 expert path's up to summation order; an unknown mode is a config error."""
+    from flax import nnx
+
+    from dsjax import configs
+    from dsjax.model import Transformer
+
+    ids = jax.random.randint(jax.random.key(2), (2, 32), 3, 200)
+
+    def loss_and_grads(mode):
+        cfg = configs.tiny(fp8=True, fp8_grouped_gemm=mode, dtype="float32", scan_layers=False,
+                           num_nextn_predict_layers=0)
+        gd, params, rest = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+        f = lambda p: jnp.mean(nnx.merge(gd, p, rest)(ids).logits.astype(jnp.float32) ** 2)  # noqa: E731
+        return jax.jit(jax.value_and_grad(f))(params)
+
+    (l0, g0), (l1, g1) = loss_and_grads("bf16"), loss_and_grads("fp8")
+    assert abs(float(l1) / float(l0) - 1) < 1e-5
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        assert _rel(a, b) < 1e-4
+    with pytest.raises(ValueError, match="fp8_grouped_gemm"):
+        configs.tiny(fp8_grouped_gemm="fp16")
+
+
 def test_fp8_grouped_weight_gradient_groups_never_straddle_experts():
     """fp8_grouped_linear's weight gradient quantises x and dY in 128-token groups that start at each expert's
     first row (DeepSeek pads every expert to 128 rows). Expert 0 has 100 rows at 1e-5 the scale of expert 1's: a

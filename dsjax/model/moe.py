@@ -216,7 +216,7 @@ class RoutedExperts(nnx.Module):
         if self.cfg.fp8 and self.fp8_block is None:  # FP8 training: per-group quantised operands (fp8_grouped_linear)
             gmm = lambda a, name: checkpoint_name(fp8_grouped_linear(  # noqa: E731
                 a, getattr(self, name).get_value(), group_sizes, compute_dtype=dt,
-                implementation=self.cfg.grouped_matmul_impl), "moe_gmm")
+                implementation=self.cfg.grouped_matmul_impl, gemm=self.cfg.fp8_grouped_gemm), "moe_gmm")
         h = jax.nn.silu(gmm(xs, "gate_proj")) * gmm(xs, "up_proj")
         ys = gmm(h.astype(dt), "down_proj")                      # [M, D]
         y = _permute(ys, inverse, order).reshape(t, k, -1)       # back to token order

@@ -71,12 +71,13 @@ def _inverse(order: jax.Array) -> jax.Array:
     return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
 
 
-def _ffn(xs, wg, wu, wd, group_sizes, impl: str, dt, fp8: bool = False):
+def _ffn(xs, wg, wu, wd, group_sizes, impl: str, dt, fp8: bool | str = False):
     """SwiGLU over rows grouped by expert: ``[R, D] -> [R, D]`` (three grouped matmuls, as in ``RoutedExperts``;
-    with ``fp8`` on FP8-quantised operands through ``fp8_grouped_linear``, as there)."""
+    with ``fp8`` (False or ``ModelConfig.fp8_grouped_gemm``: "bf16" / "fp8") on FP8-quantised operands through
+    ``fp8_grouped_linear``, as there)."""
     if fp8:
         gmm = lambda a, w: checkpoint_name(fp8_grouped_linear(a, w, group_sizes, compute_dtype=dt,  # noqa: E731
-                                                              implementation=impl), "moe_gmm")
+                                                              implementation=impl, gemm=fp8), "moe_gmm")
     else:
         gmm = lambda a, w: checkpoint_name(grouped_matmul(a, w, group_sizes, implementation=impl), "moe_gmm")
     h = jax.nn.silu(gmm(xs, wg)) * gmm(xs, wu)
@@ -233,7 +234,7 @@ def expert_parallel(experts: RoutedExperts, x: jax.Array, indices: jax.Array, we
     cfg = experts.cfg
     dt = dtype_of(cfg.dtype)
     impl = cfg.grouped_matmul_impl
-    fp8 = cfg.fp8 and experts.fp8_block is None
+    fp8 = cfg.fp8_grouped_gemm if cfg.fp8 and experts.fp8_block is None else False
     mesh = plan.mesh
     batch = _axes(plan.rules.get("batch"))
     ep_axes = _axes(plan.rules.get("expert"))
