@@ -520,9 +520,57 @@ def grouped_gemm_reference(a, sa, b, sb, tile_group, *, out_dtype=jnp.bfloat16) 
     return out.astype(out_dtype)
 
 
+def _tpu_grouped_kernel(tg_ref, a_ref, b_ref, sa_ref, sb_ref, o_ref, acc_ref, *, bn, nb_per_group):
+    from jax.experimental import pallas as pl
+
+    i, j, kk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+
+    @pl.when(kk == 0)
+    def _():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    part = lax.dot_general(a_ref[...], b_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    sa = sa_ref[pl.ds(kk, 1), :]                                          # (1, bm)  MN-major row of scales
+    sb = sb_ref[tg_ref[i] * nb_per_group + j * (bn // BLOCK), kk]         # this tile's group's block scale (SMEM)
+    acc_ref[...] += part * (sa.T * sb)
+
+    @pl.when(kk == pl.num_programs(2) - 1)
+    def _():
+        o_ref[...] = acc_ref[...].astype(o_ref.dtype)
+
+
+def _tpu_gemm_grouped(a, sa_t, b, sb, tile_group, *, groups, out_dtype, interpret, bm=BLOCK, bn=128):
+    """Mosaic TPU m-grouped GEMM: a [M, K], sa_t [Kb, M], b [G*N, K], sb [G*Nb, Kb]; ``tile_group [M/128]`` is
+    scalar-prefetched and picks each row tile's weight blocks in the index maps."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import tpu as pltpu
+
+    m, k = a.shape
+    n = b.shape[0] // groups
+    kb = k // BLOCK
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=1,
+        grid=(m // bm, n // bn, kb),
+        in_specs=[pl.BlockSpec((bm, BLOCK), lambda i, j, kk, tg: (i, kk)),
+                  pl.BlockSpec((bn, BLOCK), lambda i, j, kk, tg: (tg[i] * (n // bn) + j, kk)),
+                  pl.BlockSpec((kb, bm), lambda i, j, kk, tg: (0, i)),
+                  pl.BlockSpec(memory_space=pltpu.SMEM)],
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j, kk, tg: (i, j)),
+        scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
+    )
+    out = pl.pallas_call(
+        functools.partial(_tpu_grouped_kernel, bn=bn, nb_per_group=n // BLOCK),
+        grid_spec=grid_spec,
+        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=interpret,
+    )(tile_group, a, b, sa_t, sb)
+    return vary_like(out, a, b, sa_t, sb)
+
+
 def fp8_gemm_grouped(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, tile_group: jax.Array, *,
                      out_dtype=jnp.bfloat16, implementation: Implementation = "auto",
-                     config: GemmConfig | None = None) -> jax.Array:
+                     config: GemmConfig | None = None, interpret=None) -> jax.Array:
     """m-grouped blockwise FP8 GEMM for MoE experts (DeepGEMM's "contiguous" layout): ``out[rows of tile t] =
     a[rows of t] @ b[tile_group[t]]^T`` with 1x128 activation scales and 128x128 weight-block scales (1d2d).
 
@@ -533,29 +581,41 @@ def fp8_gemm_grouped(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, t
       tile_group: ``[M / 128]`` int32, the group of each 128-row tile, non-decreasing; trailing unused tiles may
         repeat the last group (their rows, zeros, give zeros).
       implementation: ``"pallas"`` (the Mosaic GPU kernel on Hopper: each persistent tile reads its group's weight
-        rows from the stacked weights), ``"xla"`` (dequantise + ``lax.ragged_dot``), ``"auto"``: Pallas on Hopper
-        when ``N`` and ``K`` are multiples of 128, XLA otherwise (no Mosaic TPU version yet).
+        rows from the stacked weights; elsewhere a Mosaic TPU ``pallas_call`` whose index maps pick each row tile's
+        weight blocks from the scalar-prefetched ``tile_group``, interpreted off-TPU), ``"xla"`` (dequantise +
+        ``lax.ragged_dot``), ``"auto"``: Pallas on Hopper GPUs and TPUs when ``N`` and ``K`` are multiples of 128,
+        XLA otherwise.
       config: Mosaic GPU tiling (default ``default_config``; CTA pairs along M are not used: a pair could span two
         groups).
+      interpret: for the TPU kernel off-TPU (default: interpret on CPU).
     """
     _check_grouped(a, sa, b, sb, tile_group)
     if jnp.dtype(out_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
         raise ValueError(f"fp8_gemm_grouped: out_dtype={out_dtype} is unsupported; use bfloat16 or float32")
     m, k = a.shape
     g, n, _ = b.shape
-    ok = _is_hopper() and n % BLOCK == 0 and k % BLOCK == 0
+    backend = jax.default_backend()
+    ok = n % BLOCK == 0 and k % BLOCK == 0 and (_is_hopper() if backend == "gpu" else True)
     if implementation == "auto":
-        implementation = "pallas" if ok else "xla"
+        implementation = "pallas" if ok and backend in ("gpu", "tpu") else "xla"
     if implementation == "xla":
         return grouped_gemm_reference(a, sa, b, sb, tile_group, out_dtype=out_dtype)
     if implementation != "pallas":
         raise ValueError(f"fp8_gemm_grouped: implementation={implementation!r}; use 'auto', 'xla' or 'pallas'")
     if not ok:
-        raise ValueError(f"fp8_gemm_grouped(implementation='pallas') needs a Hopper GPU and N, K multiples of 128; "
-                         f"got (M, N, K) = {(m, n, k)} on {jax.default_backend()}. Fix: implementation='xla'")
+        raise ValueError(f"fp8_gemm_grouped(implementation='pallas') needs N, K multiples of 128 (and Hopper on "
+                         f"GPUs); got (M, N, K) = {(m, n, k)} on {backend}. Fix: implementation='xla'")
+    tile_group = jnp.clip(tile_group.astype(jnp.int32), 0, g - 1)
+    if backend != "gpu":                     # Mosaic TPU (interpreted off-TPU, as fp8_gemm does)
+        if interpret is None and backend != "tpu":
+            from jax.experimental.pallas import tpu as pltpu
+            interpret = pltpu.InterpretParams()
+        return _tpu_gemm_grouped(a, sa.astype(jnp.float32).T, b.reshape(g * n, k),
+                                 sb.astype(jnp.float32).reshape(-1, sb.shape[2]), tile_group, groups=g,
+                                 out_dtype=jnp.dtype(out_dtype), interpret=interpret or False)
     cfg = fit_config(config or default_config(m, n, k), m, n)
     if cfg.cluster == "m":
         cfg = dataclasses.replace(cfg, cluster="none")
-    return _mgpu_gemm(a, sa.astype(jnp.float32).T, b.reshape(g * n, k), sb.astype(jnp.float32).reshape(-1, sb.shape[2]),
-                      jnp.clip(tile_group, 0, g - 1), variant="1d2d", out_dtype=jnp.dtype(out_dtype), cfg=cfg,
-                      groups=g)
+    return _mgpu_gemm(a, sa.astype(jnp.float32).T, b.reshape(g * n, k),
+                      sb.astype(jnp.float32).reshape(-1, sb.shape[2]), tile_group, variant="1d2d",
+                      out_dtype=jnp.dtype(out_dtype), cfg=cfg, groups=g)

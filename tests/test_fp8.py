@@ -282,8 +282,21 @@ def test_grouped_gemm_reference_float64():
     assert out.shape == ref.shape and _rel(out, ref) < 1e-6
     with pytest.raises(ValueError, match="multiple of 128"):
         fp8_gemm_grouped(aq[:200], sa[:200], bq, sb, tg)
-    with pytest.raises(ValueError, match="Hopper"):
+    aq, sa, bq, sb, tg, _ = _grouped_operands((100,), 256, 200)        # K = 200: the XLA reference only
+    with pytest.raises(ValueError, match="multiples of 128"):
         fp8_gemm_grouped(aq, sa, bq, sb, tg, implementation="pallas")
+
+
+def test_tpu_grouped_kernel_interpret():
+    """The Mosaic TPU m-grouped kernel (scalar-prefetched tile_group in the weight index map) in interpret mode."""
+    from pallas_kernels import fp8_gemm_grouped
+
+    aq, sa, bq, sb, tg, ref = _grouped_operands((100, 0, 300, 1), 256, 384, key=4)
+    for out_dtype, bound in ((jnp.bfloat16, 2e-3), (jnp.float32, 1e-5)):
+        out = fp8_gemm_grouped(aq, sa, bq, sb, tg, out_dtype=out_dtype, implementation="pallas",
+                               interpret=NAN_INTERPRET)
+        assert out.shape == ref.shape and out.dtype == out_dtype
+        assert np.all(np.isfinite(np.asarray(out, np.float32))) and _rel(out, ref) < bound
 
 
 @pytest.mark.parametrize("cfg", [GemmConfig(tile_n=128, wg_dim="m"),
