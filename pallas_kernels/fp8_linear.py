@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from pallas_kernels.fp8_gemm import fp8_gemm, fp8_gemm_grouped
 from pallas_kernels.fp8_quant import (BLOCK, _cast, _keep, _scale, act_quant, act_quant_dual, dequant,
                                       quantize_blocks, weight_quant_dual)
-from pallas_kernels.grouped_matmul import cotangent_like, grouped_matmul
+from pallas_kernels.grouped_matmul import cotangent_like, grouped_matmul, vary_like
 
 __all__ = ["fp8_linear", "fp8_grouped_linear"]
 
@@ -314,7 +314,8 @@ def _grouped8_bwd(implementation, gmm_impl, dtype, res, dy):
     dx = _grouped_fp8_gemm(dy, layout, wq_kn, ws_kn, dtype, implementation)   # dgrad: dY 1x128 along N
     gmm = functools.partial(grouped_matmul, group_sizes=group_sizes, implementation=gmm_impl)
     g, k, n = wq_kn.shape[0], wq_kn.shape[1], wq_kn.shape[2]
-    _, vjp_w = jax.vjp(lambda b: gmm(xt, b), jnp.zeros((g, k, n), dtype))
+    # (the primal weight only types the vjp: zeros, varying over w's mesh axes inside shard_map as w does)
+    _, vjp_w = jax.vjp(lambda b: gmm(xt, b), vary_like(jnp.zeros((g, k, n), dtype), w_like))
     (dw,) = vjp_w(_qdq_expert_tokens(dy, group_sizes, dtype))               # wgrad: X, dY in 128-token groups
     return cotangent_like(dx.astype(x_like.dtype), x_like), cotangent_like(dw.astype(w_like.dtype), w_like), None
 

@@ -466,6 +466,48 @@ def test_fp8_experts_under_expert_parallelism():
 
 
 @pytest.mark.parametrize("mesh", [MeshConfig(data=2), MeshConfig(expert=2, capacity_factor=1.25, ep_dispatch="ragged")])
+def test_fp8_gpu_code_paths_trace_on_a_mesh(mesh, monkeypatch):
+    """FP8 training with the Mosaic GPU kernels -- quantisation, fp8_gemm and the m-grouped FP8 GEMM for the experts
+    (fp8_grouped_gemm="fp8") -- traces under a mesh on CPU (the platform checks answer "Hopper GPU"): catches
+    custom-VJP / varying-axes type errors before a GPU run does (it caught an invariant vjp primal in the grouped
+    path's weight gradient)."""
+    import importlib
+    import types
+
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu, transposed_ragged_dot_mgpu
+
+    from dsjax.train import config as tc
+    from experiments.batches import synthetic_batch
+
+    fq, fg, fl, gm = (importlib.import_module(f"pallas_kernels.{m}")
+                      for m in ("fp8_quant", "fp8_gemm", "fp8_linear", "grouped_matmul"))
+    monkeypatch.setattr(fq, "_hopper_or_newer", lambda: True)
+    monkeypatch.setattr(fg, "_is_hopper", lambda: True)
+    monkeypatch.setattr(fg, "_num_sms", lambda: 132)
+    monkeypatch.setattr(gm, "mosaic_gpu_supported", lambda x, w: True)
+    fake_jax = types.SimpleNamespace(**{k: getattr(jax, k) for k in dir(jax) if not k.startswith("__")})
+    fake_jax.devices = lambda *a: [types.SimpleNamespace(core_count=132)]
+    fake_jax.default_backend = lambda: "gpu"
+    for mod in (ragged_dot_mgpu, transposed_ragged_dot_mgpu, fq, fg, fl):
+        monkeypatch.setattr(mod, "jax", fake_jax)
+    calls = []
+    grouped8 = fl._grouped8
+    monkeypatch.setattr(fl, "_grouped8", lambda *a: (calls.append(1), grouped8(*a))[1])
+    cfg = tc.apply_overrides(tc.get("tiny"), ["data.batch_size=4", "data.seq_len=128", "model.hidden_size=128",
+                                              "model.moe_intermediate_size=128", "model.num_hidden_layers=2",
+                                              "model.grouped_matmul_impl=mosaic_gpu", "model.fp8=true",
+                                              "model.fp8_grouped_gemm=fp8"])
+    cfg = dataclasses.replace(cfg, mesh=mesh)
+    plan = parallel.plan_for(cfg, jax.devices()[:2])
+    graphdef, p, r = parallel.split_abstract(cfg)
+    step = parallel.jit_train_step(cfg, plan, graphdef, p, r)
+    state = jax.eval_shape(lambda: parallel.init_state_sharded(cfg, jax.random.key(0), plan))
+    batch = parallel.put_batch(synthetic_batch(4, 128, cfg.model.vocab_size), plan)
+    jaxpr = str(step.trace(state, batch).jaxpr)
+    assert "shard_map" in jaxpr and "wgmma" in jaxpr and calls          # the Mosaic GPU FP8 kernels are traced
+
+
+@pytest.mark.parametrize("mesh", [MeshConfig(data=2), MeshConfig(expert=2, capacity_factor=1.25, ep_dispatch="ragged")])
 def test_gpu_code_paths_trace_on_a_mesh(mesh, monkeypatch):
     """The train step with the Mosaic GPU grouped-matmul kernels (and, with an expert axis, ragged_all_to_all)
     traces under a mesh: catches custom-VJP / varying-axes type errors on CPU, before a GPU run does. The kernels'
