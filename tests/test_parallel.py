@@ -465,12 +465,13 @@ def test_fp8_experts_under_expert_parallelism():
     assert np.sqrt(num / den) < 0.015, np.sqrt(num / den)   # measured 0.6%; BF16 experts on the mesh: 3.1%
 
 
+@pytest.mark.parametrize("gemm", ["bf16", "fp8"])
 @pytest.mark.parametrize("mesh", [MeshConfig(data=2), MeshConfig(expert=2, capacity_factor=1.25, ep_dispatch="ragged")])
-def test_fp8_gpu_code_paths_trace_on_a_mesh(mesh, monkeypatch):
-    """FP8 training with the Mosaic GPU kernels -- quantisation, fp8_gemm and the m-grouped FP8 GEMM for the experts
-    (fp8_grouped_gemm="fp8") -- traces under a mesh on CPU (the platform checks answer "Hopper GPU"): catches
-    custom-VJP / varying-axes type errors before a GPU run does (it caught an invariant vjp primal in the grouped
-    path's weight gradient)."""
+def test_fp8_gpu_code_paths_trace_on_a_mesh(mesh, gemm, monkeypatch):
+    """FP8 training with the Mosaic GPU kernels -- quantisation, fp8_gemm and, for the experts, either the BF16
+    grouped kernels on quantised operands or the m-grouped FP8 GEMM (fp8_grouped_gemm) -- traces under a mesh on CPU
+    (the platform checks answer "Hopper GPU"): catches custom-VJP / varying-axes type errors before a GPU run does
+    (it caught an invariant vjp primal in the grouped FP8 path's weight gradient)."""
     import importlib
     import types
 
@@ -496,7 +497,7 @@ def test_fp8_gpu_code_paths_trace_on_a_mesh(mesh, monkeypatch):
     cfg = tc.apply_overrides(tc.get("tiny"), ["data.batch_size=4", "data.seq_len=128", "model.hidden_size=128",
                                               "model.moe_intermediate_size=128", "model.num_hidden_layers=2",
                                               "model.grouped_matmul_impl=mosaic_gpu", "model.fp8=true",
-                                              "model.fp8_grouped_gemm=fp8"])
+                                              f"model.fp8_grouped_gemm={gemm}"])
     cfg = dataclasses.replace(cfg, mesh=mesh)
     plan = parallel.plan_for(cfg, jax.devices()[:2])
     graphdef, p, r = parallel.split_abstract(cfg)
@@ -504,7 +505,8 @@ def test_fp8_gpu_code_paths_trace_on_a_mesh(mesh, monkeypatch):
     state = jax.eval_shape(lambda: parallel.init_state_sharded(cfg, jax.random.key(0), plan))
     batch = parallel.put_batch(synthetic_batch(4, 128, cfg.model.vocab_size), plan)
     jaxpr = str(step.trace(state, batch).jaxpr)
-    assert "shard_map" in jaxpr and "wgmma" in jaxpr and calls          # the Mosaic GPU FP8 kernels are traced
+    assert "shard_map" in jaxpr and "wgmma" in jaxpr                   # the Mosaic GPU kernels are traced
+    assert bool(calls) == (gemm == "fp8")
 
 
 @pytest.mark.parametrize("mesh", [MeshConfig(data=2), MeshConfig(expert=2, capacity_factor=1.25, ep_dispatch="ragged")])
