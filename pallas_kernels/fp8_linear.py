@@ -25,7 +25,7 @@ scales and quantised values as partial tiles), and use the XLA path with partial
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -188,37 +188,61 @@ def _qdq_rows(x, dtype):
     return dequant(q, s, out_dtype=dtype)
 
 
-def _qdq_expert_tokens(x, group_sizes, dtype, eps: float = EPS):
-    """128x1 tiles that never straddle two experts, dequantised, in x's layout (``x [M, K]``, rows sorted by group).
+class _Layout(NamedTuple):
+    """DeepGEMM's contiguous m-grouped layout of rows sorted by group: group g's rows start on a 128-row tile.
 
-    Each expert's rows are cut into 128-row groups from the expert's own first row, as DeepSeek-V3 does by padding
-    every expert to a multiple of 128 tokens; one scale per (group, column), ``max(amax, eps) / 448``, from that
-    group's own rows only. A group shared by two experts would scale one expert's rows by the other's range. Rows
-    past ``sum(group_sizes)`` (ignored by the grouped matmul) take the scales of the last expert's last group.
-
-    The amax is a gather + reduction: group ``c`` reads rows ``start_c .. start_c + 127`` (masked past its expert's
-    end) and takes the column max (no scatter: a ``segment_max`` over rows is an atomic scatter on GPUs).
+    Padded row p holds source row ``src[p]`` where ``valid[p]`` (zeros elsewhere); tile t belongs to group
+    ``tile_group[t]``; source row r sits at padded row ``prow[r]`` (``row_valid[r]``: r < sum(group_sizes)); the
+    first ``used_tiles`` tiles hold rows. ``Mp = 128 * (ceil(M/128) + G)`` is a static bound on the tiles any sizes
+    need.
     """
-    m, g = x.shape[0], group_sizes.shape[0]
-    n_groups = m // BLOCK + g + 1                    # >= sum(ceil(group_sizes / 128)) for any sizes summing to <= m
+    src: jax.Array          # [Mp] int32
+    valid: jax.Array        # [Mp] bool
+    tile_group: jax.Array   # [Mp / 128] int32
+    prow: jax.Array         # [M] int32
+    row_valid: jax.Array    # [M] bool
+    used_tiles: jax.Array   # () int32
+
+
+def _contiguous_layout(group_sizes, m: int) -> _Layout:
+    g = group_sizes.shape[0]
+    n_tiles = _cdiv(m, BLOCK) + g
     ends = jnp.cumsum(group_sizes)
     starts = ends - group_sizes
     chunks = (group_sizes + BLOCK - 1) // BLOCK
     chunk_ends = jnp.cumsum(chunks)
-    first = chunk_ends - chunks                                        # each expert's first group index
-    c = jnp.arange(n_groups, dtype=jnp.int32)
-    e = jnp.minimum(jnp.searchsorted(chunk_ends, c, side="right"), g - 1)   # each group's expert
-    off = (c - first[e]) * BLOCK                                       # its first row within the expert
-    length = jnp.clip(group_sizes[e] - off, 0, BLOCK)
-    length = jnp.where(c < chunk_ends[-1], length, 0)                  # groups past the last: empty
-    j = jnp.arange(BLOCK, dtype=jnp.int32)
-    rows = jnp.clip(starts[e][:, None] + off[:, None] + j[None], 0, m - 1)          # [n_groups, 128]
-    x32 = x.astype(jnp.float32)
-    amax = jnp.max(jnp.where((j[None] < length[:, None])[..., None], jnp.abs(x32)[rows], 0.0), axis=1)
-    # each row's group: rows past the end fall in the last expert's last group
+    first = chunk_ends - chunks                                        # each group's first tile
+    t = jnp.arange(n_tiles, dtype=jnp.int32)
+    tile_group = jnp.minimum(jnp.searchsorted(chunk_ends, t, side="right"), g - 1).astype(jnp.int32)
+    p = jnp.arange(n_tiles * BLOCK, dtype=jnp.int32)
+    pg = tile_group[p // BLOCK]
+    off = p - first[pg] * BLOCK                                        # row within its group
+    valid = (p // BLOCK < chunk_ends[-1]) & (off < group_sizes[pg])
+    src = jnp.where(valid, starts[pg] + off, 0)
     r = jnp.arange(m, dtype=jnp.int32)
     er = jnp.minimum(jnp.searchsorted(ends, r, side="right"), g - 1)
-    seg = jnp.minimum(first[er] + (r - starts[er]) // BLOCK, jnp.maximum(chunk_ends[-1] - 1, 0))
+    row_valid = r < ends[-1]
+    prow = jnp.where(row_valid, first[er] * BLOCK + r - starts[er], 0)
+    return _Layout(src, valid, tile_group, prow, row_valid, chunk_ends[-1])
+
+
+def _qdq_expert_tokens(x, group_sizes, dtype, eps: float = EPS, layout: _Layout | None = None):
+    """128x1 tiles that never straddle two experts, dequantised, in x's layout (``x [M, K]``, rows sorted by group).
+
+    Each expert's rows are cut into 128-row groups from the expert's own first row, as DeepSeek-V3 does by padding
+    every expert to a multiple of 128 tokens (the tiles of :func:`_contiguous_layout`); one scale per (group,
+    column), ``max(amax, eps) / 448``, from that group's own rows only. A group shared by two experts would scale
+    one expert's rows by the other's range. Rows past ``sum(group_sizes)`` (ignored by the grouped matmul) take the
+    scales of the last expert's last group.
+
+    The amax is a gather + reduction over each tile's rows (no scatter: a ``segment_max`` over rows is an atomic
+    scatter on GPUs).
+    """
+    m, k = x.shape
+    lay = layout if layout is not None else _contiguous_layout(group_sizes, m)
+    x32 = x.astype(jnp.float32)
+    amax = jnp.max(jnp.where(lay.valid[:, None], jnp.abs(x32)[lay.src], 0.0).reshape(-1, BLOCK, k), axis=1)
+    seg = jnp.where(lay.row_valid, lay.prow // BLOCK, jnp.maximum(lay.used_tiles - 1, 0))   # each row's tile
     s = _scale(amax, eps, False)[seg]                                   # [M, K] per-row copy of its group's scales
     return (_keep(_cast(x32, s)).astype(jnp.float32) * s).astype(dtype)
 
@@ -255,43 +279,14 @@ def _grouped_bwd(implementation, dtype, res, dy):
 _grouped.defvjp(_grouped_fwd, _grouped_bwd)
 
 
-def _contiguous_layout(group_sizes, m: int):
-    """DeepGEMM's contiguous m-grouped layout for rows sorted by group: group g's rows start on a 128-row tile.
-
-    Returns ``(src [Mp], valid [Mp], tile_group [Mp/128], prow [M], row_valid [M])``: padded row p holds source row
-    ``src[p]`` where ``valid[p]`` (zeros elsewhere); source row r sits at padded row ``prow[r]`` (``row_valid[r]``:
-    r < sum(group_sizes)). ``Mp = 128 * (ceil(M/128) + G)`` is a static bound on the tiles any sizes need.
-    """
-    g = group_sizes.shape[0]
-    n_tiles = _cdiv(m, BLOCK) + g
-    ends = jnp.cumsum(group_sizes)
-    starts = ends - group_sizes
-    chunks = (group_sizes + BLOCK - 1) // BLOCK
-    chunk_ends = jnp.cumsum(chunks)
-    first = chunk_ends - chunks
-    t = jnp.arange(n_tiles, dtype=jnp.int32)
-    tile_group = jnp.minimum(jnp.searchsorted(chunk_ends, t, side="right"), g - 1).astype(jnp.int32)
-    p = jnp.arange(n_tiles * BLOCK, dtype=jnp.int32)
-    pg = tile_group[p // BLOCK]
-    off = p - first[pg] * BLOCK
-    valid = (p // BLOCK < chunk_ends[-1]) & (off < group_sizes[pg])
-    src = jnp.where(valid, starts[pg] + off, 0)
-    r = jnp.arange(m, dtype=jnp.int32)
-    er = jnp.minimum(jnp.searchsorted(ends, r, side="right"), g - 1)
-    row_valid = r < ends[-1]
-    prow = jnp.where(row_valid, first[er] * BLOCK + r - starts[er], 0)
-    return src, valid, tile_group, prow, row_valid
-
-
-def _grouped_fp8_gemm(a, layout, wq, ws, out_dtype, implementation):
+def _grouped_fp8_gemm(a, layout: _Layout, wq, ws, out_dtype, implementation):
     """``a [M, K]`` (rows sorted by group) times per-group FP8 weights ``wq [G, N, K]`` (128x128 scales ``ws``)
     through the m-grouped FP8 GEMM: ``a`` is laid out on 128-row tiles, quantised in 1x128 tiles, multiplied, and
     its rows gathered back (rows past the groups give zeros)."""
-    src, valid, tile_group, prow, row_valid = layout
-    ap = jnp.where(valid[:, None], a[src], 0).astype(a.dtype)
+    ap = jnp.where(layout.valid[:, None], a[layout.src], 0).astype(a.dtype)
     aq, sa = act_quant(ap, eps=EPS, implementation=implementation)
-    out = fp8_gemm_grouped(aq, sa, wq, ws, tile_group, out_dtype=out_dtype, implementation=implementation)
-    return jnp.where(row_valid[:, None], out[prow], 0).astype(out_dtype)
+    out = fp8_gemm_grouped(aq, sa, wq, ws, layout.tile_group, out_dtype=out_dtype, implementation=implementation)
+    return jnp.where(layout.row_valid[:, None], out[layout.prow], 0).astype(out_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -304,8 +299,8 @@ def _grouped8_fwd(x, w, group_sizes, implementation, gmm_impl, dtype):
     wq_kn, ws_kn, wq_nk, ws_nk = jax.vmap(lambda wg: weight_quant_dual(wg, eps=EPS, implementation="xla"))(w)
     layout = _contiguous_layout(group_sizes, x.shape[0])
     y = _grouped_fp8_gemm(x, layout, wq_nk, ws_nk, dtype, implementation)
-    return y, (_qdq_expert_tokens(x, group_sizes, dtype), wq_kn, ws_kn, group_sizes, x.reshape(-1)[:0],
-               w.reshape(-1)[:0])
+    xt = _qdq_expert_tokens(x, group_sizes, dtype, layout=layout)
+    return y, (xt, wq_kn, ws_kn, group_sizes, x.reshape(-1)[:0], w.reshape(-1)[:0])
 
 
 def _grouped8_bwd(implementation, gmm_impl, dtype, res, dy):
@@ -313,10 +308,9 @@ def _grouped8_bwd(implementation, gmm_impl, dtype, res, dy):
     layout = _contiguous_layout(group_sizes, dy.shape[0])
     dx = _grouped_fp8_gemm(dy, layout, wq_kn, ws_kn, dtype, implementation)   # dgrad: dY 1x128 along N
     gmm = functools.partial(grouped_matmul, group_sizes=group_sizes, implementation=gmm_impl)
-    g, k, n = wq_kn.shape[0], wq_kn.shape[1], wq_kn.shape[2]
     # (the primal weight only types the vjp: zeros, varying over w's mesh axes inside shard_map as w does)
-    _, vjp_w = jax.vjp(lambda b: gmm(xt, b), vary_like(jnp.zeros((g, k, n), dtype), w_like))
-    (dw,) = vjp_w(_qdq_expert_tokens(dy, group_sizes, dtype))               # wgrad: X, dY in 128-token groups
+    _, vjp_w = jax.vjp(lambda b: gmm(xt, b), vary_like(jnp.zeros(wq_kn.shape, dtype), w_like))
+    (dw,) = vjp_w(_qdq_expert_tokens(dy, group_sizes, dtype, layout=layout))   # wgrad: X, dY in 128-token groups
     return cotangent_like(dx.astype(x_like.dtype), x_like), cotangent_like(dw.astype(w_like.dtype), w_like), None
 
 
