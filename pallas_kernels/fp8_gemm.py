@@ -161,9 +161,18 @@ def gemm_reference(a, sa, b, sb, *, variant: Variant = "1d2d", out_dtype=jnp.bfl
 # Mosaic TPU kernel (pl.pallas_call; tested with interpret=True)
 # ----------------------------------------------------------------------------------------------------------------
 
-def _tpu_kernel(a_ref, b_ref, sa_ref, sb_ref, o_ref, acc_ref, *, variant, bn):
+def _tpu_kernel(*refs, variant, bn, nb_per_group=None):
+    """One (bm, bn) output tile, one 128-wide K step per grid step. m-grouped (``nb_per_group``): a leading
+    scalar-prefetched ``tile_group`` ref picks the row tile's group, whose weight-block scales start at row
+    ``tile_group[i] * nb_per_group`` of ``sb``."""
     from jax.experimental import pallas as pl
 
+    if nb_per_group is None:
+        a_ref, b_ref, sa_ref, sb_ref, o_ref, acc_ref = refs
+        sb_row0 = 0
+    else:
+        tg_ref, a_ref, b_ref, sa_ref, sb_ref, o_ref, acc_ref = refs
+        sb_row0 = tg_ref[pl.program_id(0)] * nb_per_group
     kk = pl.program_id(2)
 
     @pl.when(kk == 0)
@@ -173,7 +182,7 @@ def _tpu_kernel(a_ref, b_ref, sa_ref, sb_ref, o_ref, acc_ref, *, variant, bn):
     part = lax.dot_general(a_ref[...], b_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     sa = sa_ref[pl.ds(kk, 1), :]                                          # (1, bm)  MN-major row of scales
     if variant == "1d2d":
-        sb = sb_ref[pl.program_id(1) * (bn // BLOCK), kk]                 # scalar from SMEM
+        sb = sb_ref[sb_row0 + pl.program_id(1) * (bn // BLOCK), kk]       # scalar from SMEM
         scale = sa.T * sb
     else:
         scale = sa.T * sb_ref[pl.ds(kk, 1), :]                            # (bm, 1) * (1, bn)
@@ -520,25 +529,6 @@ def grouped_gemm_reference(a, sa, b, sb, tile_group, *, out_dtype=jnp.bfloat16) 
     return out.astype(out_dtype)
 
 
-def _tpu_grouped_kernel(tg_ref, a_ref, b_ref, sa_ref, sb_ref, o_ref, acc_ref, *, bn, nb_per_group):
-    from jax.experimental import pallas as pl
-
-    i, j, kk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-
-    @pl.when(kk == 0)
-    def _():
-        acc_ref[...] = jnp.zeros_like(acc_ref)
-
-    part = lax.dot_general(a_ref[...], b_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    sa = sa_ref[pl.ds(kk, 1), :]                                          # (1, bm)  MN-major row of scales
-    sb = sb_ref[tg_ref[i] * nb_per_group + j * (bn // BLOCK), kk]         # this tile's group's block scale (SMEM)
-    acc_ref[...] += part * (sa.T * sb)
-
-    @pl.when(kk == pl.num_programs(2) - 1)
-    def _():
-        o_ref[...] = acc_ref[...].astype(o_ref.dtype)
-
-
 def _tpu_gemm_grouped(a, sa_t, b, sb, tile_group, *, groups, out_dtype, interpret, bm=BLOCK, bn=128):
     """Mosaic TPU m-grouped GEMM: a [M, K], sa_t [Kb, M], b [G*N, K], sb [G*Nb, Kb]; ``tile_group [M/128]`` is
     scalar-prefetched and picks each row tile's weight blocks in the index maps."""
@@ -559,7 +549,7 @@ def _tpu_gemm_grouped(a, sa_t, b, sb, tile_group, *, groups, out_dtype, interpre
         scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
     )
     out = pl.pallas_call(
-        functools.partial(_tpu_grouped_kernel, bn=bn, nb_per_group=n // BLOCK),
+        functools.partial(_tpu_kernel, variant="1d2d", bn=bn, nb_per_group=n // BLOCK),
         grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
