@@ -48,6 +48,7 @@ GROUPED_MATMUL_IMPLS = ("auto", "xla", "tiled", "mosaic_gpu")
 ROPE_TYPES = ("default", "yarn")
 FP8_PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj",
                    "up_proj", "down_proj")
+FP8_GROUPED_GEMMS = ("bf16", "fp8")
 
 
 class ConfigError(ValueError):
@@ -294,8 +295,9 @@ class ModelConfig:
                 or not 0 <= self.fp8_bf16_layers <= self.num_hidden_layers:
             _fail("fp8_bf16_layers", self.fp8_bf16_layers, f"must be an int in [0, {self.num_hidden_layers}]",
                   "use 0 (every layer in FP8) or the number of leading layers to keep in BF16")
-        if self.fp8_grouped_gemm not in ("bf16", "fp8"):
-            _fail("fp8_grouped_gemm", self.fp8_grouped_gemm, "is not a grouped-GEMM mode", "use 'bf16' or 'fp8'")
+        if self.fp8_grouped_gemm not in FP8_GROUPED_GEMMS:
+            _fail("fp8_grouped_gemm", self.fp8_grouped_gemm, "is not a grouped-GEMM mode",
+                  f"use one of {FP8_GROUPED_GEMMS}")
         if isinstance(self.fp8_bf16_projections, list):                    # from a JSON round trip
             object.__setattr__(self, "fp8_bf16_projections", tuple(self.fp8_bf16_projections))
         if not isinstance(self.fp8_bf16_projections, tuple):
@@ -418,6 +420,10 @@ class ModelConfig:
             with open(path) as f:
                 hf = json.load(f)
         return cls(**{**_hf_to_fields(hf), **overrides})
+
+    def fp8_compute(self, projection: str) -> bool:
+        """Whether the projection of this name (one of ``FP8_PROJECTIONS``) runs FP8 training GEMMs."""
+        return self.fp8 and projection not in self.fp8_bf16_projections
 
     def to_hf_config(self) -> dict[str, Any]:
         """A hub-style ``config.json`` dict (transformers 4/5 and the DeepSeek remote code both read it)."""

@@ -196,12 +196,13 @@ class MLP(nnx.Module):
                  fp8_block: tuple[int, int] | None = None):
         kw = dict(param_dtype=dtype_of(cfg.param_dtype), dtype=dtype_of(cfg.dtype), rngs=rngs,
                   use_bias=cfg.mlp_bias, init_std=cfg.initializer_range, fp8_block=fp8_block)
-        fp8 = {name: cfg.fp8 and name not in cfg.fp8_bf16_projections for name in ("gate_proj", "up_proj",
-                                                                                    "down_proj")}
         d, f = cfg.hidden_size, intermediate_size
-        self.gate_proj = Linear(d, f, in_axes=("embed",), out_axes=(mlp_axis,), fp8_compute=fp8["gate_proj"], **kw)
-        self.up_proj = Linear(d, f, in_axes=("embed",), out_axes=(mlp_axis,), fp8_compute=fp8["up_proj"], **kw)
-        self.down_proj = Linear(f, d, in_axes=(mlp_axis,), out_axes=("embed",), fp8_compute=fp8["down_proj"], **kw)
+        self.gate_proj = Linear(d, f, in_axes=("embed",), out_axes=(mlp_axis,),
+                                fp8_compute=cfg.fp8_compute("gate_proj"), **kw)
+        self.up_proj = Linear(d, f, in_axes=("embed",), out_axes=(mlp_axis,),
+                              fp8_compute=cfg.fp8_compute("up_proj"), **kw)
+        self.down_proj = Linear(f, d, in_axes=(mlp_axis,), out_axes=("embed",),
+                                fp8_compute=cfg.fp8_compute("down_proj"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

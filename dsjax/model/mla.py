@@ -73,29 +73,27 @@ class MLA(nnx.Module):
         self.cfg = cfg
         pd, dt = dtype_of(cfg.param_dtype), dtype_of(cfg.dtype)
         kw = dict(param_dtype=pd, dtype=dt, rngs=rngs, init_std=cfg.initializer_range, fp8_block=fp8_block)
-        fp8 = {name: cfg.fp8 and name not in cfg.fp8_bf16_projections for name in
-               ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")}
         d, n = cfg.hidden_size, cfg.num_attention_heads
         if cfg.q_lora_rank is None:
             self.q_proj = Linear(d, (n, cfg.qk_head_dim), in_axes=("embed",), out_axes=("heads", "qk_head"),
-                                 fp8_compute=fp8["q_proj"], **kw)
+                                 fp8_compute=cfg.fp8_compute("q_proj"), **kw)
             self.q_a_proj = self.q_a_layernorm = self.q_b_proj = None
         else:
             self.q_proj = None
             self.q_a_proj = Linear(d, cfg.q_lora_rank, in_axes=("embed",), out_axes=("q_lora",),
-                                   use_bias=cfg.attention_bias, fp8_compute=fp8["q_a_proj"], **kw)
+                                   use_bias=cfg.attention_bias, fp8_compute=cfg.fp8_compute("q_a_proj"), **kw)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=_MLA_NORM_EPS, param_dtype=pd, axis_name="q_lora")
             self.q_b_proj = Linear(cfg.q_lora_rank, (n, cfg.qk_head_dim), in_axes=("q_lora",),
-                                   out_axes=("heads", "qk_head"), fp8_compute=fp8["q_b_proj"], **kw)
+                                   out_axes=("heads", "qk_head"), fp8_compute=cfg.fp8_compute("q_b_proj"), **kw)
         self.kv_a_proj_with_mqa = Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, in_axes=("embed",),
                                          out_axes=("kv_lora_rope",), use_bias=cfg.attention_bias,
-                                         fp8_compute=fp8["kv_a_proj_with_mqa"], **kw)
+                                         fp8_compute=cfg.fp8_compute("kv_a_proj_with_mqa"), **kw)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, eps=_MLA_NORM_EPS, param_dtype=pd, axis_name="kv_lora")
         self.kv_b_proj = Linear(cfg.kv_lora_rank, (n, cfg.qk_nope_head_dim + cfg.v_head_dim),
-                                in_axes=("kv_lora",), out_axes=("heads", "kv_head"), fp8_compute=fp8["kv_b_proj"],
-                                **kw)
+                                in_axes=("kv_lora",), out_axes=("heads", "kv_head"),
+                                fp8_compute=cfg.fp8_compute("kv_b_proj"), **kw)
         self.o_proj = Linear((n, cfg.v_head_dim), d, in_axes=("heads", "v_head"), out_axes=("embed",),
-                             use_bias=cfg.attention_bias, fp8_compute=fp8["o_proj"], **kw)
+                             use_bias=cfg.attention_bias, fp8_compute=cfg.fp8_compute("o_proj"), **kw)
 
     # ----------------------------------------------------------------- projections
     def project_q(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
