@@ -465,55 +465,10 @@ def test_fp8_experts_under_expert_parallelism():
     assert np.sqrt(num / den) < 0.015, np.sqrt(num / den)   # measured 0.6%; BF16 experts on the mesh: 3.1%
 
 
-@pytest.mark.parametrize("gemm", ["bf16", "fp8"])
-@pytest.mark.parametrize("mesh", [MeshConfig(data=2), MeshConfig(expert=2, capacity_factor=1.25, ep_dispatch="ragged")])
-def test_fp8_gpu_code_paths_trace_on_a_mesh(mesh, gemm, monkeypatch):
-    """FP8 training with the Mosaic GPU kernels -- quantisation, fp8_gemm and, for the experts, either the BF16
-    grouped kernels on quantised operands or the m-grouped FP8 GEMM (fp8_grouped_gemm) -- traces under a mesh on CPU
-    (the platform checks answer "Hopper GPU"): catches custom-VJP / varying-axes type errors before a GPU run does
-    (it caught an invariant vjp primal in the grouped FP8 path's weight gradient)."""
-    import importlib
-    import types
-
-    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu, transposed_ragged_dot_mgpu
-
-    from dsjax.train import config as tc
-    from experiments.batches import synthetic_batch
-
-    fq, fg, fl, gm = (importlib.import_module(f"pallas_kernels.{m}")
-                      for m in ("fp8_quant", "fp8_gemm", "fp8_linear", "grouped_matmul"))
-    monkeypatch.setattr(fq, "_hopper_or_newer", lambda: True)
-    monkeypatch.setattr(fg, "_is_hopper", lambda: True)
-    monkeypatch.setattr(fg, "_num_sms", lambda: 132)
-    monkeypatch.setattr(gm, "mosaic_gpu_supported", lambda x, w: True)
-    fake_jax = types.SimpleNamespace(**{k: getattr(jax, k) for k in dir(jax) if not k.startswith("__")})
-    fake_jax.devices = lambda *a: [types.SimpleNamespace(core_count=132)]
-    fake_jax.default_backend = lambda: "gpu"
-    for mod in (ragged_dot_mgpu, transposed_ragged_dot_mgpu, fq, fg, fl):
-        monkeypatch.setattr(mod, "jax", fake_jax)
-    calls = []
-    grouped8 = fl._grouped8
-    monkeypatch.setattr(fl, "_grouped8", lambda *a: (calls.append(1), grouped8(*a))[1])
-    cfg = tc.apply_overrides(tc.get("tiny"), ["data.batch_size=4", "data.seq_len=128", "model.hidden_size=128",
-                                              "model.moe_intermediate_size=128", "model.num_hidden_layers=2",
-                                              "model.grouped_matmul_impl=mosaic_gpu", "model.fp8=true",
-                                              f"model.fp8_grouped_gemm={gemm}"])
-    cfg = dataclasses.replace(cfg, mesh=mesh)
-    plan = parallel.plan_for(cfg, jax.devices()[:2])
-    graphdef, p, r = parallel.split_abstract(cfg)
-    step = parallel.jit_train_step(cfg, plan, graphdef, p, r)
-    state = jax.eval_shape(lambda: parallel.init_state_sharded(cfg, jax.random.key(0), plan))
-    batch = parallel.put_batch(synthetic_batch(4, 128, cfg.model.vocab_size), plan)
-    jaxpr = str(step.trace(state, batch).jaxpr)
-    assert "shard_map" in jaxpr and "wgmma" in jaxpr                   # the Mosaic GPU kernels are traced
-    assert bool(calls) == (gemm == "fp8")
-
-
-@pytest.mark.parametrize("mesh", [MeshConfig(data=2), MeshConfig(expert=2, capacity_factor=1.25, ep_dispatch="ragged")])
-def test_gpu_code_paths_trace_on_a_mesh(mesh, monkeypatch):
-    """The train step with the Mosaic GPU grouped-matmul kernels (and, with an expert axis, ragged_all_to_all)
-    traces under a mesh: catches custom-VJP / varying-axes type errors on CPU, before a GPU run does. The kernels'
-    wrappers ask the device for its SM count, which a CPU device does not have: a stand-in answers."""
+def _trace_step_as_on_hopper(monkeypatch, mesh, overrides, seq_len, fp8_kernels=False):
+    """The jaxpr of the train step for ``tiny`` (+ ``overrides``) on 2 CPU devices under ``mesh``, traced with the
+    Mosaic GPU kernels: their wrappers ask the device for its SM count, which a CPU device does not have (a stand-in
+    answers), and with ``fp8_kernels`` the FP8 ops' platform checks answer "Hopper GPU"."""
     import importlib
     import types
 
@@ -526,18 +481,53 @@ def test_gpu_code_paths_trace_on_a_mesh(mesh, monkeypatch):
     monkeypatch.setattr(gm, "mosaic_gpu_supported", lambda x, w: True)
     fake_jax = types.SimpleNamespace(**{k: getattr(jax, k) for k in dir(jax) if not k.startswith("__")})
     fake_jax.devices = lambda *a: [types.SimpleNamespace(core_count=132)]
-    for mod in (ragged_dot_mgpu, transposed_ragged_dot_mgpu):
+    patched = [ragged_dot_mgpu, transposed_ragged_dot_mgpu]
+    if fp8_kernels:
+        fq, fg, fl = (importlib.import_module(f"pallas_kernels.{m}") for m in ("fp8_quant", "fp8_gemm", "fp8_linear"))
+        monkeypatch.setattr(fq, "_hopper_or_newer", lambda: True)
+        monkeypatch.setattr(fg, "_is_hopper", lambda: True)
+        monkeypatch.setattr(fg, "_num_sms", lambda: 132)
+        fake_jax.default_backend = lambda: "gpu"
+        patched += [fq, fg, fl]
+    for mod in patched:
         monkeypatch.setattr(mod, "jax", fake_jax)
-    cfg = tc.apply_overrides(tc.get("tiny"), ["data.batch_size=4", "data.seq_len=32", "model.hidden_size=128",
-                                              "model.moe_intermediate_size=128", "model.num_hidden_layers=2",
-                                              "model.grouped_matmul_impl=mosaic_gpu"])
+    cfg = tc.apply_overrides(tc.get("tiny"), ["data.batch_size=4", f"data.seq_len={seq_len}",
+                                              "model.hidden_size=128", "model.moe_intermediate_size=128",
+                                              "model.num_hidden_layers=2", "model.grouped_matmul_impl=mosaic_gpu",
+                                              *overrides])
     cfg = dataclasses.replace(cfg, mesh=mesh)
     plan = parallel.plan_for(cfg, jax.devices()[:2])
     graphdef, p, r = parallel.split_abstract(cfg)
     step = parallel.jit_train_step(cfg, plan, graphdef, p, r)
     state = jax.eval_shape(lambda: parallel.init_state_sharded(cfg, jax.random.key(0), plan))
-    batch = parallel.put_batch(synthetic_batch(4, 32, cfg.model.vocab_size), plan)
-    jaxpr = str(step.trace(state, batch).jaxpr)
+    batch = parallel.put_batch(synthetic_batch(4, seq_len, cfg.model.vocab_size), plan)
+    return str(step.trace(state, batch).jaxpr)
+
+
+@pytest.mark.parametrize("gemm", ["bf16", "fp8"])
+@pytest.mark.parametrize("mesh", [MeshConfig(data=2), MeshConfig(expert=2, capacity_factor=1.25, ep_dispatch="ragged")])
+def test_fp8_gpu_code_paths_trace_on_a_mesh(mesh, gemm, monkeypatch):
+    """FP8 training with the Mosaic GPU kernels -- quantisation, fp8_gemm and, for the experts, either the BF16
+    grouped kernels on quantised operands or the m-grouped FP8 GEMM (fp8_grouped_gemm) -- traces under a mesh on CPU
+    (the platform checks answer "Hopper GPU"): catches custom-VJP / varying-axes type errors before a GPU run does
+    (it caught an invariant vjp primal in the grouped FP8 path's weight gradient)."""
+    import importlib
+
+    fl = importlib.import_module("pallas_kernels.fp8_linear")
+    calls = []
+    grouped8 = fl._grouped8
+    monkeypatch.setattr(fl, "_grouped8", lambda *a: (calls.append(1), grouped8(*a))[1])
+    jaxpr = _trace_step_as_on_hopper(monkeypatch, mesh, ["model.fp8=true", f"model.fp8_grouped_gemm={gemm}"], 128,
+                                     fp8_kernels=True)
+    assert "shard_map" in jaxpr and "wgmma" in jaxpr                   # the Mosaic GPU kernels are traced
+    assert bool(calls) == (gemm == "fp8")
+
+
+@pytest.mark.parametrize("mesh", [MeshConfig(data=2), MeshConfig(expert=2, capacity_factor=1.25, ep_dispatch="ragged")])
+def test_gpu_code_paths_trace_on_a_mesh(mesh, monkeypatch):
+    """The train step with the Mosaic GPU grouped-matmul kernels (and, with an expert axis, ragged_all_to_all)
+    traces under a mesh: catches custom-VJP / varying-axes type errors on CPU, before a GPU run does."""
+    jaxpr = _trace_step_as_on_hopper(monkeypatch, mesh, [], 32)
     assert "shard_map" in jaxpr and "wgmma" in jaxpr                  # the Mosaic GPU kernels are traced
     if mesh.expert > 1:
         assert "ragged_all_to_all" in jaxpr
