@@ -227,12 +227,12 @@ def main(argv):
     print(json.dumps(summary, indent=1))
     _save(saved)
     if FLAGS.record or FLAGS["png"].present:
-        _plot(bf16, rows, floor, floor_run)
+        _plot(bf16, sb, rows, floor, floor_run)
     if FLAGS.record:
-        _record(dev, bf16, rows, floor, floor_run, shared)
+        _record(dev, bf16, sb, rows, floor, floor_run, shared)
 
 
-def _plot(bf16, rows, floor, floor_run) -> None:
+def _plot(bf16, sb, rows, floor, floor_run) -> None:
     try:
         import matplotlib
 
@@ -243,7 +243,7 @@ def _plot(bf16, rows, floor, floor_run) -> None:
         return
     fig, (a0, a1) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
     a0.plot(bf16["losses"], alpha=0.25, color="C0")
-    a0.plot(ema(bf16["losses"], FLAGS.ema), color="C0", label="bf16 (EMA)")
+    a0.plot(sb, color="C0", label="bf16 (EMA)")
     for i, (r, g) in enumerate(rows):
         a0.plot(r["losses"], alpha=0.25, color=f"C{i + 1}")
         a0.plot(g["smoothed"], color=f"C{i + 1}", label=f"{_label(r)} (EMA)")
@@ -266,10 +266,9 @@ def _plot(bf16, rows, floor, floor_run) -> None:
     print(f"wrote {png}")
 
 
-def _record(dev, bf16, rows, floor, floor_run, shared: bool) -> None:
+def _record(dev, bf16, sb, rows, floor, floor_run, shared: bool) -> None:
     import jax
 
-    sb = ema(bf16["losses"], FLAGS.ema)
     ms = (lambda r: "n/a") if shared else (lambda r: f"{r['step_s'] * 1e3:.1f}")
     ratio = (lambda r: "n/a") if shared else (lambda r: f"{r['step_s'] / bf16['step_s']:.2f}x")
     text = (f"\n## FP8 vs BF16 training convergence, `{FLAGS.config}` ({datetime.date.today().isoformat()}, "
