@@ -63,10 +63,20 @@ flags.DEFINE_bool("shared_gpu", False, "Several runs share the GPU (concurrent p
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+def _expert_gemm(run: dict) -> str:
+    """How an FP8 run's routed experts multiplied: "fp8" (the m-grouped FP8 GEMM) or "bf16" (quantised operands
+    through the BF16 grouped matmul). Files saved before runs recorded it ran "bf16" unless their overrides say so."""
+    if "expert_gemm" in run:
+        return run["expert_gemm"]
+    sets = [s.split("=", 1)[1] for s in run.get("fp8_set", []) if s.startswith("model.fp8_grouped_gemm=")]
+    return sets[-1] if sets else "bf16"
+
+
 def _label(run: dict) -> str:
     if run["name"] != "fp8":
         return run["name"]
-    return "fp8" + (" " + ", ".join(run["fp8_set"]) if run.get("fp8_set") else "")
+    sets = [s for s in run.get("fp8_set", []) if not s.startswith("model.fp8_grouped_gemm=")]
+    return "fp8" + (" " + ", ".join(sets) if sets else "") + f" [experts: {_expert_gemm(run)} GEMM]"
 
 
 def _save(saved: dict) -> None:
@@ -104,6 +114,13 @@ def run(name: str, saved: dict) -> dict:
                          "seq": cfg.data.seq_len, "shared_gpu": FLAGS.shared_gpu,
                          "device": jax.devices()[0].device_kind,
                          "perturb": FLAGS.noise_floor if name == "floor" else 0.0}
+    if fp8:   # what fp8_grouped_gemm="auto" resolved to on this device (the experts' x [M, hidden], w [G, hidden, F])
+        from pallas_kernels import grouped_fp8_gemm_on_mosaic_gpu
+
+        mode, mc = cfg.model.fp8_grouped_gemm, cfg.model
+        out["expert_gemm"] = mode if mode != "auto" else (
+            "fp8" if grouped_fp8_gemm_on_mosaic_gpu(mc.hidden_size, mc.moe_intermediate_size,
+                                                    mc.grouped_matmul_impl) else "bf16")
     times = []
     t_compile = time.perf_counter()
     for i in range(FLAGS.steps):
@@ -299,8 +316,9 @@ def _record(dev, bf16, sb, rows, floor, floor_run, shared: bool) -> None:
                      f"{100 * (e['fp8_forward'] / e['bf16_forward'] - 1):+.3f}% |\n")
     text += (f"\n(EMA {FLAGS.ema}; DeepSeek-V3's bar is a relative gap below 0.25%. Plot: `{FLAGS.png}`. "
              + ("The runs shared one GPU (concurrent processes), so no step times are reported. " if shared else "")
-             + "Experts use fp8_grouped_linear: FP8-quantised operands through the bf16 grouped matmul, so only the "
-               "dense projections get the FP8 GEMM speed.)\n")
+             + "Experts (fp8_grouped_linear, ModelConfig.fp8_grouped_gemm): 'bf16 GEMM' = FP8-quantised operands "
+               "through the BF16 grouped matmul, 'fp8 GEMM' = the m-grouped FP8 GEMM for the forward and the "
+               "activation gradient.)\n")
     with open(ROOT / "docs" / "benchmarks.md", "a") as f:
         f.write(text)
 

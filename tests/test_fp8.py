@@ -582,6 +582,36 @@ def test_model_with_fp8_grouped_gemm_matches_default():
         assert _rel(a, b) < 1e-4
     with pytest.raises(ValueError, match="fp8_grouped_gemm"):
         configs.tiny(fp8_grouped_gemm="fp16")
+    assert configs.tiny().fp8_grouped_gemm == "auto"
+
+
+def test_fp8_grouped_gemm_auto_picks_the_grouped_fp8_kernel_only_on_hopper(monkeypatch):
+    """gemm="auto" (the ModelConfig default) runs the m-grouped FP8 GEMM where its Mosaic GPU kernel runs: a Hopper
+    GPU, a Mosaic-capable implementation, K and N multiples of 128; elsewhere (here: CPU) the dequantised path,
+    bit for bit."""
+    import importlib
+
+    fl = importlib.import_module("pallas_kernels.fp8_linear")   # (the package's fp8_linear is the function)
+
+    assert not fl.grouped_fp8_gemm_on_mosaic_gpu(256, 128)             # CPU
+    monkeypatch.setattr(fl.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(fl, "_is_hopper", lambda: True)
+    assert fl.grouped_fp8_gemm_on_mosaic_gpu(256, 128)
+    assert fl.grouped_fp8_gemm_on_mosaic_gpu(256, 128, "mosaic_gpu")
+    assert not fl.grouped_fp8_gemm_on_mosaic_gpu(256, 128, "xla")
+    assert not fl.grouped_fp8_gemm_on_mosaic_gpu(256, 192)
+    assert not fl.grouped_fp8_gemm_on_mosaic_gpu(200, 128)
+    monkeypatch.setattr(fl, "_is_hopper", lambda: False)
+    assert not fl.grouped_fp8_gemm_on_mosaic_gpu(256, 128)
+    monkeypatch.undo()
+
+    x = jax.random.normal(jax.random.key(0), (300, 256), jnp.float32)
+    w = jax.random.normal(jax.random.key(1), (3, 256, 128), jnp.float32) * 0.05
+    sizes = jnp.array([100, 0, 200], jnp.int32)
+    f = lambda gemm: jax.value_and_grad(  # noqa: E731
+        lambda x, w: jnp.sum(fl.fp8_grouped_linear(x, w, sizes, gemm=gemm).astype(jnp.float32) ** 2), (0, 1))(x, w)
+    for a, b in zip(jax.tree.leaves(f("auto")), jax.tree.leaves(f("bf16"))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_fp8_grouped_weight_gradient_groups_never_straddle_experts():

@@ -486,6 +486,7 @@ def _trace_step_as_on_hopper(monkeypatch, mesh, overrides, seq_len, fp8_kernels=
         fq, fg, fl = (importlib.import_module(f"pallas_kernels.{m}") for m in ("fp8_quant", "fp8_gemm", "fp8_linear"))
         monkeypatch.setattr(fq, "_hopper_or_newer", lambda: True)
         monkeypatch.setattr(fg, "_is_hopper", lambda: True)
+        monkeypatch.setattr(fl, "_is_hopper", lambda: True)
         monkeypatch.setattr(fg, "_num_sms", lambda: 132)
         fake_jax.default_backend = lambda: "gpu"
         patched += [fq, fg, fl]
@@ -504,12 +505,12 @@ def _trace_step_as_on_hopper(monkeypatch, mesh, overrides, seq_len, fp8_kernels=
     return str(step.trace(state, batch).jaxpr)
 
 
-@pytest.mark.parametrize("gemm", ["bf16", "fp8"])
+@pytest.mark.parametrize("gemm", ["bf16", "auto"])
 @pytest.mark.parametrize("mesh", [MeshConfig(data=2), MeshConfig(expert=2, capacity_factor=1.25, ep_dispatch="ragged")])
 def test_fp8_gpu_code_paths_trace_on_a_mesh(mesh, gemm, monkeypatch):
     """FP8 training with the Mosaic GPU kernels -- quantisation, fp8_gemm and, for the experts, either the BF16
-    grouped kernels on quantised operands or the m-grouped FP8 GEMM (fp8_grouped_gemm) -- traces under a mesh on CPU
-    (the platform checks answer "Hopper GPU"): catches custom-VJP / varying-axes type errors before a GPU run does
+    grouped kernels on quantised operands or the m-grouped FP8 GEMM (fp8_grouped_gemm="auto", the default, picks it
+    on Hopper) -- traces under a mesh on CPU (the platform checks answer "Hopper GPU"): catches custom-VJP / varying-axes type errors before a GPU run does
     (it caught an invariant vjp primal in the grouped FP8 path's weight gradient)."""
     import importlib
 
@@ -520,7 +521,7 @@ def test_fp8_gpu_code_paths_trace_on_a_mesh(mesh, gemm, monkeypatch):
     jaxpr = _trace_step_as_on_hopper(monkeypatch, mesh, ["model.fp8=true", f"model.fp8_grouped_gemm={gemm}"], 128,
                                      fp8_kernels=True)
     assert "shard_map" in jaxpr and "wgmma" in jaxpr                   # the Mosaic GPU kernels are traced
-    assert bool(calls) == (gemm == "fp8")
+    assert bool(calls) == (gemm == "auto")
 
 
 @pytest.mark.parametrize("mesh", [MeshConfig(data=2), MeshConfig(expert=2, capacity_factor=1.25, ep_dispatch="ragged")])

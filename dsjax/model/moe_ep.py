@@ -73,7 +73,7 @@ def _inverse(order: jax.Array) -> jax.Array:
 
 def _ffn(xs, wg, wu, wd, group_sizes, impl: str, dt, fp8: bool | str = False):
     """SwiGLU over rows grouped by expert: ``[R, D] -> [R, D]`` (three grouped matmuls, as in ``RoutedExperts``;
-    with ``fp8`` (False or ``ModelConfig.fp8_grouped_gemm``: "bf16" / "fp8") on FP8-quantised operands through
+    with ``fp8`` (False or ``ModelConfig.fp8_grouped_gemm``: "auto" / "bf16" / "fp8") on FP8-quantised operands through
     ``fp8_grouped_linear``, as there)."""
     if fp8:
         gmm = lambda a, w: checkpoint_name(fp8_grouped_linear(a, w, group_sizes, compute_dtype=dt,  # noqa: E731
