@@ -279,11 +279,25 @@ def _grouped_bwd(implementation, dtype, res, dy):
 _grouped.defvjp(_grouped_fwd, _grouped_bwd)
 
 
-def _grouped_fp8_gemm(a, layout: _Layout, wq, ws, out_dtype, implementation):
-    """``a [M, K]`` (rows sorted by group) times per-group FP8 weights ``wq [G, N, K]`` (128x128 scales ``ws``)
-    through the m-grouped FP8 GEMM: ``a`` is laid out on 128-row tiles, quantised in 1x128 tiles, multiplied, and
-    its rows gathered back (rows past the groups give zeros)."""
-    ap = jnp.where(layout.valid[:, None], a[layout.src], 0).astype(a.dtype)
+def _laid_out(a, layout: _Layout):
+    """``a [M, C]`` (rows sorted by group) on the 128-row tiles of ``layout``: ``[Mp, C]``, zero padding rows."""
+    return jnp.where(layout.valid[:, None], a[layout.src], 0).astype(a.dtype)
+
+
+def _qdq_tiles(ap, dtype):
+    """128x1 tiles of a laid-out ``ap [Mp, C]``, dequantised: one scale per (tile, column) from the tile's rows.
+    Each tile holds one expert's rows (zero padding never raises an amax), so these are the 128-token groups
+    that start at each expert's first row, as in :func:`_qdq_expert_tokens`, without its per-row scale gather."""
+    mp, c = ap.shape
+    a32 = ap.astype(jnp.float32).reshape(mp // BLOCK, BLOCK, c)
+    sc = _scale(jnp.max(jnp.abs(a32), axis=1, keepdims=True), EPS, False)
+    return (_keep(_cast(a32, sc)).astype(jnp.float32) * sc).astype(dtype).reshape(mp, c)
+
+
+def _grouped_fp8_gemm(ap, layout: _Layout, wq, ws, out_dtype, implementation):
+    """A laid-out ``ap [Mp, K]`` (:func:`_laid_out`) times per-group FP8 weights ``wq [G, N, K]`` (128x128 scales
+    ``ws``) through the m-grouped FP8 GEMM: ``ap`` quantised in 1x128 tiles, multiplied, and the output rows
+    gathered back to the source order (rows past the groups give zeros)."""
     aq, sa = act_quant(ap, eps=EPS, implementation=implementation)
     out = fp8_gemm_grouped(aq, sa, wq, ws, layout.tile_group, out_dtype=out_dtype, implementation=implementation)
     return jnp.where(layout.row_valid[:, None], out[layout.prow], 0).astype(out_dtype)
@@ -298,19 +312,22 @@ def _grouped8_fwd(x, w, group_sizes, implementation, gmm_impl, dtype):
     # each w[g] [K, N]: 128x128 blocks in both layouts from one read -- [N, K] for the forward, [K, N] for dgrad
     wq_kn, ws_kn, wq_nk, ws_nk = jax.vmap(lambda wg: weight_quant_dual(wg, eps=EPS, implementation="xla"))(w)
     layout = _contiguous_layout(group_sizes, x.shape[0])
-    y = _grouped_fp8_gemm(x, layout, wq_nk, ws_nk, dtype, implementation)
-    xt = _qdq_expert_tokens(x, group_sizes, dtype, layout=layout)
-    return y, (xt, wq_kn, ws_kn, group_sizes, x.reshape(-1)[:0], w.reshape(-1)[:0])
+    xp = _laid_out(x, layout)                     # one gather of x serves the forward GEMM and the wgrad operand
+    y = _grouped_fp8_gemm(xp, layout, wq_nk, ws_nk, dtype, implementation)
+    return y, (_qdq_tiles(xp, dtype), wq_kn, ws_kn, group_sizes, layout, x.reshape(-1)[:0], w.reshape(-1)[:0])
 
 
 def _grouped8_bwd(implementation, gmm_impl, dtype, res, dy):
-    xt, wq_kn, ws_kn, group_sizes, x_like, w_like = res
-    layout = _contiguous_layout(group_sizes, dy.shape[0])
-    dx = _grouped_fp8_gemm(dy, layout, wq_kn, ws_kn, dtype, implementation)   # dgrad: dY 1x128 along N
-    gmm = functools.partial(grouped_matmul, group_sizes=group_sizes, implementation=gmm_impl)
+    xt, wq_kn, ws_kn, group_sizes, layout, x_like, w_like = res
+    dyp = _laid_out(dy, layout)
+    dx = _grouped_fp8_gemm(dyp, layout, wq_kn, ws_kn, dtype, implementation)   # dgrad: dY 1x128 along N
+    # wgrad on the tiles: X and dY in 128-token groups, each expert's rows padded to whole tiles (zero rows add
+    # nothing), so the grouped matmul's groups are the padded sizes
+    padded = (group_sizes + BLOCK - 1) // BLOCK * BLOCK
+    gmm = functools.partial(grouped_matmul, group_sizes=padded, implementation=gmm_impl)
     # (the primal weight only types the vjp: zeros, varying over w's mesh axes inside shard_map as w does)
     _, vjp_w = jax.vjp(lambda b: gmm(xt, b), vary_like(jnp.zeros(wq_kn.shape, dtype), w_like))
-    (dw,) = vjp_w(_qdq_expert_tokens(dy, group_sizes, dtype, layout=layout))   # wgrad: X, dY in 128-token groups
+    (dw,) = vjp_w(_qdq_tiles(dyp, dtype))
     return cotangent_like(dx.astype(x_like.dtype), x_like), cotangent_like(dw.astype(w_like.dtype), w_like), None
 
 
