@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels import hardware
 from pallas_kernels.grouped_matmul import vary_like
 
 __all__ = ["GemmConfig", "fit_config", "fp8_gemm", "fp8_gemm_grouped", "gemm_reference", "grouped_gemm_reference",
@@ -419,17 +420,9 @@ def _batchable(kernel_fn, a, sa_t, b, sb, **kw):
 # Dispatch
 # ----------------------------------------------------------------------------------------------------------------
 
-def _is_hopper() -> bool:
-    try:
-        dev = jax.devices()[0]
-    except RuntimeError:
-        return False
-    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9.")
-
-
 def mosaic_gpu_supported(m: int, n: int, k: int) -> bool:
     """Whether ``implementation="pallas"`` can run this (M, N, K) on the current GPU."""
-    return _is_hopper() and k % BLOCK == 0 and n % 64 == 0 and m > 0
+    return hardware.is_hopper() and k % BLOCK == 0 and n % 64 == 0 and m > 0
 
 
 def _pallas_supported(m, n, k) -> bool:
@@ -585,7 +578,7 @@ def fp8_gemm_grouped(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, t
     m, k = a.shape
     g, n, _ = b.shape
     backend = jax.default_backend()
-    ok = n % BLOCK == 0 and k % BLOCK == 0 and (_is_hopper() if backend == "gpu" else True)
+    ok = n % BLOCK == 0 and k % BLOCK == 0 and (hardware.is_hopper() if backend == "gpu" else True)
     if implementation == "auto":
         implementation = "pallas" if ok and backend in ("gpu", "tpu") else "xla"
     if implementation == "xla":

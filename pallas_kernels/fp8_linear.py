@@ -30,7 +30,8 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.fp8_gemm import _is_hopper, fp8_gemm, fp8_gemm_grouped
+from pallas_kernels import hardware
+from pallas_kernels.fp8_gemm import fp8_gemm, fp8_gemm_grouped
 from pallas_kernels.fp8_quant import (BLOCK, _cast, _keep, _scale, act_quant, act_quant_dual, dequant,
                                       quantize_blocks, weight_quant_dual)
 from pallas_kernels.grouped_matmul import cotangent_like, grouped_matmul, vary_like
@@ -338,7 +339,7 @@ def grouped_fp8_gemm_on_mosaic_gpu(k: int, n: int, implementation: str = "auto")
     """Whether :func:`fp8_grouped_linear` ``(x [M, K], w [G, K, N], implementation=...)`` runs its forward and
     activation-gradient GEMMs in the Mosaic GPU m-grouped FP8 kernel: what ``gemm="auto"`` chooses ``"fp8"`` by."""
     return (implementation in ("auto", "mosaic_gpu", "pallas") and jax.default_backend() == "gpu"
-            and _is_hopper() and k % BLOCK == 0 and n % BLOCK == 0)
+            and hardware.is_hopper() and k % BLOCK == 0 and n % BLOCK == 0)
 
 
 def fp8_grouped_linear(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, compute_dtype=jnp.bfloat16,

@@ -39,6 +39,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import hardware
 from pallas_kernels.grouped_matmul import vary_like
 
 __all__ = ["BLOCK", "E4M3_MAX", "act_quant", "act_quant_t", "act_quant_dual", "weight_quant_dual", "dequant",
@@ -88,21 +89,13 @@ def _is_gpu_interpret(interpret) -> bool:
     return isinstance(interpret, plgpu.InterpretGPUParams)
 
 
-def _gpu_cc() -> str:
-    return str(getattr(jax.devices()[0], "compute_capability", "0"))
-
-
-def _hopper_or_newer() -> bool:
-    return jax.devices()[0].platform == "gpu" and int(_gpu_cc().split(".")[0]) >= 9
-
-
 def _resolve(implementation: str, op: str, interpret=None, shape2d=None) -> str:
     """-> "xla", "pallas" (Mosaic TPU kernel) or "mgpu" (Mosaic GPU kernel). ``shape2d``: the (M, K) the kernel
     would see, for ``"auto"`` on GPUs."""
     if implementation == "auto":
         if jax.default_backend() == "tpu":
             return "pallas"
-        if jax.default_backend() == "gpu" and shape2d is not None and _hopper_or_newer():
+        if jax.default_backend() == "gpu" and shape2d is not None and hardware.hopper_or_newer():
             from pallas_kernels.fp8_quant_mgpu import mgpu_quant_supported
             if mgpu_quant_supported(shape2d, "rows"):
                 return "mgpu"
@@ -114,9 +107,10 @@ def _resolve(implementation: str, op: str, interpret=None, shape2d=None) -> str:
     if _is_gpu_interpret(interpret):
         return "mgpu"
     if jax.default_backend() == "gpu":
-        if not _hopper_or_newer():
+        if not hardware.hopper_or_newer():
             raise NotImplementedError(f"{op}: implementation='pallas' on GPUs is a Mosaic GPU kernel for Hopper "
-                                      f"(sm_90) or newer; this GPU is sm_{_gpu_cc()}. Use implementation='xla'")
+                                      f"(sm_90) or newer; this GPU's compute capability is "
+                                      f"{hardware.gpu_compute_capability()}. Fix: implementation='xla'")
         return "mgpu"
     return "pallas"
 

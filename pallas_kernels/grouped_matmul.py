@@ -27,28 +27,19 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import hardware
+
 __all__ = ["grouped_matmul", "mosaic_gpu_supported", "pad_rows", "vary_like"]
 
 Implementation = Literal["auto", "xla", "tiled", "mosaic_gpu"]
 _BLOCK_M, _BLOCK_N, _BLOCK_K, _STAGES = 128, 128, 64, 4
 
 
-def _is_hopper() -> bool:
-    try:
-        dev = jax.devices()[0]
-    except RuntimeError:
-        return False
-    if dev.platform != "gpu":
-        return False
-    cc = getattr(dev, "compute_capability", "")
-    return str(cc).startswith("9.")
-
-
 def mosaic_gpu_supported(x: jax.Array, w: jax.Array) -> bool:
     """Whether the Mosaic GPU kernels handle these operands (platform, dtype and tile divisibility)."""
     _, k = x.shape
     _, k2, n = w.shape
-    return (_is_hopper() and x.dtype == w.dtype and x.dtype in (jnp.bfloat16, jnp.float16) and k == k2
+    return (hardware.is_hopper() and x.dtype == w.dtype and x.dtype in (jnp.bfloat16, jnp.float16) and k == k2
             and k % _BLOCK_K == 0 and n % _BLOCK_N == 0 and k % _BLOCK_M == 0 and n % _BLOCK_K == 0)
 
 

@@ -595,13 +595,13 @@ def test_fp8_grouped_gemm_auto_picks_the_grouped_fp8_kernel_only_on_hopper(monke
 
     assert not fl.grouped_fp8_gemm_on_mosaic_gpu(256, 128)             # CPU
     monkeypatch.setattr(fl.jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(fl, "_is_hopper", lambda: True)
+    monkeypatch.setattr(fl.hardware, "is_hopper", lambda: True)
     assert fl.grouped_fp8_gemm_on_mosaic_gpu(256, 128)
     assert fl.grouped_fp8_gemm_on_mosaic_gpu(256, 128, "mosaic_gpu")
     assert not fl.grouped_fp8_gemm_on_mosaic_gpu(256, 128, "xla")
     assert not fl.grouped_fp8_gemm_on_mosaic_gpu(256, 192)
     assert not fl.grouped_fp8_gemm_on_mosaic_gpu(200, 128)
-    monkeypatch.setattr(fl, "_is_hopper", lambda: False)
+    monkeypatch.setattr(fl.hardware, "is_hopper", lambda: False)
     assert not fl.grouped_fp8_gemm_on_mosaic_gpu(256, 128)
     monkeypatch.undo()
 

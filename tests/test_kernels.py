@@ -157,3 +157,28 @@ def test_mosaic_kernel_outputs_are_typed_per_device_under_shard_map(monkeypatch)
     assert "data" in types[0], types                             # varying over the data axis
     for g, r in zip(got, ref):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_hardware_checks_parse_the_compute_capability(monkeypatch):
+    """pallas_kernels.hardware: Hopper (sm_90) for the wgmma GEMM kernels, Hopper-or-newer for the quantisation
+    kernels and cuDNN attention; a CPU, a ROCm GPU ("gfx90a") or no backend is neither."""
+    import types
+
+    from pallas_kernels import hardware
+
+    def on(platform, cc):
+        monkeypatch.setattr(hardware.jax, "devices", lambda: [types.SimpleNamespace(platform=platform,
+                                                                                  compute_capability=cc)])
+        return hardware.gpu_compute_capability(), hardware.is_hopper(), hardware.hopper_or_newer()
+
+    assert on("gpu", "9.0") == ((9, 0), True, True)
+    assert on("gpu", "10.0") == ((10, 0), False, True)
+    assert on("gpu", "8.9") == ((8, 9), False, False)
+    assert on("gpu", "gfx90a") == (None, False, False)
+    assert on("cpu", None) == (None, False, False)
+
+    def no_backend():
+        raise RuntimeError("no devices")
+
+    monkeypatch.setattr(hardware.jax, "devices", no_backend)
+    assert hardware.gpu_compute_capability() is None and not hardware.is_hopper()

@@ -484,9 +484,9 @@ def _trace_step_as_on_hopper(monkeypatch, mesh, overrides, seq_len, fp8_kernels=
     patched = [ragged_dot_mgpu, transposed_ragged_dot_mgpu]
     if fp8_kernels:
         fq, fg, fl = (importlib.import_module(f"pallas_kernels.{m}") for m in ("fp8_quant", "fp8_gemm", "fp8_linear"))
-        monkeypatch.setattr(fq, "_hopper_or_newer", lambda: True)
-        monkeypatch.setattr(fg, "_is_hopper", lambda: True)
-        monkeypatch.setattr(fl, "_is_hopper", lambda: True)
+        hw = importlib.import_module("pallas_kernels.hardware")
+        monkeypatch.setattr(hw, "is_hopper", lambda: True)
+        monkeypatch.setattr(hw, "hopper_or_newer", lambda: True)
         monkeypatch.setattr(fg, "_num_sms", lambda: 132)
         fake_jax.default_backend = lambda: "gpu"
         patched += [fq, fg, fl]

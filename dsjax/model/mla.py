@@ -32,6 +32,7 @@ from dsjax.configs import ModelConfig
 from dsjax.model.cache import write_layer_rows
 from dsjax.model.layers import Linear, RMSNorm, dtype_of
 from dsjax.model.rope import apply_rope
+from pallas_kernels.hardware import hopper_or_newer
 
 __all__ = ["MLA", "MLAImpl"]
 
@@ -48,12 +49,7 @@ def _cudnn_flash_available(dtype) -> bool:
     """cuDNN fused attention runs on Hopper-or-newer GPUs in bf16/fp16."""
     if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
         return False
-    try:
-        dev = jax.devices()[0]
-    except RuntimeError:
-        return False
-    cc = str(getattr(dev, "compute_capability", "0"))
-    return dev.platform == "gpu" and cc[:cc.find(".")].isdigit() and int(cc[:cc.find(".")]) >= 9
+    return hopper_or_newer()
 
 
 def _cudnn_mla_available() -> bool:
