@@ -40,11 +40,12 @@ def main(argv):
     batch = {k: jnp.asarray(v) for k, v in synthetic_batch(FLAGS.batch_size, FLAGS.seq_len,
                                                            cfg.model.vocab_size).items()}
     step = step.lower(state, batch).compile()  # compiled once: its HLO is what runs below
+    hlo_text = step.as_text()                  # names XLA's kernels' scopes (inside command buffers too)
     if FLAGS.hlo_out:
         import gzip
 
         with (gzip.open if FLAGS.hlo_out.endswith(".gz") else open)(FLAGS.hlo_out, "wt") as f:
-            f.write(step.as_text())
+            f.write(hlo_text)
     for _ in range(3):
         state, m = step(state, batch)
     jax.block_until_ready(m)
@@ -54,7 +55,7 @@ def main(argv):
         state, m = step(state, batch)
     jax.block_until_ready(m)
     jax.profiler.stop_trace()
-    summarize_trace(tmp, FLAGS.steps, top=80)
+    summarize_trace(tmp, FLAGS.steps, top=80, hlo_text=hlo_text)
 
 
 if __name__ == "__main__":

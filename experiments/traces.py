@@ -7,9 +7,35 @@ import re
 SCOPES = ("ce_loss", "optimizer", "router", "routed_experts", "shared_experts", "routing_stats", "mla", "mlp", "moe")
 
 
-def summarize_trace(tmp: str, steps: int, device: str = "/device:GPU", top: int = 30) -> None:
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{op_name=\"([^\"]*)\"")
+
+
+def kernel_op_names(hlo_text: str) -> dict[str, str]:
+    """``{kernel name: op_name}`` from a compiled module's HLO text (``compiled.as_text()``): XLA names the kernel
+    of a fusion after the fusion (``loop_add_fusion.9`` -> ``loop_add_fusion_9``) and the fusion's metadata keeps
+    the JAX name stack. Inside CUDA command buffers a trace event's ``hlo_op`` is only ``command_buffer_N``, so the
+    kernel name is what still leads back to the dsjax name scope (library kernels -- cuBLAS, cuDNN, Mosaic GPU --
+    are named by the library and stay unattributed)."""
+    out = {}
+    for line in hlo_text.splitlines():
+        m = _INSTR.match(line)
+        if m:
+            out.setdefault(m.group(1).replace(".", "_").replace("-", "_"), m.group(2))
+            out.setdefault(m.group(1), m.group(2))
+    return out
+
+
+def scope_of(text: str) -> str:
+    """The dsjax name scope (``SCOPES``) in an op name / trace text, else ``other``; ``(bwd)`` under a transpose."""
+    scope = next((s for s in SCOPES if re.search(rf"\b{s}\b", text)), "other")
+    return f"{scope} ({'bwd' if 'transpose(' in text else 'fwd'})"
+
+
+def summarize_trace(tmp: str, steps: int, device: str = "/device:GPU", top: int = 30,
+                    hlo_text: str | None = None) -> None:
     """Prints the device time per step of the trace in ``tmp`` by dsjax name scope and the costliest kernels
-    (``top`` of them; planes whose name starts with ``device``: pass "/device:GPU:0" for one GPU of several)."""
+    (``top`` of them; planes whose name starts with ``device``: pass "/device:GPU:0" for one GPU of several).
+    ``hlo_text``: the compiled step's HLO, to attribute XLA's own kernels by name (:func:`kernel_op_names`)."""
     import jax
 
     path = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[0]
@@ -17,6 +43,7 @@ def summarize_trace(tmp: str, steps: int, device: str = "/device:GPU", top: int 
     by_scope = collections.Counter()
     by_kernel = collections.Counter()
     total = 0.0
+    op_names = kernel_op_names(hlo_text) if hlo_text else {}
     seen_keys, lines_seen, samples = set(), set(), []
     for plane in data.planes:
         if not plane.name.startswith(device):
@@ -31,12 +58,11 @@ def summarize_trace(tmp: str, steps: int, device: str = "/device:GPU", top: int 
                 dur = ev.duration_ns / 1e6 / steps
                 total += dur
                 long = str(stats.get("tf_op", "")) + " " + str(stats.get("name", "")) + " " + \
-                    str(stats.get("hlo_op", ""))
+                    str(stats.get("hlo_op", "")) + " " + op_names.get(ev.name, "")
                 if len(samples) < 4 and dur > 0.5:
                     samples.append(long[:240])
-                scope = next((s for s in SCOPES if re.search(rf"\b{s}\b", long)), "other")
-                back = "bwd" if "transpose(" in long else "fwd"
-                by_scope[f"{scope} ({back})"] += dur
+                scope = scope_of(long)
+                by_scope[scope] += dur
                 by_kernel[(ev.name[:60] + " | " + str(stats.get("hlo_op", ""))[:40], scope)] += dur
     print(f"trace lines: {sorted(lines_seen)[:12]}; event stat keys: {sorted(seen_keys)}")
     print("sample op names:", *samples, sep="\n  ")
