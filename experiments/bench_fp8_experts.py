@@ -7,9 +7,13 @@ experts with a skewed random routing) it times ``jax.value_and_grad`` of ``sum(y
 
 * ``bf16``: ``pallas_kernels.grouped_matmul`` on BF16 operands (the BF16 training path);
 * ``fp8 (dequantised)``: ``fp8_grouped_linear(gemm="bf16")``, FP8-quantised operands through the BF16 grouped
-  kernel (the default of ``ModelConfig.fp8``);
+  kernel (``ModelConfig.fp8_grouped_gemm="bf16"``; what ``"auto"`` runs off Hopper);
 * ``fp8 (grouped FP8 GEMM)``: ``fp8_grouped_linear(gemm="fp8")``, forward and dgrad through the m-grouped FP8 GEMM
-  (``ModelConfig.fp8_grouped_gemm="fp8"``).
+  (``ModelConfig.fp8_grouped_gemm="fp8"``; what the default ``"auto"`` runs on Hopper).
+
+``--profile`` also traces each variant (CUDA command buffers off, so every kernel names its HLO op) and prints its
+device time split by the named scopes of ``fp8_grouped_linear`` (weight quantisation, row layout, activation
+quantisation, the grouped FP8 GEMM, the weight gradient's quantisation and GEMM).
 
 It checks the two FP8 paths against each other (relative difference of y, dx, dw; the same quantised operands, so
 only summation order and the BF16 rounding of dequantised operands differ) and prints a table (median of
@@ -19,7 +23,9 @@ only summation order and the BF16 rounding of dequantised operands differ) and p
 from __future__ import annotations
 
 import datetime
+import os
 import statistics
+import tempfile
 import time
 
 from absl import app, flags
@@ -32,6 +38,9 @@ flags.DEFINE_list("shapes", ["98304x1024x512x64", "98304x512x1024x64", "32768x71
                   "projections at 16k tokens x top-6, and a DeepSeek-V3 expert shape).")
 flags.DEFINE_integer("iters", 20, "Timed calls per variant.")
 flags.DEFINE_bool("record", False, "Append the table to docs/benchmarks.md.")
+flags.DEFINE_bool("profile", False, "Also print each variant's device time by fp8_grouped_linear's named scopes.")
+
+FP8_SCOPES = ("fp8_weight_quant", "fp8_layout", "fp8_act_quant", "fp8_grouped_gemm", "fp8_wgrad_quant", "fp8_wgrad")
 
 
 def _time(f, *args, iters):
@@ -46,9 +55,30 @@ def _time(f, *args, iters):
     return statistics.median(ts)
 
 
+def _profile(f, x, w, title: str, calls: int = 3) -> None:
+    import jax
+
+    from experiments.traces import summarize_trace
+
+    hlo = f.lower(x, w).compile().as_text()
+    tmp = tempfile.mkdtemp()
+    jax.profiler.start_trace(tmp)
+    for _ in range(calls):
+        out = f(x, w)
+    jax.block_until_ready(out)
+    jax.profiler.stop_trace()
+    print(f"--- profile: {title}", flush=True)
+    try:
+        summarize_trace(tmp, calls, top=12, hlo_text=hlo, scopes=FP8_SCOPES)
+    except IndexError:   # no device plane (CPU)
+        print("  (no GPU trace)")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.profile:   # before jax starts: one kernel per HLO op in the trace (else command_buffer_N)
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -82,6 +112,8 @@ def main(argv):
                 outs[name] = f(x, w)
                 ms = 1e3 * _time(f, x, w, iters=FLAGS.iters)
                 rows.append({"shape": spec, "variant": name, "ms": ms, "tflops": 3 * 2 * m * k * n / ms / 1e9})
+                if FLAGS.profile:
+                    _profile(f, x, w, f"{spec} {name}")
             except Exception as e:  # noqa: BLE001 - report a failing variant and go on
                 rows.append({"shape": spec, "variant": name, "error": f"{type(e).__name__}: {str(e)[:200]}"})
             print(rows[-1], flush=True)

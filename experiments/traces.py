@@ -25,14 +25,16 @@ def kernel_op_names(hlo_text: str) -> dict[str, str]:
     return out
 
 
-def scope_of(text: str) -> str:
-    """The dsjax name scope (``SCOPES``) in an op name / trace text, else ``other``; ``(bwd)`` under a transpose."""
-    scope = next((s for s in SCOPES if re.search(rf"\b{s}\b", text)), "other")
+def scope_of(text: str, scopes: tuple[str, ...] = SCOPES) -> str:
+    """The innermost of ``scopes`` (name scopes) in an op name / trace text, else ``other``; ``(bwd)`` under a
+    transpose."""
+    hits = [(m.start(), s) for s in scopes for m in re.finditer(rf"\b{s}\b", text)]
+    scope = max(hits)[1] if hits else "other"
     return f"{scope} ({'bwd' if 'transpose(' in text else 'fwd'})"
 
 
 def summarize_trace(tmp: str, steps: int, device: str = "/device:GPU", top: int = 30,
-                    hlo_text: str | None = None) -> None:
+                    hlo_text: str | None = None, scopes: tuple[str, ...] = SCOPES) -> None:
     """Prints the device time per step of the trace in ``tmp`` by dsjax name scope and the costliest kernels
     (``top`` of them; planes whose name starts with ``device``: pass "/device:GPU:0" for one GPU of several).
     ``hlo_text``: the compiled step's HLO, to attribute XLA's own kernels by name (:func:`kernel_op_names`)."""
@@ -58,10 +60,11 @@ def summarize_trace(tmp: str, steps: int, device: str = "/device:GPU", top: int 
                 dur = ev.duration_ns / 1e6 / steps
                 total += dur
                 long = str(stats.get("tf_op", "")) + " " + str(stats.get("name", "")) + " " + \
-                    str(stats.get("hlo_op", "")) + " " + op_names.get(ev.name, "")
+                    str(stats.get("hlo_op", "")) + " " + op_names.get(ev.name, "") + " " + \
+                    op_names.get(str(stats.get("hlo_op", "")), "")
                 if len(samples) < 4 and dur > 0.5:
                     samples.append(long[:240])
-                scope = scope_of(long)
+                scope = scope_of(long, scopes)
                 by_scope[scope] += dur
                 by_kernel[(ev.name[:60] + " | " + str(stats.get("hlo_op", ""))[:40], scope)] += dur
     print(f"trace lines: {sorted(lines_seen)[:12]}; event stat keys: {sorted(seen_keys)}")

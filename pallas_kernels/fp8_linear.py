@@ -299,9 +299,12 @@ def _grouped_fp8_gemm(ap, layout: _Layout, wq, ws, out_dtype, implementation):
     """A laid-out ``ap [Mp, K]`` (:func:`_laid_out`) times per-group FP8 weights ``wq [G, N, K]`` (128x128 scales
     ``ws``) through the m-grouped FP8 GEMM: ``ap`` quantised in 1x128 tiles, multiplied, and the output rows
     gathered back to the source order (rows past the groups give zeros)."""
-    aq, sa = act_quant(ap, eps=EPS, implementation=implementation)
-    out = fp8_gemm_grouped(aq, sa, wq, ws, layout.tile_group, out_dtype=out_dtype, implementation=implementation)
-    return jnp.where(layout.row_valid[:, None], out[layout.prow], 0).astype(out_dtype)
+    with jax.named_scope("fp8_act_quant"):
+        aq, sa = act_quant(ap, eps=EPS, implementation=implementation)
+    with jax.named_scope("fp8_grouped_gemm"):
+        out = fp8_gemm_grouped(aq, sa, wq, ws, layout.tile_group, out_dtype=out_dtype, implementation=implementation)
+    with jax.named_scope("fp8_layout"):
+        return jnp.where(layout.row_valid[:, None], out[layout.prow], 0).astype(out_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -311,24 +314,33 @@ def _grouped8(x, w, group_sizes, implementation, gmm_impl, dtype):
 
 def _grouped8_fwd(x, w, group_sizes, implementation, gmm_impl, dtype):
     # each w[g] [K, N]: 128x128 blocks in both layouts from one read -- [N, K] for the forward, [K, N] for dgrad
-    wq_kn, ws_kn, wq_nk, ws_nk = jax.vmap(lambda wg: weight_quant_dual(wg, eps=EPS, implementation="xla"))(w)
-    layout = _contiguous_layout(group_sizes, x.shape[0])
-    xp = _laid_out(x, layout)                     # one gather of x serves the forward GEMM and the wgrad operand
+    # (named scopes: experiments/bench_fp8_experts.py --profile splits the time by them)
+    with jax.named_scope("fp8_weight_quant"):
+        wq_kn, ws_kn, wq_nk, ws_nk = jax.vmap(lambda wg: weight_quant_dual(wg, eps=EPS, implementation="xla"))(w)
+    with jax.named_scope("fp8_layout"):
+        layout = _contiguous_layout(group_sizes, x.shape[0])
+        xp = _laid_out(x, layout)                 # one gather of x serves the forward GEMM and the wgrad operand
     y = _grouped_fp8_gemm(xp, layout, wq_nk, ws_nk, dtype, implementation)
-    return y, (_qdq_tiles(xp, dtype), wq_kn, ws_kn, group_sizes, layout, x.reshape(-1)[:0], w.reshape(-1)[:0])
+    with jax.named_scope("fp8_wgrad_quant"):
+        xt = _qdq_tiles(xp, dtype)
+    return y, (xt, wq_kn, ws_kn, group_sizes, layout, x.reshape(-1)[:0], w.reshape(-1)[:0])
 
 
 def _grouped8_bwd(implementation, gmm_impl, dtype, res, dy):
     xt, wq_kn, ws_kn, group_sizes, layout, x_like, w_like = res
-    dyp = _laid_out(dy, layout)
+    with jax.named_scope("fp8_layout"):
+        dyp = _laid_out(dy, layout)
     dx = _grouped_fp8_gemm(dyp, layout, wq_kn, ws_kn, dtype, implementation)   # dgrad: dY 1x128 along N
     # wgrad on the tiles: X and dY in 128-token groups, each expert's rows padded to whole tiles (zero rows add
     # nothing), so the grouped matmul's groups are the padded sizes
     padded = (group_sizes + BLOCK - 1) // BLOCK * BLOCK
     gmm = functools.partial(grouped_matmul, group_sizes=padded, implementation=gmm_impl)
     # (the primal weight only types the vjp: zeros, varying over w's mesh axes inside shard_map as w does)
-    _, vjp_w = jax.vjp(lambda b: gmm(xt, b), vary_like(jnp.zeros(wq_kn.shape, dtype), w_like))
-    (dw,) = vjp_w(_qdq_tiles(dyp, dtype))
+    with jax.named_scope("fp8_wgrad_quant"):
+        dyt = _qdq_tiles(dyp, dtype)
+    with jax.named_scope("fp8_wgrad"):
+        _, vjp_w = jax.vjp(lambda b: gmm(xt, b), vary_like(jnp.zeros(wq_kn.shape, dtype), w_like))
+        (dw,) = vjp_w(dyt)
     return cotangent_like(dx.astype(x_like.dtype), x_like), cotangent_like(dw.astype(w_like.dtype), w_like), None
 
 
