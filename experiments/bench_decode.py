@@ -41,6 +41,10 @@ flags.DEFINE_integer("decode_unroll", 1, "SamplingConfig.decode_unroll (decode s
 flags.DEFINE_multi_string("variant", [], "Also time every batch size with these comma-separated overrides of the "
                           "ModelConfig fields (e.g. moe_dense_decode_tokens=0, scan_layers=False) and of "
                           "SamplingConfig fields prefixed 'sampling.' (e.g. sampling.unstack_layers=False).")
+flags.DEFINE_bool("fp8_weights", False, "Also time the same model with its MLA, MLP and expert weights stored in "
+                  "FP8 (E4M3, 128x128 block scales, as DeepSeek-V3's checkpoints ship; dequantised on the fly): "
+                  "saved as a hub folder and loaded with load_hf(keep_fp8=True). Its roof counts those weights at "
+                  "1 byte + scales.")
 flags.DEFINE_bool("hf", False, "Also time HF transformers generate in a subprocess.")
 flags.DEFINE_bool("profile", False, "Trace one generate call per batch size and print its device time by scope and "
                   "kernel (per decoded token: divide by new_tokens).")
@@ -142,6 +146,38 @@ def bench_hf(b: int) -> dict:
     return json.loads(lines[-1])
 
 
+FP8_LABEL = "dsjax, FP8 weights"
+FP8_PARTS = ("attention (MLA)", "dense FFN (first-k layers)", "shared experts", "routed experts")
+
+
+def step_bytes(cfg, batch: int, context: float, fp8: bool = False) -> float:
+    """``dsjax.decode_bytes_per_step`` total; with ``fp8`` the MLA, MLP and expert weights count 1 byte each plus
+    their 128x128 block scales (embedding, head, routers and norms keep ``cfg.param_dtype``)."""
+    import dsjax
+
+    parts = dsjax.decode_bytes_per_step(cfg, batch, context)
+    if not fp8:
+        return parts["total"]
+    import jax.numpy as jnp
+
+    shrink = (1 + 4 / 128**2) / jnp.dtype(cfg.param_dtype).itemsize
+    return parts["total"] - sum(parts[k] * (1 - shrink) for k in FP8_PARTS if k in parts)
+
+
+def fp8_weights_model(model):
+    """``model`` with its MLA, MLP and expert weights in FP8 (128x128 blocks), by a hub-folder round trip."""
+    import tempfile
+
+    import jax.numpy as jnp
+
+    import dsjax
+
+    with tempfile.TemporaryDirectory() as d:
+        dsjax.save_hf(model, None, d)
+        return dsjax.load_hf(d, dtype=jnp.dtype(model.cfg.dtype), keep_fp8=True, mtp=False,
+                             scan_layers=model.cfg.scan_layers)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -158,6 +194,8 @@ def main(argv):
         model_over, sampling_over = split_variant(text)
         variants.append((f"dsjax, {text}", dsjax.Transformer(apply_overrides(cfg, model_over), rngs=nnx.Rngs(0))
                          if model_over else model, sampling_over))
+    if FLAGS.fp8_weights:
+        variants.append((FP8_LABEL, fp8_weights_model(model), []))
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind}, jax {jax.__version__}", flush=True)
     rows = []
@@ -186,7 +224,7 @@ def main(argv):
         if "error" in r:
             lines.append(f"| {r['impl']} | {r['batch']} | error: {r['error'][:100]} | | | | | | | |")
             continue
-        roof = r["batch"] * bw / dsjax.decode_bytes_per_step(cfg, r["batch"], context)["total"]
+        roof = r["batch"] * bw / step_bytes(cfg, r["batch"], context, fp8=r["impl"] == FP8_LABEL)
         ours = r["impl"].startswith("dsjax") and r["batch"] in hf
         ratio = f"{r['decode_tok_s'] / hf[r['batch']]['decode_tok_s']:.1f}x" if ours else ""
         roof_hf = f"{roof / hf[r['batch']]['decode_tok_s']:.1f}x" if ours else ""
@@ -196,7 +234,8 @@ def main(argv):
     lines.append("")
     lines.append(f"(Roof: B x {bw / 1e9:,.0f} GB/s, this device's measured copy bandwidth, / the bytes a decode step "
                  f"must read, `dsjax.decode_bytes_per_step` at a mean context of {context:g} tokens with "
-                 f"{cfg.param_dtype} weights; 'roof vs HF' is the most any decoder of these weights can reach as a "
+                 f"{cfg.param_dtype} weights (the FP8-weights row: its MLA, MLP and expert weights at 1 byte + "
+                 f"128x128 block scales); 'roof vs HF' is the most any decoder of these weights can reach as a "
                  f"multiple of HF's rate on this device.)")
     table = "\n".join(lines)
     print(table)
