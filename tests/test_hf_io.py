@@ -174,3 +174,23 @@ def test_fp8_checkpoint_dequantised_or_kept(tmp_path):
     ids = jax.random.randint(jax.random.key(2), (2, 12), 0, cfg.vocab_size)
     np.testing.assert_allclose(deq(ids).logits, kept(ids).logits, atol=1e-5)
     np.testing.assert_allclose(deq(ids).logits, fp8(ids).logits, atol=1e-5)
+
+
+def test_fp8_mtp_eh_proj_in_a_checkpoint_is_dequantised_on_load(tmp_path):
+    """DeepSeek-V3's hub checkpoint may store the MTP layer's ``eh_proj`` in FP8 with a ``weight_scale_inv`` (public
+    loaders map that companion). dsjax keeps ``eh_proj`` in the compute dtype, so such a tensor is dequantised on
+    load, with or without ``keep_fp8``, and the model computes with the dequantised weight."""
+    cfg = configs.tiny(hidden_size=160)                       # eh_proj [160, 320]: partial 128-blocks
+    model = dsjax.Transformer(cfg, rngs=nnx.Rngs(3))
+    dsjax.save_hf(model, None, tmp_path / "bf")
+    name = f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight"
+    w = _read_all(tmp_path / "bf")[name].astype(np.float32)
+    q, s = (np.asarray(a) for a in weight_quant(jnp.asarray(w)))
+    assert q.dtype == ml_dtypes.float8_e4m3fn and s.dtype == np.float32 and s.shape == (2, 3)
+    folder = _copy_folder(tmp_path / "bf", tmp_path / "fp8", extra={name: q, name + "_scale_inv": s})
+    expected = np.asarray(weight_dequant(jnp.asarray(q), jnp.asarray(s), out_dtype=jnp.float32))
+    assert np.abs(expected - w).max() > 0                     # the quantisation changed the weight
+    for keep in (False, True):
+        loaded = dsjax.load_hf(folder, dtype=jnp.float32, keep_fp8=keep)
+        got = np.asarray(loaded.mtp[0].eh_proj.kernel.get_value()).T        # kernel is the transposed [in, out]
+        np.testing.assert_array_equal(got, expected)
