@@ -358,7 +358,7 @@ def fp8_grouped_linear(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, co
                        implementation: str = "auto", gemm: Literal["auto", "bf16", "fp8"] = "auto") -> jax.Array:
     """MoE experts with DeepSeek-V3 FP8 numerics: ``x [M, K]`` (rows sorted by group) ``x w [G, K, N] -> [M, N]``.
 
-    By default (``gemm="bf16"``) every operand is quantised exactly as in :func:`fp8_linear` (x and dY
+    With ``gemm="bf16"`` every operand is quantised exactly as in :func:`fp8_linear` (x and dY
     in 1x128 tiles, each ``w[g]`` in 128x128 blocks, the weight gradient's x and dY in 128-token groups), then
     dequantised to ``compute_dtype`` and multiplied by ``pallas_kernels.grouped_matmul`` (``implementation``: the
     Mosaic GPU bf16 kernels on Hopper, ``lax.ragged_dot`` elsewhere). So the numerics are FP8's (up to the bf16
@@ -369,8 +369,8 @@ def fp8_grouped_linear(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, co
     ``gemm="fp8"`` runs the forward and the activation gradient through the m-grouped FP8 GEMM
     (:func:`pallas_kernels.fp8_gemm_grouped`, the Mosaic GPU kernel on Hopper, else its XLA reference): each
     expert's rows are laid out on 128-row tiles (DeepGEMM's contiguous layout, at most ``G`` padding tiles), the
-    activations quantised in 1x128 tiles and the weights in 128x128 blocks as above; the weight gradient stays the
-    quantise-dequantise + grouped-matmul path. ``implementation`` then picks the FP8 kernels too: ``"auto"`` /
+    activations quantised in 1x128 tiles and the weights in 128x128 blocks as above; the weight gradient stays a
+    quantise-dequantise + grouped-matmul path, on the same 128-row tiles (each expert padded to whole tiles). ``implementation`` then picks the FP8 kernels too: ``"auto"`` /
     ``"mosaic_gpu"`` -> Mosaic GPU where supported, ``"xla"`` / ``"tiled"`` -> the XLA references. On an H200
     (``experiments/bench_fp8_experts.py``, ``docs/benchmarks.md``) it ran the experts' forward + backward
     1.16-1.24x faster than ``gemm="bf16"``, and the FP8 ``small`` train step 1.19x faster.
