@@ -136,8 +136,11 @@ def format_param_table(cfg: ModelConfig) -> str:
     return "\n".join(lines)
 
 
+FP8_STORED = ("attention (MLA)", "dense FFN (first-k layers)", "shared experts", "routed experts")
+
+
 def decode_bytes_per_step(cfg: ModelConfig, batch: int, context: float, *, weight_bytes: float | None = None,
-                          cache_bytes: float = 2.0) -> "OrderedDict[str, float]":
+                          cache_bytes: float = 2.0, fp8_weights: bool = False) -> "OrderedDict[str, float]":
     """Bytes one decode step of the main model must read from device memory at the least (the bandwidth roofline).
 
     One step decodes one token for each of ``batch`` sequences holding ``context`` cached tokens on average. Every
@@ -147,9 +150,11 @@ def decode_bytes_per_step(cfg: ModelConfig, batch: int, context: float, *, weigh
     is read whole (``context * cache_bytes_per_token``). Activations and writes are ignored (KBs at decode sizes).
     MTP modules are not counted (plain decoding).
 
-    ``weight_bytes``: bytes per weight element (default: ``cfg.param_dtype``'s size; 1 for FP8 weights, plus
-    ``4 / 128**2`` for their 128x128 block scales). Returns the components and ``"total"``; divide a measured
-    memory bandwidth by ``total / batch`` for the roofline's tokens per second.
+    ``weight_bytes``: bytes per weight element (default: ``cfg.param_dtype``'s size). ``fp8_weights``: the weights
+    DeepSeek-V3's checkpoints store in FP8 (``FP8_STORED``: MLA and MLP projections, shared and routed experts; the
+    layout of ``load_hf(keep_fp8=True)``) count 1 byte plus ``4 / 128**2`` for their 128x128 block scales, the
+    rest (embedding, output head, routers, norms) ``weight_bytes``. Returns the components and ``"total"``; divide
+    a measured memory bandwidth by ``total / batch`` for the roofline's tokens per second.
     """
     if batch < 1:
         raise ValueError(f"decode_bytes_per_step: batch={batch} must be >= 1")
@@ -160,13 +165,14 @@ def decode_bytes_per_step(cfg: ModelConfig, batch: int, context: float, *, weigh
     e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
     touched = 1.0 - (1.0 - k / e) ** batch if e else 0.0
     out: OrderedDict[str, float] = OrderedDict()
+    fb = 1.0 + 4.0 / 128**2 if fp8_weights else wb
     out["embedding rows"] = batch * cfg.hidden_size * wb
     for name in ("attention (MLA)", "dense FFN (first-k layers)", "routers", "shared experts", "layer norms",
                  "final norm"):
-        out[name] = table.get(name, 0) * wb
+        out[name] = table.get(name, 0) * (fb if name in FP8_STORED else wb)
     # a tied head multiplies by the embedding matrix
     out["output head"] = table.get("output head", table["embedding"] if cfg.tie_word_embeddings else 0) * wb
-    out["routed experts"] = table.get("routed experts", 0) * touched * wb
+    out["routed experts"] = table.get("routed experts", 0) * touched * fb
     out["latent cache"] = batch * context * cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) \
         * cache_bytes
     out["total"] = sum(out.values())

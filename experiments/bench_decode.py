@@ -147,21 +147,6 @@ def bench_hf(b: int) -> dict:
 
 
 FP8_LABEL = "dsjax, FP8 weights"
-FP8_PARTS = ("attention (MLA)", "dense FFN (first-k layers)", "shared experts", "routed experts")
-
-
-def step_bytes(cfg, batch: int, context: float, fp8: bool = False) -> float:
-    """``dsjax.decode_bytes_per_step`` total; with ``fp8`` the MLA, MLP and expert weights count 1 byte each plus
-    their 128x128 block scales (embedding, head, routers and norms keep ``cfg.param_dtype``)."""
-    import dsjax
-
-    parts = dsjax.decode_bytes_per_step(cfg, batch, context)
-    if not fp8:
-        return parts["total"]
-    import jax.numpy as jnp
-
-    shrink = (1 + 4 / 128**2) / jnp.dtype(cfg.param_dtype).itemsize
-    return parts["total"] - sum(parts[k] * (1 - shrink) for k in FP8_PARTS if k in parts)
 
 
 def fp8_weights_model(model):
@@ -224,7 +209,8 @@ def main(argv):
         if "error" in r:
             lines.append(f"| {r['impl']} | {r['batch']} | error: {r['error'][:100]} | | | | | | | |")
             continue
-        roof = r["batch"] * bw / step_bytes(cfg, r["batch"], context, fp8=r["impl"] == FP8_LABEL)
+        roof = r["batch"] * bw / dsjax.decode_bytes_per_step(cfg, r["batch"], context,
+                                                            fp8_weights=r["impl"] == FP8_LABEL)["total"]
         ours = r["impl"].startswith("dsjax") and r["batch"] in hf
         ratio = f"{r['decode_tok_s'] / hf[r['batch']]['decode_tok_s']:.1f}x" if ours else ""
         roof_hf = f"{roof / hf[r['batch']]['decode_tok_s']:.1f}x" if ours else ""

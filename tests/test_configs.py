@@ -160,6 +160,13 @@ def test_decode_bytes_per_step_roofline():
     assert ctx["latent cache"] == 2 * 100 * dsjax.cache_bytes_per_token(cfg, "bfloat16")
     fp8 = dsjax.decode_bytes_per_step(cfg, 1, 0, weight_bytes=1)
     assert fp8["total"] == pytest.approx(one["total"] / 2)
+    # an FP8 checkpoint's layout: projections and experts at 1 byte + 128x128 block scales, the rest bf16
+    ck = dsjax.decode_bytes_per_step(cfg, 32, 0, fp8_weights=True)
+    for name in ("attention (MLA)", "dense FFN (first-k layers)", "shared experts", "routed experts"):
+        assert ck[name] == pytest.approx(b32[name] / 2 * (1 + 4 / 128**2))
+    for name in ("embedding rows", "routers", "layer norms", "final norm", "output head"):
+        assert ck[name] == b32[name]
+    assert 0.5 < ck["total"] / b32["total"] < 0.6
     tied = dsjax.decode_bytes_per_step(configs.small(param_dtype="bfloat16", tie_word_embeddings=True), 1, 0)
     assert tied["output head"] == one["output head"]
     with pytest.raises(ValueError, match="batch=0"):
