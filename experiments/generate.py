@@ -32,6 +32,9 @@ flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_integer("batch_size", 32, "Prompts per generate call in batch mode.")
 flags.DEFINE_bool("speculative", False, "Greedy MTP self-speculative decoding (needs an MTP module).")
 flags.DEFINE_string("dtype", "bfloat16", "Parameter/compute dtype for HF folders.")
+flags.DEFINE_bool("keep_fp8", False, "HF folders: keep the MLA, MLP and expert weights in FP8 with their 128x128 "
+                  "block scales (as DeepSeek-V3's checkpoints ship them; BF16 ones are quantised on load), "
+                  "dequantised on the fly: about half the weight memory.")
 
 
 def load(checkpoint: str, tokenizer: str | None):
@@ -44,10 +47,13 @@ def load(checkpoint: str, tokenizer: str | None):
     if (path / "checkpoints").exists():
         from dsjax.train.loop import load_params_from_workdir
 
+        if FLAGS.keep_fp8:
+            raise app.UsageError("--keep_fp8 applies to HF folders; a dsjax workdir loads as it was trained. Fix: "
+                                 "export it with dsjax.save_hf, or drop --keep_fp8")
         cfg, model = load_params_from_workdir(path)
         tok_spec = tokenizer or cfg.data.tokenizer
     elif (path / "config.json").exists():
-        model = dsjax.load_hf(path, dtype=jnp.dtype(FLAGS.dtype))
+        model = dsjax.load_hf(path, dtype=jnp.dtype(FLAGS.dtype), keep_fp8=FLAGS.keep_fp8)
         tok_spec = tokenizer or str(path / "tokenizer.json")
     else:
         raise app.UsageError(f"--checkpoint={checkpoint}: neither a dsjax workdir (checkpoints/) nor an HF folder "

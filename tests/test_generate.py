@@ -176,6 +176,47 @@ def test_generate_cli_on_a_workdir(tmp_path):
     assert all(r["num_tokens"] == 4 for r in rows) and "MTP draft acceptance" in res.stdout
 
 
+def test_generate_cli_on_an_hf_folder_with_fp8_weights(tmp_path):
+    """``experiments.generate --keep_fp8`` on a hub folder: the weights are quantised on load (128x128 blocks) and
+    generation runs; the greedy tokens equal those of the same folder loaded in FP8 through the library. On a
+    dsjax workdir the flag is a usage error."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    from dsjax.data import DataConfig, make_tokenizer
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    folder = tmp_path / "hf"
+    dsjax.save_hf(dsjax.Transformer(dsjax.configs.tiny(), rngs=nnx.Rngs(4)), None, folder)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "abc"}\n')
+    cmd = [sys.executable, "-m", "experiments.generate", f"--checkpoint={folder}", "--tokenizer=bytes",
+           f"--jsonl={tmp_path / 'p.jsonl'}", f"--out={tmp_path / 'o.jsonl'}", "--max_new_tokens=6",
+           "--temperature=0", "--dtype=float32", "--keep_fp8"]
+    res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    row = json.loads((tmp_path / "o.jsonl").read_text())
+    tok = make_tokenizer(DataConfig(tokenizer="bytes"))
+    model = dsjax.load_hf(folder, dtype=jnp.float32, keep_fp8=True)
+    assert model.fp8_block == (128, 128)
+    prompt = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode("abc")      # as the CLI encodes
+    out = dsjax.generate(model, [prompt], sampling=SamplingConfig(max_new_tokens=6, temperature=0.0),
+                         key=jax.random.key(0))
+    gen = out.to_lists()[0]
+    assert row["num_tokens"] == len(gen) and row["completion"] == tok.decode(gen)
+    assert abs(row["logprob"] - float(jnp.sum(out.logprobs[0, :len(gen)]))) < 1e-3
+    plain = dsjax.generate(dsjax.load_hf(folder, dtype=jnp.float32), [prompt],   # (the flag matters: FP32 differs)
+                           sampling=SamplingConfig(max_new_tokens=6, temperature=0.0), key=jax.random.key(0))
+    assert abs(row["logprob"] - float(jnp.sum(plain.logprobs[0, :len(plain.to_lists()[0])]))) > 1e-3
+    (tmp_path / "wd" / "checkpoints").mkdir(parents=True)                   # a dsjax workdir's shape
+    bad = subprocess.run([*cmd[:3], f"--checkpoint={tmp_path / 'wd'}", "--prompt=x", "--keep_fp8"], cwd=root,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "--keep_fp8 applies to HF folders" in bad.stderr
+
+
 def test_unstacked_layers_decode_like_the_scanned_model():
     """``unstack_layers`` (the decode loop's default on a ``scan_layers=True`` model) gives layer i slice i of the
     stacks, the same logits, and the same generated tokens and log-probs as decoding through the layer scan."""
