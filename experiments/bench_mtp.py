@@ -26,6 +26,8 @@ flags.DEFINE_integer("batch_size", 32, "Training batch (sequences).")
 flags.DEFINE_integer("seq_len", 256, "Training sequence length.")
 flags.DEFINE_string("decode_batches", "1,32", "Batch sizes for decoding.")
 flags.DEFINE_integer("new_tokens", 96, "Max new tokens.")
+flags.DEFINE_list("temperatures", ["0"], "Sampling temperatures: 0 is greedy (speculative output identical to plain "
+                  "greedy), > 0 speculative sampling (same distribution as plain sampling, other samples).")
 flags.DEFINE_bool("record", False, "Append the table to docs/benchmarks.md.")
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -70,9 +72,9 @@ def main(argv):
     model = nnx.merge(g, params, rest)
 
     rows = []
-    for b in [int(x) for x in FLAGS.decode_batches.split(",")]:
+    for b, temp in [(int(x), float(t)) for x in FLAGS.decode_batches.split(",") for t in FLAGS.temperatures]:
         prompts = [[tok.bos_id] + tok.encode(arithmetic_example(10_000, i)["prompt"]) for i in range(b)]
-        sc = dsjax.SamplingConfig(max_new_tokens=FLAGS.new_tokens, temperature=0.0)
+        sc = dsjax.SamplingConfig(max_new_tokens=FLAGS.new_tokens, temperature=temp)
 
         def timed(fn):
             out = fn()  # compile
@@ -82,20 +84,21 @@ def main(argv):
             jax.block_until_ready(jax.tree.leaves(out))
             return out, time.perf_counter() - t
 
-        plain, t_plain = timed(lambda: dsjax.generate(model, prompts, sampling=sc))
-        spec, t_spec = timed(lambda: speculative_generate(model, prompts, sampling=sc))
-        same = plain.to_lists() == spec.output.to_lists()
-        n_tok = int(np.asarray(plain.lengths).max())
-        rows.append({"batch": b, "acceptance": spec.acceptance_rate, "plain_s": t_plain, "spec_s": t_spec,
-                     "speedup": t_plain / t_spec, "main_forwards": int(spec.main_forwards) + 1,
+        plain, t_plain = timed(lambda: dsjax.generate(model, prompts, sampling=sc, key=jax.random.key(1)))
+        spec, t_spec = timed(lambda: speculative_generate(model, prompts, sampling=sc, key=jax.random.key(1)))
+        same = plain.to_lists() == spec.output.to_lists() if temp == 0 else "n/a (sampled)"
+        n_tok = int(np.asarray(spec.output.lengths).max())
+        rows.append({"batch": b, "temperature": temp, "acceptance": spec.acceptance_rate, "plain_s": t_plain,
+                     "spec_s": t_spec, "speedup": t_plain / t_spec, "main_forwards": int(spec.main_forwards) + 1,
                      "tokens": n_tok, "identical": same})
         print(rows[-1], flush=True)
         print("sample:", repr(prompts and tok.decode(prompts[0][1:])), "->", repr(tok.decode(plain.to_lists()[0])),
               flush=True)
-    lines = ["| batch | draft acceptance | main forwards / tokens (longest row) | plain s | speculative s | speed-up | "
-             "identical |", "|---|---|---|---|---|---|---|"]
+    lines = ["| batch | temperature | draft acceptance | main forwards / tokens (longest row) | plain s | "
+             "speculative s | speed-up | identical |", "|---|---|---|---|---|---|---|---|"]
     for r_ in rows:
-        lines.append(f"| {r_['batch']} | {100 * r_['acceptance']:.1f}% | {r_['main_forwards']} / {r_['tokens']} | "
+        lines.append(f"| {r_['batch']} | {r_['temperature']:g} | {100 * r_['acceptance']:.1f}% | "
+                     f"{r_['main_forwards']} / {r_['tokens']} | "
                      f"{r_['plain_s']:.3f} | {r_['spec_s']:.3f} | {r_['speedup']:.2f}x | {r_['identical']} |")
     table = "\n".join(lines)
     print(table)

@@ -30,7 +30,8 @@ flags.DEFINE_integer("top_k", 0, "Top-k (0 = off).")
 flags.DEFINE_float("top_p", 1.0, "Nucleus threshold (1 = off).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_integer("batch_size", 32, "Prompts per generate call in batch mode.")
-flags.DEFINE_bool("speculative", False, "Greedy MTP self-speculative decoding (needs an MTP module).")
+flags.DEFINE_bool("speculative", False, "MTP self-speculative decoding (needs an MTP module): greedy with "
+                  "--temperature=0, else speculative sampling (same output distribution as plain sampling).")
 flags.DEFINE_string("dtype", "bfloat16", "Parameter/compute dtype for HF folders.")
 flags.DEFINE_bool("keep_fp8", False, "HF folders: keep the MLA, MLP and expert weights in FP8 with their 128x128 "
                   "block scales (as DeepSeek-V3's checkpoints ship them; BF16 ones are quantised on load), "
@@ -75,8 +76,6 @@ def main(argv):
     model, tok = load(FLAGS.checkpoint, FLAGS.tokenizer)
     sampling = dsjax.SamplingConfig(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                                     top_k=FLAGS.top_k, top_p=FLAGS.top_p)
-    if FLAGS.speculative:
-        sampling = dsjax.SamplingConfig(max_new_tokens=FLAGS.max_new_tokens, temperature=0.0)
 
     def encode(text: str) -> list[int]:
         ids = tok.encode(text)
@@ -86,7 +85,8 @@ def main(argv):
         prompts = [encode(t) for t in texts]
         t0 = time.perf_counter()
         if FLAGS.speculative:
-            spec = speculative_generate(model, prompts, sampling=sampling)
+            spec = speculative_generate(model, prompts, sampling=sampling,
+                                        key=jax.random.fold_in(jax.random.key(FLAGS.seed), batch_index))
             out, extra = spec.output, f", MTP draft acceptance {spec.acceptance_rate:.1%}"
         else:
             out = dsjax.generate(model, prompts, sampling=sampling,

@@ -16,6 +16,19 @@ position n + 1:
 
 The output is exactly plain greedy decoding's (same argmax at every confirmed position); rows advance by one or two
 tokens independently (per-row cache slots). Only the first MTP depth is used for drafting.
+
+**Speculative sampling** (``temperature > 0``; Leviathan et al. 2023, Chen et al. 2023): the draft ``d`` is sampled
+from the MTP module's distribution ``q`` and the main model's ``p`` at position n + 1 decides: ``d`` is kept with
+probability ``min(1, p(d) / q(d))``; a rejected draft is replaced by a sample of ``norm(max(0, p - q))``; a kept
+draft is followed by a bonus token sampled from the main model's distribution at n + 2 given ``d``. Both ``p`` and
+``q`` are the sampling distributions (temperature, then top-k / top-p truncation), so every generated token is
+distributed exactly as in plain sampling with the same :class:`SamplingConfig` (a test checks the marginals against
+the exact ones); the random streams differ, so the samples themselves do not match :func:`generate`'s. Row ``b``'s
+step ``i`` draws from ``fold_in(fold_in(keys[b], i), j)``, ``j`` = 0 (accept test), 1 (residual), 2 (bonus),
+3 (next draft).
+
+``logprobs`` are those of :func:`~dsjax.inference.sample_tokens`: ``log softmax(logits / temperature)`` of the main
+model at each generated token (``log softmax(logits)`` when greedy).
 """
 
 from __future__ import annotations
@@ -29,7 +42,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsjax.inference.generate import GenerateOutput, _layout, _stop_ids, pad_prompts
-from dsjax.inference.sampling import SamplingConfig
+from dsjax.inference.sampling import SamplingConfig, _truncate
 from dsjax.model import Transformer, init_cache, mtp_draft_step, unstack_layers
 
 __all__ = ["SpeculativeOutput", "speculative_generate", "speculative_generate_tokens"]
@@ -51,12 +64,52 @@ class SpeculativeOutput:
         return float(jnp.sum(self.accepted) / jnp.maximum(jnp.sum(self.drafts), 1))
 
 
+def _log_probs(logits: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+    """``logits [..., V]`` -> (reported log-probs ``[..., V]``: log softmax at the temperature, before truncation;
+    the sampling distribution's log-probs ``[..., V]``: temperature, top-k / top-p, renormalised; -inf outside)."""
+    if cfg.greedy:
+        lp = jax.nn.log_softmax(logits, axis=-1)
+        return lp, lp
+    scaled = logits / cfg.temperature
+    flat = scaled.reshape(-1, scaled.shape[-1])
+    trunc = _truncate(flat, cfg.top_k, cfg.top_p).reshape(scaled.shape)
+    trunc = jnp.where(trunc <= jnp.finfo(trunc.dtype).min, -jnp.inf, trunc)
+    return jax.nn.log_softmax(scaled, axis=-1), jax.nn.log_softmax(trunc, axis=-1)
+
+
+def _pick(logq: jax.Array, keys: jax.Array, greedy: bool) -> jax.Array:
+    """A token per row from log-probs ``[B, V]``: argmax when greedy, else a sample with ``keys [B]``."""
+    if greedy:
+        return jnp.argmax(logq, -1).astype(jnp.int32)
+    return jax.vmap(jax.random.categorical)(keys, logq).astype(jnp.int32)
+
+
+def _verify(logp0: jax.Array, logq: jax.Array, draft: jax.Array, keys: jax.Array, greedy: bool):
+    """The token at n + 1 and whether the draft stands: ``logp0 [B, V]`` the main model's sampling log-probs there,
+    ``logq [B, V]`` the draft's, ``draft [B]``. Greedy: the argmax, kept iff it is the draft. Sampling: the draft
+    kept with probability ``min(1, p(d) / q(d))``, else a sample of ``norm(max(0, p - q))``."""
+    if greedy:
+        tok = jnp.argmax(logp0, -1).astype(jnp.int32)
+        return tok, tok == draft
+    take = lambda a: jnp.take_along_axis(a, draft[:, None], -1)[:, 0]  # noqa: E731
+    u = jax.vmap(lambda k: jax.random.uniform(k))(jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 0))
+    ok = jnp.log(u) < take(logp0) - take(logq)                     # u < p(d) / q(d), in logs (q(d) > 0: d ~ q)
+    resid = jnp.maximum(jnp.exp(logp0) - jnp.exp(logq), 0.0)
+    # p == q leaves no residual mass, and then the draft is always kept; the fallback only keeps the log finite
+    log_resid = jnp.where(jnp.sum(resid, -1, keepdims=True) > 0, jnp.log(resid), logp0)
+    alt = jax.vmap(jax.random.categorical)(jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 1), log_resid)
+    return jnp.where(ok, draft, alt.astype(jnp.int32)), ok
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "pad_id"))
-def speculative_generate_tokens(graphdef: Any, state: Any, prompts: jax.Array, prompt_lengths: jax.Array, *,
-                                cfg: SamplingConfig, pad_id: int = 0) -> SpeculativeOutput:
-    """Pure greedy speculative generator (see the module docstring); ``prompts [B, P]`` left-padded."""
-    if not cfg.greedy:
-        raise ValueError("speculative decoding here is greedy: use SamplingConfig(temperature=0)")
+def speculative_generate_tokens(graphdef: Any, state: Any, prompts: jax.Array, prompt_lengths: jax.Array,
+                                keys: jax.Array | None = None, *, cfg: SamplingConfig,
+                                pad_id: int = 0) -> SpeculativeOutput:
+    """Pure speculative generator (see the module docstring); ``prompts [B, P]`` left-padded, ``keys [B]`` one PRNG
+    key per row (needed unless ``cfg`` is greedy)."""
+    greedy = cfg.greedy
+    if not greedy and keys is None:
+        raise ValueError("speculative sampling (temperature > 0) needs keys: one PRNG key per row")
     model = nnx.merge(graphdef, state)
     mcfg = model.cfg
     if not len(model.mtp):
@@ -80,67 +133,82 @@ def speculative_generate_tokens(graphdef: Any, state: Any, prompts: jax.Array, p
         main = out.cache
         hidden.append(out.hidden)
     hidden = jnp.concatenate(hidden, axis=1)
-    first = jnp.argmax(model.logits_f32(hidden[:, -1]), -1).astype(jnp.int32)
+    keys = jax.random.split(jax.random.key(0), b) if keys is None else keys   # (unused when greedy)
+    step_keys = lambda i, j: jax.vmap(  # noqa: E731
+        lambda k: jax.random.fold_in(jax.random.fold_in(k, i), j))(keys)
+    rep0, samp0 = _log_probs(model.logits_f32(hidden[:, -1]), cfg)
+    first = _pick(samp0, step_keys(0, 2), greedy)                        # the first token: plain sampling
     nxt = jnp.concatenate([prompts[:, 1:], first[:, None]], axis=1)
     h_mtp, mtp = mtp_draft_step(model, 0, hidden, nxt, pos, mtp, 0, segment_ids=seg)
-    draft = jnp.argmax(model.logits_f32(h_mtp[:, -1]), -1).astype(jnp.int32)
+    logq = _log_probs(model.logits_f32(h_mtp[:, -1]), cfg)[1]
+    draft = _pick(logq, step_keys(0, 3), greedy)
     if cfg.unstack_layers:
         model = unstack_layers(model)  # once, outside the decode loop (see SamplingConfig.unstack_layers)
 
     rows = jnp.arange(b)
     out_tok = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(first)
-    out_lp = jnp.zeros((b, n), jnp.float32)
+    take = lambda a, t: jnp.take_along_axis(a, t[:, None], -1)[:, 0]  # noqa: E731
+    out_lp = jnp.zeros((b, n), jnp.float32).at[:, 0].set(take(rep0, first))
     gen = jnp.ones((b,), jnp.int32)
     done = jnp.isin(first, stops) | (gen >= n)
-    carry = (main, mtp, first, draft, prompt_lengths.astype(jnp.int32), out_tok, gen, done,
+    carry = (main, mtp, first, draft, logq, prompt_lengths.astype(jnp.int32), out_tok, out_lp, gen, done,
              jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32), jnp.int32(0))
 
     def cond(c):
-        return ~jnp.all(c[7])
+        return ~jnp.all(c[9])
+
+    def put(buf, at, value, where):
+        at = jnp.minimum(at, n - 1)
+        return buf.at[rows, at].set(jnp.where(where, value, buf[rows, at]))
 
     def body(c):
-        main, mtp, last, draft, cur, out_tok, gen, done, drafts, accepted, steps = c
+        main, mtp, last, draft, logq, cur, out_tok, out_lp, gen, done, drafts, accepted, steps = c
         toks = jnp.stack([last, draft], axis=1)
         positions = jnp.stack([cur, cur + 1], axis=1)
         slots = start + cur
         o = model(toks, jnp.ones((b, 2), jnp.int32), positions, cache=main, cache_index=slots, mla_impl="absorbed",
                   compute_logits=False, return_hidden=True)
-        g = jnp.argmax(model.logits_f32(o.hidden), -1).astype(jnp.int32)  # [B, 2]
-        g0, g1 = g[:, 0], g[:, 1]
-        ok = g0 == draft
+        rep, samp = _log_probs(model.logits_f32(o.hidden), cfg)           # [B, 2, V]: at n + 1, and n + 2 given d
+        i = steps + 1
+        g0, ok = _verify(samp[:, 0], logq, draft, step_keys(i, 0), greedy)
+        g1 = _pick(samp[:, 1], step_keys(i, 2), greedy)                  # the bonus token (kept only if ok)
+        g = jnp.stack([g0, g1], axis=1)
         h_m, mtp = mtp_draft_step(model, 0, o.hidden, g, positions, mtp, slots)
-        d_logits = model.logits_f32(jnp.where(ok[:, None], h_m[:, 1], h_m[:, 0]))
-        new_draft = jnp.argmax(d_logits, -1).astype(jnp.int32)
+        new_logq = _log_probs(model.logits_f32(jnp.where(ok[:, None], h_m[:, 1], h_m[:, 0])), cfg)[1]
+        new_draft = _pick(new_logq, step_keys(i, 3), greedy)
 
         active = ~done
-        out_tok = out_tok.at[rows, jnp.minimum(gen, n - 1)].set(jnp.where(active, g0, out_tok[rows, jnp.minimum(
-            gen, n - 1)]))
+        out_tok = put(out_tok, gen, g0, active)
+        out_lp = put(out_lp, gen, take(rep[:, 0], g0), active)
         gen1 = gen + active
         stop0 = jnp.isin(g0, stops)
         second = active & ok & ~stop0 & (gen1 < n)
-        out_tok = out_tok.at[rows, jnp.minimum(gen1, n - 1)].set(jnp.where(second, g1, out_tok[rows, jnp.minimum(
-            gen1, n - 1)]))
+        out_tok = put(out_tok, gen1, g1, second)
+        out_lp = put(out_lp, gen1, take(rep[:, 1], g1), second)
         gen2 = gen1 + second
         new_done = done | (active & stop0) | (second & jnp.isin(g1, stops)) | (gen2 >= n)
         last = jnp.where(second, g1, g0)
         cur = jnp.where(active, cur + 1 + second, cur)
-        return (o.cache, mtp, last, new_draft, cur, out_tok, gen2, new_done, drafts + active,
+        return (o.cache, mtp, last, new_draft, new_logq, cur, out_tok, out_lp, gen2, new_done, drafts + active,
                 accepted + (active & ok), steps + 1)
 
-    main, mtp, _, _, _, out_tok, gen, _, drafts, accepted, steps = jax.lax.while_loop(cond, body, carry)
+    (main, mtp, _, _, _, _, out_tok, out_lp, gen, _, drafts, accepted,
+     steps) = jax.lax.while_loop(cond, body, carry)
     out = GenerateOutput(tokens=out_tok, lengths=gen, logprobs=out_lp, prompt_lengths=prompt_lengths.astype(jnp.int32))
     return SpeculativeOutput(output=out, drafts=drafts, accepted=accepted, main_forwards=steps)
 
 
 def speculative_generate(model: Transformer, prompts: Sequence[Sequence[int]], *,
-                         sampling: SamplingConfig | None = None) -> SpeculativeOutput:
-    """Greedy MTP self-speculative generation of token-id prompts; same tokens as greedy :func:`generate`.
-
-    ``logprobs`` of the output are not computed on this path (zeros).
-    """
+                         sampling: SamplingConfig | None = None, key: jax.Array | None = None,
+                         seed: int = 0) -> SpeculativeOutput:
+    """MTP self-speculative generation of token-id prompts. Greedy (the default, ``temperature=0``): the same
+    tokens as greedy :func:`generate`. ``temperature > 0``: speculative sampling, distributed as :func:`generate`'s
+    samples with the same ``sampling`` (each row's key ``fold_in(key, b)``, default ``jax.random.key(seed)``)."""
     cfg = sampling or SamplingConfig(temperature=0.0)
     pad_id = model.cfg.pad_token_id if model.cfg.pad_token_id is not None else 0
     tokens, lengths = pad_prompts(prompts, cfg.length_bucket, pad_id)
     graphdef, state = nnx.split(model)
-    return speculative_generate_tokens(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), cfg=cfg,
-                                       pad_id=pad_id)
+    key = jax.random.key(seed) if key is None else key
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(len(prompts)))
+    return speculative_generate_tokens(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths),
+                                       None if cfg.greedy else keys, cfg=cfg, pad_id=pad_id)
