@@ -24,8 +24,9 @@ draft is followed by a bonus token sampled from the main model's distribution at
 ``q`` are the sampling distributions (temperature, then top-k / top-p truncation), so every generated token is
 distributed exactly as in plain sampling with the same :class:`SamplingConfig` (a test checks the marginals against
 the exact ones); the random streams differ, so the samples themselves do not match :func:`generate`'s. Row ``b``'s
-step ``i`` draws from ``fold_in(fold_in(keys[b], i), j)``, ``j`` = 0 (accept test), 1 (residual), 2 (bonus),
-3 (next draft).
+step ``i`` (0: the prefill) draws from ``fold_in(fold_in(keys[b], i), j)``: ``j`` = 0 the verification (folded
+again: 0 the accept test, 1 the residual sample), 2 the bonus token (the prefill: the first token), 3 the next
+draft.
 
 ``logprobs`` are those of :func:`~dsjax.inference.sample_tokens`: ``log softmax(logits / temperature)`` of the main
 model at each generated token (``log softmax(logits)`` when greedy).
