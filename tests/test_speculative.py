@@ -42,6 +42,9 @@ def test_speculative_equals_greedy_and_accepts_drafts(trained):
     spec = speculative_generate(trained, prompts, sampling=cfg)
     assert spec.output.to_lists() == plain.to_lists()
     np.testing.assert_array_equal(spec.output.lengths, plain.lengths)
+    valid = np.arange(12)[None] < np.asarray(plain.lengths)[:, None]          # log-probs as generate reports them
+    np.testing.assert_allclose(np.where(valid, spec.output.logprobs, 0), np.where(valid, plain.logprobs, 0),
+                               atol=2e-4)
     acc = np.asarray(spec.accepted) / np.maximum(np.asarray(spec.drafts), 1)
     assert acc[:3].min() > 0.8, acc
     assert int(spec.main_forwards) < 12  # fewer main forwards than tokens
@@ -68,12 +71,15 @@ def _exact_marginals(model, prompt, cfg, depth):
     by enumerating the (truncated) supports of the earlier tokens: ``[{token: probability}] * depth``."""
     from dsjax.inference.speculative import _log_probs
 
+    graphdef, state = nnx.split(model)
+    last = jax.jit(lambda st, ids: _log_probs(nnx.merge(graphdef, st)(ids).logits[:, -1].astype(jnp.float32),
+                                              cfg)[1])
     prefixes = {(): 1.0}
     out = []
     for _ in range(depth):
         seqs = list(prefixes)
         ids = jnp.asarray([list(prompt) + list(s) for s in seqs], jnp.int32)
-        probs = np.exp(np.asarray(_log_probs(model(ids).logits[:, -1].astype(jnp.float32), cfg)[1], np.float64))
+        probs = np.exp(np.asarray(last(state, ids), np.float64))
         marg, nxt = {}, {}
         for s, row in zip(seqs, probs):
             for v in np.flatnonzero(row > 0):
