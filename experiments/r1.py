@@ -52,6 +52,8 @@ flags.DEFINE_integer("min_prompts", None, "Override the preset's least disagreei
                      "dynamic sampling refills (default: --prompts; lower skips refills, the update keeps its shape).")
 flags.DEFINE_float("temperature", None, "Override the preset's GRPO sampling temperature (the policy trained is the "
                    "tempered one; > 1 keeps more groups disagreeing when the policy's entropy is low).")
+flags.DEFINE_bool("speculative_rollouts", False, "GRPO rollouts by MTP speculative sampling (same distribution as "
+                  "plain sampling; the policy's MTP module drafts).")
 flags.DEFINE_string("ops", None, "Override the preset's operators (subset of '+-*').")
 flags.DEFINE_integer("digits", None, "Override the preset's most digits per operand (1..5).")
 flags.DEFINE_integer("rejection_prompts", 64, "After GRPO: rejection-sample this many prompts (0: skip).")
@@ -228,7 +230,7 @@ def main(argv):
     # 3. GRPO with accuracy + format rewards on fresh prompts
     gcfg = GRPOConfig(num_generations=p["G"], beta=0.001, eps_low=0.2, eps_high=0.28, temperature=p["temperature"],
                       max_new_tokens=p["max_new"], loss_agg="token_mean", dynamic_sampling=p["dynamic_sampling"],
-                      mu=p["mu"], minibatches=p["minibatches"])
+                      mu=p["mu"], minibatches=p["minibatches"], speculative_rollouts=FLAGS.speculative_rollouts)
     trainer = GRPOTrainer(model, tok, rewards, gcfg, steps=grpo_steps, prompts_per_step=p["prompts"],
                           rollout_multiplier=p["rollout_multiplier"], min_prompts_per_step=p["min_prompts"],
                           optim=OptimConfig(learning_rate=p["grpo_lr"], warmup_steps=0, schedule="constant",

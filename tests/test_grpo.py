@@ -314,6 +314,47 @@ def test_trainer_log_probs_equal_the_samplers():
         np.testing.assert_allclose(lp[i][mask[i]], np.asarray(out.logprobs)[i, :clen[i]], rtol=1e-4, atol=1e-4)
 
 
+def test_speculative_rollouts_log_probs_equal_the_updates_and_train():
+    """GRPOConfig(speculative_rollouts=True): MTP speculative sampling's per-token log-probs are the update's
+    (the ratio starts at 1 on-policy), a trainer step runs and reports the draft acceptance, and a model without
+    an MTP module is refused."""
+    import itertools
+
+    from dsjax.data import DataConfig, make_tokenizer
+    from dsjax.data.synthetic import arithmetic_example
+    from dsjax.inference import SamplingConfig, pad_prompts, speculative_generate_tokens
+    from dsjax.rl.grpo import sequence_log_probs
+    from dsjax.rl.rewards import make_rewards
+    from dsjax.rl.trainer import GRPOTrainer
+
+    model = dsjax.Transformer(dsjax.configs.tiny(num_hidden_layers=2), rngs=nnx.Rngs(3))
+    prompts = [[1, 5, 9, 13], [1, 7], [1, 20, 30, 40, 50, 60]]
+    tokens, lengths = pad_prompts(prompts, 8)
+    s = SamplingConfig(max_new_tokens=10, temperature=0.8, length_bucket=8)
+    g, st = nnx.split(model)
+    spec = speculative_generate_tokens(g, st, jnp.asarray(tokens), jnp.asarray(lengths),
+                                       jax.random.split(jax.random.key(0), 3), cfg=s)
+    out = spec.output
+    comp, clen = np.asarray(out.tokens), np.asarray(out.lengths)
+    arr = completion_arrays(tokens, lengths, comp, clen)
+    lp = np.asarray(sequence_log_probs(model, *(jnp.asarray(arr[k]) for k in ("tokens", "segment_ids", "positions")),
+                                       0.8))
+    mask = arr["completion_mask"].astype(bool)
+    for i in range(3):
+        assert mask[i].sum() == clen[i] > 0
+        np.testing.assert_allclose(lp[i][mask[i]], np.asarray(out.logprobs)[i, :clen[i]], rtol=1e-4, atol=1e-4)
+
+    tok = make_tokenizer(DataConfig())
+    rewards = make_rewards(["accuracy"])
+    cfg = GRPOConfig(num_generations=2, beta=0.01, max_new_tokens=8, speculative_rollouts=True)
+    trainer = GRPOTrainer(model, tok, rewards, cfg, steps=1, prompts_per_step=2, log_samples_every=100)
+    history = trainer.train((arithmetic_example(0, i) for i in itertools.count()), 1, log_fn=lambda x: None)
+    assert 0.0 <= history[-1]["rollout_draft_acceptance"] <= 1.0 and np.isfinite(history[-1]["policy_loss"])
+    with pytest.raises(ValueError, match="speculative_rollouts"):
+        GRPOTrainer(dsjax.Transformer(dsjax.configs.tiny(num_nextn_predict_layers=0), rngs=nnx.Rngs(0)), tok,
+                    rewards, cfg, steps=1, prompts_per_step=2)
+
+
 def test_reward_metrics_cover_every_sampled_completion_under_dynamic_sampling():
     """Dynamic sampling trains only on groups whose rewards differ; the step's reward metrics are over every
     sampled completion (else a policy that gets better shows a flat reward: all-correct groups leave the batch)."""

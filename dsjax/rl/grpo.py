@@ -63,6 +63,9 @@ class GRPOConfig:
     max_new_tokens: int = 256
     dynamic_sampling: bool = False       # drop groups whose rewards all agree, refill with new prompts
     mask_truncated: bool = False         # completions without a stop token get no loss
+    # roll out with MTP speculative sampling (dsjax.inference.speculative): the same sampling distribution as
+    # plain decoding, fewer main-model forwards when the MTP drafts are accepted; needs an MTP module
+    speculative_rollouts: bool = False
 
     def __post_init__(self):
         if self.num_generations < 2:

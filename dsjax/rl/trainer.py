@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsjax.inference import SamplingConfig, generate_tokens, pad_prompts
+from dsjax.inference import SamplingConfig, generate_tokens, pad_prompts, speculative_generate_tokens
 from dsjax.model import Transformer
 from dsjax.rl.grpo import GRPOConfig, GRPOState, completion_arrays, group_advantages, make_grpo_step
 from dsjax.train.config import OptimConfig
@@ -117,9 +117,13 @@ class GRPOTrainer:
                  optim: OptimConfig | None = None, steps: int = 100, prompts_per_step: int = 8, seed: int = 0,
                  log_samples_every: int = 10, rollout_multiplier: int = 1, prompt_bucket: int = 16,
                  min_prompts_per_step: int | None = None):
+        if cfg.speculative_rollouts and not model.cfg.num_nextn_predict_layers:
+            raise ValueError("GRPOConfig(speculative_rollouts=True) drafts with the MTP module, and this model has "
+                             "none (num_nextn_predict_layers=0). Fix: speculative_rollouts=False")
         self.tokenizer = tokenizer
         self.rewards = list(rewards)
         self.cfg = cfg
+        self._acceptance: list[tuple[int, int]] = []   # (accepted, proposed) drafts of this step's rollouts
         self.steps = steps
         self.prompts_per_step = prompts_per_step
         self.seed = seed
@@ -159,7 +163,14 @@ class GRPOTrainer:
         graphdef, state = nnx.split(model)
         key = jax.random.fold_in(jax.random.key(self.seed), step)
         keys = jax.random.split(key, len(prompts))
-        out = generate_tokens(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), keys, cfg=self.sampling)
+        if self.cfg.speculative_rollouts:
+            spec = speculative_generate_tokens(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), keys,
+                                               cfg=self.sampling)
+            out = spec.output
+            self._acceptance.append((int(jnp.sum(spec.accepted)), int(jnp.sum(spec.drafts))))
+        else:
+            out = generate_tokens(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), keys,
+                                  cfg=self.sampling)
         comp = np.asarray(out.tokens)
         clen = np.asarray(out.lengths)
         last = comp[np.arange(len(clen)), np.maximum(clen - 1, 0)]
@@ -186,6 +197,7 @@ class GRPOTrainer:
         batch_ex: list[dict] = []
         parts, rolled = [], []   # rolled: the scores of every completion sampled this step (all tries)
         t_reward = t_rollout = 0.0
+        self._acceptance = []
         tries = 0
         while len(batch_ex) < self.min_prompts and tries < (4 if self.cfg.dynamic_sampling else 1):
             tries += 1
@@ -251,6 +263,9 @@ class GRPOTrainer:
             "train_tokens_per_s": self.cfg.mu * float(batch["completion_mask"].sum()) / max(t5 - t4, 1e-9),
             "prompts": float(len(batch_ex)), "step_time_s": time.perf_counter() - t0,
         }
+        if self._acceptance:
+            metrics["rollout_draft_acceptance"] = (sum(a for a, _ in self._acceptance)
+                                                   / max(sum(d for _, d in self._acceptance), 1))
         for k in upd[-1]:
             metrics[k] = float(np.mean([u[k] for u in upd]))
         samples = []
