@@ -227,25 +227,37 @@ def _contiguous_layout(group_sizes, m: int) -> _Layout:
     return _Layout(src, valid, tile_group, prow, row_valid, chunk_ends[-1])
 
 
-def _qdq_expert_tokens(x, group_sizes, dtype, eps: float = EPS, layout: _Layout | None = None):
+def _laid_out(a, layout: _Layout):
+    """``a [M, C]`` (rows sorted by group) on the 128-row tiles of ``layout``: ``[Mp, C]``, zero padding rows."""
+    return jnp.where(layout.valid[:, None], a[layout.src], 0).astype(a.dtype)
+
+
+def _unlaid(ap, layout: _Layout, dtype):
+    """The inverse of :func:`_laid_out`: ``ap [Mp, C]`` back to the source rows ``[M, C]`` (rows past the groups: 0)."""
+    return jnp.where(layout.row_valid[:, None], ap[layout.prow], 0).astype(dtype)
+
+
+def _qdq_tiles(ap, dtype, eps: float = EPS):
+    """128x1 tiles of a laid-out ``ap [Mp, C]``, dequantised: one scale per (tile, column), ``max(amax, eps) / 448``,
+    from the tile's rows. Each tile holds one expert's rows (zero padding never raises an amax), so these are the
+    128-token groups that start at each expert's first row."""
+    mp, c = ap.shape
+    a32 = ap.astype(jnp.float32).reshape(mp // BLOCK, BLOCK, c)
+    sc = _scale(jnp.max(jnp.abs(a32), axis=1, keepdims=True), eps, False)
+    return (_keep(_cast(a32, sc)).astype(jnp.float32) * sc).astype(dtype).reshape(mp, c)
+
+
+def _qdq_expert_tokens(x, group_sizes, dtype, eps: float = EPS):
     """128x1 tiles that never straddle two experts, dequantised, in x's layout (``x [M, K]``, rows sorted by group).
 
     Each expert's rows are cut into 128-row groups from the expert's own first row, as DeepSeek-V3 does by padding
-    every expert to a multiple of 128 tokens (the tiles of :func:`_contiguous_layout`); one scale per (group,
-    column), ``max(amax, eps) / 448``, from that group's own rows only. A group shared by two experts would scale
-    one expert's rows by the other's range. Rows past ``sum(group_sizes)`` (ignored by the grouped matmul) take the
-    scales of the last expert's last group.
-
-    The amax is a gather + reduction over each tile's rows (no scatter: a ``segment_max`` over rows is an atomic
-    scatter on GPUs).
+    every expert to a multiple of 128 tokens (the tiles of :func:`_contiguous_layout`, quantised by
+    :func:`_qdq_tiles`); one scale per (group, column) from that group's own rows only. A group shared by two
+    experts would scale one expert's rows by the other's range. Rows past ``sum(group_sizes)`` (ignored by the
+    grouped matmul) come back as zeros.
     """
-    m, k = x.shape
-    lay = layout if layout is not None else _contiguous_layout(group_sizes, m)
-    x32 = x.astype(jnp.float32)
-    amax = jnp.max(jnp.where(lay.valid[:, None], jnp.abs(x32)[lay.src], 0.0).reshape(-1, BLOCK, k), axis=1)
-    seg = jnp.where(lay.row_valid, lay.prow // BLOCK, jnp.maximum(lay.used_tiles - 1, 0))   # each row's tile
-    s = _scale(amax, eps, False)[seg]                                   # [M, K] per-row copy of its group's scales
-    return (_keep(_cast(x32, s)).astype(jnp.float32) * s).astype(dtype)
+    lay = _contiguous_layout(group_sizes, x.shape[0])
+    return _unlaid(_qdq_tiles(_laid_out(x, lay), dtype, eps), lay, dtype)
 
 
 def _qdq_blocks(w, dtype):
@@ -280,21 +292,6 @@ def _grouped_bwd(implementation, dtype, res, dy):
 _grouped.defvjp(_grouped_fwd, _grouped_bwd)
 
 
-def _laid_out(a, layout: _Layout):
-    """``a [M, C]`` (rows sorted by group) on the 128-row tiles of ``layout``: ``[Mp, C]``, zero padding rows."""
-    return jnp.where(layout.valid[:, None], a[layout.src], 0).astype(a.dtype)
-
-
-def _qdq_tiles(ap, dtype):
-    """128x1 tiles of a laid-out ``ap [Mp, C]``, dequantised: one scale per (tile, column) from the tile's rows.
-    Each tile holds one expert's rows (zero padding never raises an amax), so these are the 128-token groups
-    that start at each expert's first row, as in :func:`_qdq_expert_tokens`, without its per-row scale gather."""
-    mp, c = ap.shape
-    a32 = ap.astype(jnp.float32).reshape(mp // BLOCK, BLOCK, c)
-    sc = _scale(jnp.max(jnp.abs(a32), axis=1, keepdims=True), EPS, False)
-    return (_keep(_cast(a32, sc)).astype(jnp.float32) * sc).astype(dtype).reshape(mp, c)
-
-
 def _grouped_fp8_gemm(ap, layout: _Layout, wq, ws, out_dtype, implementation):
     """A laid-out ``ap [Mp, K]`` (:func:`_laid_out`) times per-group FP8 weights ``wq [G, N, K]`` (128x128 scales
     ``ws``) through the m-grouped FP8 GEMM: ``ap`` quantised in 1x128 tiles, multiplied, and the output rows
@@ -304,7 +301,7 @@ def _grouped_fp8_gemm(ap, layout: _Layout, wq, ws, out_dtype, implementation):
     with jax.named_scope("fp8_grouped_gemm"):
         out = fp8_gemm_grouped(aq, sa, wq, ws, layout.tile_group, out_dtype=out_dtype, implementation=implementation)
     with jax.named_scope("fp8_layout"):
-        return jnp.where(layout.row_valid[:, None], out[layout.prow], 0).astype(out_dtype)
+        return _unlaid(out, layout, out_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
