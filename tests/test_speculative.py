@@ -69,7 +69,7 @@ def test_speculative_needs_an_mtp_module():
 def _exact_marginals(model, prompt, cfg, depth):
     """Exact distributions of generated tokens 1..depth under plain sampling with ``cfg`` (temperature, top-k),
     by enumerating the (truncated) supports of the earlier tokens: ``[{token: probability}] * depth``."""
-    from dsjax.inference.speculative import _log_probs
+    from dsjax.inference.sampling import _log_probs
 
     graphdef, state = nnx.split(model)
     last = jax.jit(lambda st, ids: _log_probs(nnx.merge(graphdef, st)(ids).logits[:, -1].astype(jnp.float32),
@@ -131,7 +131,7 @@ def test_speculative_sampling_preserves_the_sampling_distribution(top_k, tempera
 def test_always_accepting_the_draft_would_fail_that_test():
     """The chi-square check has power: the draft distribution alone (what a sampler that always kept the MTP
     draft would emit for token 2) is far from the exact marginal."""
-    from dsjax.inference.speculative import _log_probs
+    from dsjax.inference.sampling import _log_probs
     from dsjax.model import init_cache, mtp_draft_step
 
     model = dsjax.Transformer(dsjax.configs.tiny(num_hidden_layers=2, vocab_size=48), rngs=nnx.Rngs(7))

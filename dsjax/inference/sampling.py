@@ -87,6 +87,21 @@ def _truncate(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
     return logits
 
 
+def _log_probs(logits: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+    """``logits [..., V]`` -> (reported log-probs ``[..., V]``: log softmax at the temperature, before truncation,
+    as :func:`sample_tokens` reports them; the log-probs of the distribution it samples from ``[..., V]``:
+    temperature, top-k / top-p, renormalised, -inf outside). For samplers that need the whole distribution
+    (speculative sampling's accept test)."""
+    if cfg.greedy:
+        lp = jax.nn.log_softmax(logits, axis=-1)
+        return lp, lp
+    scaled = logits / cfg.temperature
+    flat = scaled.reshape(-1, scaled.shape[-1])
+    trunc = _truncate(flat, cfg.top_k, cfg.top_p).reshape(scaled.shape)
+    trunc = jnp.where(trunc <= jnp.finfo(trunc.dtype).min, -jnp.inf, trunc)
+    return jax.nn.log_softmax(scaled, axis=-1), jax.nn.log_softmax(trunc, axis=-1)
+
+
 def sample_tokens(logits: jax.Array, keys: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
     """``logits [B, V]`` (float32), ``keys [B]`` -> ``(tokens [B] int32, logprobs [B] float32)``."""
     logits = logits.astype(jnp.float32)

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsjax.inference.generate import GenerateOutput, _layout, _stop_ids, pad_prompts
-from dsjax.inference.sampling import SamplingConfig, _truncate
+from dsjax.inference.sampling import SamplingConfig, _log_probs
 from dsjax.model import Transformer, init_cache, mtp_draft_step, unstack_layers
 
 __all__ = ["SpeculativeOutput", "speculative_generate", "speculative_generate_tokens"]
@@ -65,17 +65,9 @@ class SpeculativeOutput:
         return float(jnp.sum(self.accepted) / jnp.maximum(jnp.sum(self.drafts), 1))
 
 
-def _log_probs(logits: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
-    """``logits [..., V]`` -> (reported log-probs ``[..., V]``: log softmax at the temperature, before truncation;
-    the sampling distribution's log-probs ``[..., V]``: temperature, top-k / top-p, renormalised; -inf outside)."""
-    if cfg.greedy:
-        lp = jax.nn.log_softmax(logits, axis=-1)
-        return lp, lp
-    scaled = logits / cfg.temperature
-    flat = scaled.reshape(-1, scaled.shape[-1])
-    trunc = _truncate(flat, cfg.top_k, cfg.top_p).reshape(scaled.shape)
-    trunc = jnp.where(trunc <= jnp.finfo(trunc.dtype).min, -jnp.inf, trunc)
-    return jax.nn.log_softmax(scaled, axis=-1), jax.nn.log_softmax(trunc, axis=-1)
+def _at(a: jax.Array, t: jax.Array) -> jax.Array:
+    """``a [B, V]`` at the tokens ``t [B]``: ``[B]``."""
+    return jnp.take_along_axis(a, t[:, None], -1)[:, 0]
 
 
 def _pick(logq: jax.Array, keys: jax.Array, greedy: bool) -> jax.Array:
@@ -92,9 +84,8 @@ def _verify(logp0: jax.Array, logq: jax.Array, draft: jax.Array, keys: jax.Array
     if greedy:
         tok = jnp.argmax(logp0, -1).astype(jnp.int32)
         return tok, tok == draft
-    take = lambda a: jnp.take_along_axis(a, draft[:, None], -1)[:, 0]  # noqa: E731
     u = jax.vmap(lambda k: jax.random.uniform(k))(jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 0))
-    ok = jnp.log(u) < take(logp0) - take(logq)                     # u < p(d) / q(d), in logs (q(d) > 0: d ~ q)
+    ok = jnp.log(u) < _at(logp0, draft) - _at(logq, draft)        # u < p(d) / q(d), in logs (q(d) > 0: d ~ q)
     resid = jnp.maximum(jnp.exp(logp0) - jnp.exp(logq), 0.0)
     # p == q leaves no residual mass, and then the draft is always kept; the fallback only keeps the log finite
     log_resid = jnp.where(jnp.sum(resid, -1, keepdims=True) > 0, jnp.log(resid), logp0)
@@ -148,8 +139,7 @@ def speculative_generate_tokens(graphdef: Any, state: Any, prompts: jax.Array, p
 
     rows = jnp.arange(b)
     out_tok = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(first)
-    take = lambda a, t: jnp.take_along_axis(a, t[:, None], -1)[:, 0]  # noqa: E731
-    out_lp = jnp.zeros((b, n), jnp.float32).at[:, 0].set(take(rep0, first))
+    out_lp = jnp.zeros((b, n), jnp.float32).at[:, 0].set(_at(rep0, first))
     gen = jnp.ones((b,), jnp.int32)
     done = jnp.isin(first, stops) | (gen >= n)
     carry = (main, mtp, first, draft, logq, prompt_lengths.astype(jnp.int32), out_tok, out_lp, gen, done,
@@ -180,12 +170,12 @@ def speculative_generate_tokens(graphdef: Any, state: Any, prompts: jax.Array, p
 
         active = ~done
         out_tok = put(out_tok, gen, g0, active)
-        out_lp = put(out_lp, gen, take(rep[:, 0], g0), active)
+        out_lp = put(out_lp, gen, _at(rep[:, 0], g0), active)
         gen1 = gen + active
         stop0 = jnp.isin(g0, stops)
         second = active & ok & ~stop0 & (gen1 < n)
         out_tok = put(out_tok, gen1, g1, second)
-        out_lp = put(out_lp, gen1, take(rep[:, 1], g1), second)
+        out_lp = put(out_lp, gen1, _at(rep[:, 1], g1), second)
         gen2 = gen1 + second
         new_done = done | (active & stop0) | (second & jnp.isin(g1, stops)) | (gen2 >= n)
         last = jnp.where(second, g1, g0)
