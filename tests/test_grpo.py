@@ -293,17 +293,24 @@ def test_rejection_sampling_keeps_accepted_unique_completions_and_writes_sft_jso
 def test_trainer_log_probs_equal_the_samplers():
     """The update's log-probs of a rollout (completion_arrays layout: left-padded prompts, positions restarting at
     each prompt) equal the per-token log-probs the sampler returned, so the ratio starts at 1 on-policy."""
-    from dsjax.inference import SamplingConfig, generate_tokens, pad_prompts
+    from dsjax.inference import generate_tokens
+
+    model = dsjax.Transformer(dsjax.configs.tiny(num_nextn_predict_layers=0), rngs=nnx.Rngs(3))
+    _check_rollout_log_probs(model, generate_tokens)
+
+
+def _check_rollout_log_probs(model, sampler):
+    """Rolls out three prompts with ``sampler(graphdef, state, tokens, lengths, keys, cfg=...) -> GenerateOutput``
+    at temperature 0.8 and checks its per-token log-probs against the update's (``sequence_log_probs`` over the
+    ``completion_arrays`` layout)."""
+    from dsjax.inference import SamplingConfig, pad_prompts
     from dsjax.rl.grpo import sequence_log_probs
 
-    cfg = dsjax.configs.tiny(num_nextn_predict_layers=0)
-    model = dsjax.Transformer(cfg, rngs=nnx.Rngs(3))
     prompts = [[1, 5, 9, 13], [1, 7], [1, 20, 30, 40, 50, 60]]
     tokens, lengths = pad_prompts(prompts, 8)
     s = SamplingConfig(max_new_tokens=10, temperature=0.8, length_bucket=8)
     g, st = nnx.split(model)
-    out = generate_tokens(g, st, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.split(jax.random.key(0), 3),
-                          cfg=s)
+    out = sampler(g, st, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.split(jax.random.key(0), 3), cfg=s)
     comp, clen = np.asarray(out.tokens), np.asarray(out.lengths)
     arr = completion_arrays(tokens, lengths, comp, clen)
     lp = np.asarray(sequence_log_probs(model, *(jnp.asarray(arr[k]) for k in ("tokens", "segment_ids", "positions")),
@@ -322,27 +329,12 @@ def test_speculative_rollouts_log_probs_equal_the_updates_and_train():
 
     from dsjax.data import DataConfig, make_tokenizer
     from dsjax.data.synthetic import arithmetic_example
-    from dsjax.inference import SamplingConfig, pad_prompts, speculative_generate_tokens
-    from dsjax.rl.grpo import sequence_log_probs
+    from dsjax.inference import speculative_generate_tokens
     from dsjax.rl.rewards import make_rewards
     from dsjax.rl.trainer import GRPOTrainer
 
     model = dsjax.Transformer(dsjax.configs.tiny(num_hidden_layers=2), rngs=nnx.Rngs(3))
-    prompts = [[1, 5, 9, 13], [1, 7], [1, 20, 30, 40, 50, 60]]
-    tokens, lengths = pad_prompts(prompts, 8)
-    s = SamplingConfig(max_new_tokens=10, temperature=0.8, length_bucket=8)
-    g, st = nnx.split(model)
-    spec = speculative_generate_tokens(g, st, jnp.asarray(tokens), jnp.asarray(lengths),
-                                       jax.random.split(jax.random.key(0), 3), cfg=s)
-    out = spec.output
-    comp, clen = np.asarray(out.tokens), np.asarray(out.lengths)
-    arr = completion_arrays(tokens, lengths, comp, clen)
-    lp = np.asarray(sequence_log_probs(model, *(jnp.asarray(arr[k]) for k in ("tokens", "segment_ids", "positions")),
-                                       0.8))
-    mask = arr["completion_mask"].astype(bool)
-    for i in range(3):
-        assert mask[i].sum() == clen[i] > 0
-        np.testing.assert_allclose(lp[i][mask[i]], np.asarray(out.logprobs)[i, :clen[i]], rtol=1e-4, atol=1e-4)
+    _check_rollout_log_probs(model, lambda *a, **k: speculative_generate_tokens(*a, **k).output)
 
     tok = make_tokenizer(DataConfig())
     rewards = make_rewards(["accuracy"])
