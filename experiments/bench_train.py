@@ -113,6 +113,9 @@ def main(argv):
     from dsjax.train.metrics import peak_flops_per_device
     from dsjax.train.step import flops_per_token
 
+    # HF first, before JAX starts its backend and takes 75% of the GPU's memory (on an 80 GB card the torch run
+    # then ran out of memory)
+    hf = bench_hf() if FLAGS.hf else None
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} x{jax.device_count()} ({dev.platform}), jax {jax.__version__}", flush=True)
     rows = []
@@ -123,8 +126,7 @@ def main(argv):
         except Exception as e:  # noqa: BLE001 - report OOM / unsupported variants and go on
             rows.append({"variant": v or "(preset)", "error": f"{type(e).__name__}: {str(e)[:300]}"})
         print(json.dumps(rows[-1]), flush=True)
-    if FLAGS.hf:
-        hf = bench_hf()
+    if hf is not None:
         cfg = tc.apply_overrides(tc.get(FLAGS.config), [f"data.seq_len={FLAGS.seq_len}", "loss.mtp_lambda=0",
                                                         "model.num_nextn_predict_layers=0"])
         peak = peak_flops_per_device(dev.device_kind, FLAGS.peak_tflops)

@@ -32,7 +32,12 @@ from pallas_kernels import hardware
 __all__ = ["grouped_matmul", "mosaic_gpu_supported", "pad_rows", "vary_like"]
 
 Implementation = Literal["auto", "xla", "tiled", "mosaic_gpu"]
-_BLOCK_M, _BLOCK_N, _BLOCK_K, _STAGES = 128, 128, 64, 4
+_BLOCK_M, _BLOCK_N, _BLOCK_K = 128, 128, 64
+# Pipeline depth (forward, activation gradient) and the weight gradient's N-band of the planar-snake tile order, from
+# a sweep on an H100 at `small`'s fused gate/up shape (experiments/bench_grouped_matmul.py --sweep,
+# docs/benchmarks.md): 6 stages ran the forward 1.23x faster than 4 (4 stay best for the activation gradient), and
+# bands of 4 tile columns (``_grid_block_n``) ran the weight gradient 1.15x faster than 1.
+_FWD_STAGES, _DGRAD_STAGES, _WGRAD_STAGES = 6, 4, 4
 
 
 def mosaic_gpu_supported(x: jax.Array, w: jax.Array) -> bool:
@@ -55,7 +60,8 @@ def _mgpu_forward(x, w, group_sizes, transpose_rhs=False):
 
     n = w.shape[1] if transpose_rhs else w.shape[2]
     out = ragged_dot_mgpu.ragged_dot(x, w, group_sizes=group_sizes, block_m=_BLOCK_M, block_n=_BLOCK_N,
-                                     block_k=_BLOCK_K, max_concurrent_steps=_STAGES,
+                                     block_k=_BLOCK_K,
+                                     max_concurrent_steps=_DGRAD_STAGES if transpose_rhs else _FWD_STAGES,
                                      grid_block_n=_grid_block_n(n), transpose_rhs=transpose_rhs)
     return vary_like(out, x, w, group_sizes)
 
@@ -65,7 +71,7 @@ def _mgpu_weight_grad(x, dy, group_sizes):
 
     dw = transposed_ragged_dot_mgpu.transposed_ragged_dot(
         x, dy, group_sizes=group_sizes, block_m=_BLOCK_M, block_n=_BLOCK_N, block_k=_BLOCK_K,
-        max_concurrent_steps=_STAGES, grid_block_n=1)
+        max_concurrent_steps=_WGRAD_STAGES, grid_block_n=_grid_block_n(dy.shape[1]))
     return vary_like(dw, x, dy, group_sizes)
 
 

@@ -586,6 +586,34 @@ def test_fp8_grouped_linear_fp8_gemm_matches_dequantised_path():
         fp8_grouped_linear(x, w, sizes, gemm="fp16")
 
 
+@pytest.mark.parametrize("f", [128, 64])
+def test_fused_gate_up_quantises_as_separate_gemms(f):
+    """expert_ffn runs gate and up as one grouped GEMM on [G, D, 2F]; under FP8 that is fused only when F % 128 == 0,
+    where no weight block or gradient tile straddles the two, so output and gradients equal the separate GEMMs' up to
+    summation order (F = 64 keeps them separate: exactly equal)."""
+    from pallas_kernels import fp8_grouped_linear
+
+    from dsjax.model.moe import expert_ffn
+
+    sizes = jnp.array([70, 0, 130, 40], jnp.int32)
+    ks = jax.random.split(jax.random.key(5), 5)
+    xs = jax.random.normal(ks[0], (240, 256))
+    wg, wu = (jax.random.normal(k, (4, 256, f)) * 0.05 for k in ks[1:3])
+    wd = jax.random.normal(ks[3], (4, f, 256)) * 0.05
+    dy = jax.random.normal(ks[4], (240, 256))
+
+    def separate(xs, wg, wu, wd):
+        gmm = functools.partial(fp8_grouped_linear, group_sizes=sizes, compute_dtype=jnp.float32,
+                                implementation="xla", gemm="bf16")
+        return gmm(jax.nn.silu(gmm(xs, wg)) * gmm(xs, wu), wd)
+
+    fused = functools.partial(expert_ffn, group_sizes=sizes, implementation="xla", dtype=jnp.float32, fp8="bf16")
+    y0, vjp0 = jax.vjp(separate, xs, wg, wu, wd)
+    y1, vjp1 = jax.vjp(fused, xs, wg, wu, wd)
+    for name, a, b in zip(("y", "dx", "dwg", "dwu", "dwd"), (y1, *vjp1(dy)), (y0, *vjp0(dy))):
+        assert _rel(a, b) < (1e-5 if f % 128 == 0 else 1e-7), (name, _rel(a, b))
+
+
 def test_model_with_fp8_grouped_gemm_matches_default():
     """ModelConfig.fp8_grouped_gemm="fp8" (tiny, float32 compute, unscanned): loss and gradients equal the default
     FP8 expert path's up to summation order; an unknown mode is a config error."""

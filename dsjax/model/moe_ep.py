@@ -41,14 +41,12 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels import fp8_grouped_linear, grouped_matmul
 from pallas_kernels.grouped_matmul import cotangent_like, match_varying
 
 from dsjax.model.layers import dtype_of
-from dsjax.model.moe import RoutedExperts, _dispatch, _permute
+from dsjax.model.moe import RoutedExperts, _dispatch, _permute, expert_ffn
 from dsjax.sharding import Plan
 
 __all__ = ["expert_parallel", "dispatch_mode", "ragged_all_to_all_emulated", "ragged_layout"]
@@ -72,16 +70,10 @@ def _inverse(order: jax.Array) -> jax.Array:
 
 
 def _ffn(xs, wg, wu, wd, group_sizes, impl: str, dt, fp8: bool | str = False):
-    """SwiGLU over rows grouped by expert: ``[R, D] -> [R, D]`` (three grouped matmuls, as in ``RoutedExperts``;
-    with ``fp8`` (False or ``ModelConfig.fp8_grouped_gemm``: "auto" / "bf16" / "fp8") on FP8-quantised operands through
-    ``fp8_grouped_linear``, as there)."""
-    if fp8:
-        gmm = lambda a, w: checkpoint_name(fp8_grouped_linear(a, w, group_sizes, compute_dtype=dt,  # noqa: E731
-                                                              implementation=impl, gemm=fp8), "moe_gmm")
-    else:
-        gmm = lambda a, w: checkpoint_name(grouped_matmul(a, w, group_sizes, implementation=impl), "moe_gmm")
-    h = jax.nn.silu(gmm(xs, wg)) * gmm(xs, wu)
-    return gmm(h.astype(dt), wd)
+    """SwiGLU over rows grouped by expert: ``[R, D] -> [R, D]`` (``moe.expert_ffn``, as in ``RoutedExperts``; with
+    ``fp8`` (False or ``ModelConfig.fp8_grouped_gemm``: "auto" / "bf16" / "fp8") on FP8-quantised operands through
+    ``fp8_grouped_linear``, as there). Under tensor parallelism each shard fuses its own gate and up columns."""
+    return expert_ffn(xs, wg, wu, wd, group_sizes, implementation=impl, dtype=dt, fp8=fp8)
 
 
 def _combine(out: jax.Array, weights: jax.Array, t: int, k: int) -> jax.Array:
