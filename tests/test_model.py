@@ -284,7 +284,7 @@ def test_scanned_stack_matches_unrolled(tmp_path):
     np.testing.assert_array_equal(a.moe["indices"], b.moe["indices"])
 
 
-@pytest.mark.parametrize("policy", ["none", "full", "dots", "dots_no_batch", "save_attn_out"])
+@pytest.mark.parametrize("policy", ["none", "full", "dots", "dots_no_batch", "dots_attn", "save_attn_out"])
 def test_remat_policies_give_same_gradients(policy):
     cfg = configs.tiny(scan_layers=True, remat_policy=policy, num_hidden_layers=3)
     model = Transformer(cfg, rngs=nnx.Rngs(0))
@@ -309,6 +309,28 @@ def test_remat_policies_give_same_gradients(policy):
     else:
         np.testing.assert_allclose(val, ref[0], rtol=1e-5)
         np.testing.assert_allclose(flat, ref[1], atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_dots_attn_policy_saves_the_fused_attention_forward():
+    """remat_policy="dots_attn" keeps cuDNN's forward attention outputs for the backward pass: the compiled gradient
+    of a 2-layer bf16 `small` holds fewer cuDNN forward kernels than under "dots_no_batch", whose backward pass
+    recomputes the forward attention."""
+    import re
+
+    def fwd_calls(policy):
+        cfg = configs.small(remat_policy=policy, num_hidden_layers=2, num_nextn_predict_layers=0)
+        model = Transformer(cfg, rngs=nnx.Rngs(0))
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        ids = _ids(cfg, 2, 256)
+        loss = lambda p: jnp.mean(nnx.merge(graphdef, p, rest)(ids).logits.astype(jnp.float32) ** 2)  # noqa: E731
+        hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+        targets = re.findall(r'custom_call_target="(__cudnn\$fmha[A-Za-z0-9]*)"', hlo)
+        return sum("Backward" not in t for t in targets)     # forward kernels in the program (static count)
+
+    n_save, n_recompute = fwd_calls("dots_attn"), fwd_calls("dots_no_batch")
+    assert n_recompute > 0, "no cuDNN attention in the compiled step"
+    assert n_save < n_recompute, (n_save, n_recompute)
 
 
 def test_mtp_costs_nothing_when_not_requested():
