@@ -640,7 +640,7 @@ def small(**overrides: Any) -> ModelConfig:
         topk_group=4, routed_scaling_factor=2.5, norm_topk_prob=True, scoring_func="sigmoid",
         topk_method="noaux_tc", first_k_dense_replace=1, aux_loss_alpha=1e-4, num_nextn_predict_layers=1,
         bos_token_id=1, eos_token_id=2, pad_token_id=0, dtype="bfloat16", param_dtype="float32",
-        scan_layers=True, remat_policy="dots_no_batch",
+        scan_layers=True, remat_policy="dots_attn",
     )
     return ModelConfig(**{**base, **overrides})
 
