@@ -155,6 +155,13 @@ def _permute(x: jax.Array, perm: jax.Array, inverse: jax.Array) -> jax.Array:
 _permute.defvjp(lambda x, p, i: (_rows(x, p), (i,)), lambda res, ct: (_rows(ct, res[0]), None, None))
 
 
+# Forwards of at most this many tokens per sequence are decode steps for the MoE's path choice: plain decoding (1)
+# and MTP speculative verification (2: the last token and the draft). The verification thus takes the plain step's
+# dense path (each expert's weights read once, no sort) rather than the grouped kernels; on the grouped path a
+# verification step at batch 32 took twice a plain step's time (H200, docs/benchmarks.md).
+DECODE_TOKENS_PER_ROW = 2
+
+
 def expert_ffn(xs: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array, group_sizes: jax.Array, *,
                implementation: str, dtype, fp8: bool | str = False) -> jax.Array:
     """SwiGLU over rows sorted by expert, ``xs [M, D] -> [M, D]``: ``silu(xs wg_g) * (xs wu_g)`` then ``wd_g``
@@ -223,7 +230,8 @@ class RoutedExperts(nnx.Module):
 
     def __call__(self, x: jax.Array, indices: jax.Array, weights: jax.Array, *, decode: bool = False) -> jax.Array:
         """``x [T, D]``, ``indices/weights [T, K] -> [T, D]`` (sum over the K chosen experts, weighted).
-        ``decode``: the T tokens are one decode step (one per sequence), which allows the dense path."""
+        ``decode``: the T tokens are a decode step (at most ``DECODE_TOKENS_PER_ROW`` per sequence: one new token,
+        or a speculative verification's two), which allows the dense path."""
         t, k = indices.shape
         e = self.cfg.n_routed_experts
         dt = dtype_of(self.cfg.dtype)
@@ -303,8 +311,8 @@ class MoE(nnx.Module):
             r = self.gate(flat_x)
         plan = current_plan()
         with jax.named_scope("routed_experts"):
-            if plan is None:   # s == 1: one decode step (one new token per sequence)
-                y = self.experts(flat_x, r.indices, r.weights, decode=s == 1).reshape(b, s, d)
+            if plan is None:   # s <= 2: a decode step (one new token per sequence, or a verification's two)
+                y = self.experts(flat_x, r.indices, r.weights, decode=s <= DECODE_TOKENS_PER_ROW).reshape(b, s, d)
             else:  # on a mesh: shard_map, tokens travel to their experts (dsjax.model.moe_ep)
                 from dsjax.model.moe_ep import expert_parallel
 
