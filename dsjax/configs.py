@@ -43,7 +43,7 @@ SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_attn", "save_attn_out")
-ATTENTION_IMPLS = ("auto", "einsum", "cudnn", "cudnn_mla", "jax")
+ATTENTION_IMPLS = ("auto", "einsum", "cudnn", "cudnn_mla", "cudnn_packed", "jax")
 GROUPED_MATMUL_IMPLS = ("auto", "xla", "tiled", "mosaic_gpu")
 ROPE_TYPES = ("default", "yarn")
 FP8_PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj",
@@ -191,9 +191,15 @@ class ModelConfig:
     # "auto": cuDNN flash attention on Hopper GPUs with bf16/fp16 compute ("cudnn_mla" where cuDNN >= 9.10 and the
     # value head size differs from the key's, else "cudnn"), else "einsum" (explicit scores, any backend);
     # "cudnn": always cuDNN (dense document mask, V zero-padded to the key size); "cudnn_mla": cuDNN's MLA mode with
-    # unpadded V (key and value head sizes differ; cuDNN >= 9.10, Hopper; jax's internal API); "jax":
-    # jax.nn.dot_product_attention with its default (XLA) backend.
+    # unpadded V (key and value head sizes differ; cuDNN >= 9.10, Hopper; jax's internal API); "cudnn_packed" (see
+    # attention_max_documents; opt-in, not yet timed on a GPU); "jax": jax.nn.dot_product_attention with its
+    # default (XLA) backend.
     attention_impl: str = "auto"
+    # "cudnn_packed": packed documents (training and prefill without a cache) described to cuDNN by per-row
+    # document offsets and lengths (its packed "THD" layout: causal within each document, no dense [B,S,S] mask,
+    # blocks outside the documents skipped); rows with more than this many documents fall back to the dense-mask
+    # kernel (decided per step on the device, lax.cond)
+    attention_max_documents: int = 16
     # routed-expert grouped matmuls: "auto" (Mosaic GPU kernels on Hopper, else XLA ragged_dot), "xla", "mosaic_gpu"
     grouped_matmul_impl: str = "auto"
     # decode steps (one new token per sequence) of at most this many tokens whose (token, expert) pairs are too many
@@ -321,6 +327,10 @@ class ModelConfig:
                   "use 0 to always use the grouped/gathered expert paths, or a token bound such as 128")
         if self.attention_impl not in ATTENTION_IMPLS:
             _fail("attention_impl", self.attention_impl, "is unknown", f"use one of {ATTENTION_IMPLS}")
+        if isinstance(self.attention_max_documents, bool) or not isinstance(self.attention_max_documents, int) \
+                or self.attention_max_documents < 1:
+            _fail("attention_max_documents", self.attention_max_documents, "must be an int >= 1",
+                  "use the most documents a packed row holds, such as 16")
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if isinstance(self.rope_scaling, dict):
@@ -435,7 +445,8 @@ class ModelConfig:
             "model_type": "deepseek_v3" if v3 else "deepseek_v2",
         }
         skip = {"rope_scaling", "quantization_config", "dtype", "param_dtype", "scan_layers", "remat_policy",
-                "attention_impl", "grouped_matmul_impl", "moe_dense_decode_tokens", "eos_token_id", "fp8",
+                "attention_impl", "attention_max_documents", "grouped_matmul_impl", "moe_dense_decode_tokens",
+                "eos_token_id", "fp8",
                 "fp8_bf16_layers", "fp8_bf16_projections", "fp8_grouped_gemm"}
         for f in dataclasses.fields(self):
             if f.name not in skip:
@@ -470,7 +481,7 @@ _HF_ALIASES = {"num_mtp_layers": "num_nextn_predict_layers", "num_experts": "n_r
 # Every other key that is not a ModelConfig field (auto_map, ep_size, use_cache, ...) carries no architecture
 # information and is ignored.
 _HF_IGNORED = {"dtype", "torch_dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
-               "grouped_matmul_impl", "moe_dense_decode_tokens", "fp8", "fp8_bf16_layers",
+               "attention_max_documents", "grouped_matmul_impl", "moe_dense_decode_tokens", "fp8", "fp8_bf16_layers",
                "fp8_bf16_projections", "fp8_grouped_gemm"}
 
 

@@ -422,3 +422,113 @@ def test_dot_f32_out_has_low_precision_backward():
     assert gx.dtype == jnp.bfloat16 and gw.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(gx, np.float32), rx, rtol=3e-2, atol=3e-2)
     np.testing.assert_allclose(np.asarray(gw, np.float32), rw, rtol=3e-2, atol=3e-2)
+
+
+# ----------------------------------------------------------------------------------------------- packed documents
+def test_document_runs_describe_each_rows_documents():
+    from dsjax.model.mla import document_runs
+
+    seg = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1], [1, 2, 3, 4, 5, 6, 7, 0]], jnp.int32)
+    offsets, lengths, runs = document_runs(seg, 4)
+    np.testing.assert_array_equal(runs, [4, 1, 8])
+    np.testing.assert_array_equal(offsets, [[0, 3, 5, 6, -1], [0, -1, -1, -1, -1], [0, 1, 2, 3, -1]])
+    np.testing.assert_array_equal(lengths, [[3, 2, 1, 2], [8, -1, -1, -1], [1, 1, 1, 1]])   # row 2: runs past M
+
+
+def _reference_cudnn(calls):
+    """A test-only stand-in for jax's cuDNN attention entry point on the CPU, written from its documented semantics:
+    documents from ``q_offsets``/``q_seqlen`` (packed layout, causal within each), else the ``mask`` and causal
+    flag. Records at run time which form was called."""
+    import jax._src.cudnn.fused_attention_stablehlo as fa
+
+    def attention(query, key, value, bias=None, mask=None, q_seqlen=None, kv_seqlen=None, q_offsets=None,
+                  kv_offsets=None, *, scale=1.0, mask_type=fa.MaskType.NO_MASK, qkv_layout="BTNH", **_):
+        s, t = query.shape[1], key.shape[1]
+        causal = jnp.arange(t)[None, :] <= jnp.arange(s)[:, None]
+        if q_offsets is not None:
+            assert q_offsets.shape[1] == q_seqlen.shape[1] + 1 and mask is None and qkv_layout == "BTNH"
+            starts, lens = q_offsets[:, :-1, None], q_seqlen[:, :, None]
+            i = jnp.arange(s)[None, None, :]
+            inside = (starts >= 0) & (i >= starts) & (i < starts + lens)                 # [B, M, S]
+            doc = jnp.where(inside.any(1), jnp.argmax(inside, axis=1), -1)
+            allowed = (doc[:, :, None] == doc[:, None, :]) & (doc[:, :, None] >= 0) & causal
+            jax.debug.callback(lambda: calls.append("packed"))
+        else:
+            allowed = jnp.broadcast_to(mask[:, 0] if mask is not None else True, (query.shape[0], s, t))
+            if mask_type == fa.MaskType.CAUSAL:
+                allowed = allowed & causal
+            jax.debug.callback(lambda: calls.append("dense"))
+        scores = jnp.einsum("bsnh,btnh->bnst", query, key, preferred_element_type=jnp.float32) * scale
+        p = jax.nn.softmax(jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min), axis=-1)
+        return jnp.einsum("bnst,btnv->bsnv", p, value.astype(jnp.float32)).astype(value.dtype)
+
+    return attention
+
+
+@pytest.mark.parametrize("max_docs,branch", [(4, "packed"), (2, "dense")])
+def test_cudnn_packed_attention_matches_the_dense_mask(monkeypatch, max_docs, branch):
+    """attention_impl="cudnn_packed" describes each row's documents to cuDNN by offsets and lengths (V padded to
+    the key head size), and falls back on the device to the dense-mask kernel when a row holds more documents than
+    attention_max_documents. Checked on the CPU against the einsum path (logits and gradients) with a stand-in for
+    the cuDNN entry point written from jax's documented semantics; GPU: tools/device/next_session.sh."""
+    import jax._src.cudnn.fused_attention_stablehlo as fa
+
+    from dsjax.model import mla
+
+    calls = []
+    monkeypatch.setattr(fa, "dot_product_attention", _reference_cudnn(calls))
+    monkeypatch.setattr(mla, "_cudnn_flash_available", lambda dtype: True)
+    monkeypatch.setattr(mla, "_cudnn_mla_available", lambda: True)
+    seg = jnp.array([[1] * 5 + [2] * 7 + [3] * 4, [1] * 10 + [2] * 6], jnp.int32)        # 3 and 2 documents
+    pos = jnp.concatenate([jnp.concatenate([jnp.arange(n) for n in ns])[None] for ns in ((5, 7, 4), (10, 6))])
+
+    def run(impl):
+        cfg = configs.tiny(attention_impl=impl, attention_max_documents=max_docs, num_nextn_predict_layers=1)
+        graphdef, params, rest = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+        ids = _ids(cfg, 2, 16)
+
+        def loss(p):
+            out = nnx.merge(graphdef, p, rest)(ids, seg, pos, return_mtp=True)
+            return jnp.mean(out.logits ** 2) + jnp.mean(out.mtp_logits[0] ** 2), out.logits
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+    (l_ref, logits_ref), g_ref = run("einsum")
+    calls.clear()
+    (l_got, logits_got), g_got = run("cudnn_packed")
+    assert set(calls) == {branch}, calls
+    np.testing.assert_allclose(logits_got, logits_ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="attention_max_documents"):
+        configs.tiny(attention_max_documents=0)
+
+
+@pytest.mark.gpu
+def test_cudnn_packed_attention_on_gpu():
+    """The real cuDNN packed layout against the einsum path on a 2-layer bf16 `small` with packed rows (logits and
+    gradients, relative norms), below and above attention_max_documents."""
+    rel = lambda a, b: float(jnp.linalg.norm((a - b).astype(jnp.float32)) /  # noqa: E731
+                             jnp.linalg.norm(b.astype(jnp.float32)))
+    rng = np.random.default_rng(0)
+    seg = np.zeros((4, 512), np.int32)
+    pos = np.zeros((4, 512), np.int32)
+    for r in range(4):
+        cuts = np.sort(rng.choice(np.arange(16, 496), size=2 + r, replace=False))
+        for d, (a, b) in enumerate(zip([0, *cuts], [*cuts, 512])):
+            seg[r, a:b], pos[r, a:b] = d + 1, np.arange(b - a)
+    seg, pos = jnp.asarray(seg), jnp.asarray(pos)
+
+    for max_docs in (8, 3):
+        def run(impl):
+            cfg = configs.small(attention_impl=impl, attention_max_documents=max_docs, num_hidden_layers=2,
+                                num_nextn_predict_layers=0, remat_policy="none")
+            graphdef, params, rest = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+            ids = _ids(cfg, 4, 512)
+            def loss(p):
+                return jnp.mean(nnx.merge(graphdef, p, rest)(ids, seg, pos).logits.astype(jnp.float32) ** 2)
+            return jax.jit(jax.value_and_grad(loss))(params)
+
+        (l_ref, g_ref), (l_got, g_got) = run("einsum"), run("cudnn_packed")
+        assert abs(float(l_got) / float(l_ref) - 1) < 1e-2, (max_docs, float(l_got), float(l_ref))
+        for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_ref)):
+            assert bool(jnp.all(jnp.isfinite(a))) and rel(a, b) < 5e-2, (max_docs, rel(a, b))

@@ -22,6 +22,7 @@ The softmax scale is ``cfg.softmax_scale`` (``(C+P)**-0.5`` times the YaRN ``msc
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import jax
@@ -34,7 +35,7 @@ from dsjax.model.layers import Linear, RMSNorm, dtype_of
 from dsjax.model.rope import apply_rope
 from pallas_kernels.hardware import hopper_or_newer
 
-__all__ = ["MLA", "MLAImpl"]
+__all__ = ["MLA", "MLAImpl", "DocumentMask", "document_runs"]
 
 
 def _causal(s: int, t: int) -> jax.Array:
@@ -42,6 +43,36 @@ def _causal(s: int, t: int) -> jax.Array:
     return (jnp.arange(t)[None, :] <= jnp.arange(s)[:, None])[None]
 
 MLAImpl = Literal["naive", "absorbed"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DocumentMask:
+    """The attention mask of packed documents without a cache: ``dense [B,S,S]`` (causal within each document,
+    :func:`dsjax.model.make_attention_mask`) and the ``segment_ids [B,S]`` it was built from, so that
+    ``attention_impl="cudnn_packed"`` can describe the documents to cuDNN instead of passing the dense mask."""
+
+    dense: jax.Array
+    segment_ids: jax.Array
+
+
+def document_runs(segment_ids: jax.Array, max_documents: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Runs of equal consecutive ``segment_ids [B,S]`` per row (a packed row's documents, padding included) in the
+    description jax's cuDNN packed layout takes: ``offsets [B, M+1]`` the first token of each run, ``lengths [B, M]``
+    their lengths (both padded with -1), and ``runs [B]`` how many runs each row has (``M = max_documents``; runs
+    past ``M`` are left out, so the caller must check ``runs <= M``)."""
+    b, s = segment_ids.shape
+    idx = jnp.arange(s, dtype=jnp.int32)
+    start = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    run = jnp.cumsum(start, axis=1, dtype=jnp.int32) - 1                       # [B,S] the run of each token
+    rows = jnp.arange(b)[:, None]
+    slot = jnp.where(start, run, max_documents)                                 # non-starts write out of bounds
+    offsets = jnp.full((b, max_documents), -1, jnp.int32).at[rows, slot].set(
+        jnp.broadcast_to(idx, (b, s)), mode="drop")
+    counts = jnp.zeros((b, max_documents), jnp.int32).at[rows, run].add(1, mode="drop")
+    lengths = jnp.where(counts > 0, counts, -1)
+    offsets = jnp.concatenate([offsets, jnp.full((b, 1), -1, jnp.int32)], axis=1)
+    return offsets, lengths, start.sum(axis=1, dtype=jnp.int32)
 _MLA_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the RMSNorm default in HF and DeepSeek's code
 
 
@@ -60,6 +91,14 @@ def _cudnn_mla_available() -> bool:
         return check_cudnn_version() >= 91000
     except Exception:  # noqa: BLE001 - no cuDNN, or jax moved its internal API: use the padded public path
         return False
+
+
+def _auto_impl(q: jax.Array, v: jax.Array) -> str:
+    """``attention_impl="auto"``: cuDNN on Hopper with bf16/fp16 (its MLA mode when the value head size differs and
+    cuDNN >= 9.10), else the einsum core."""
+    if not _cudnn_flash_available(q.dtype):
+        return "einsum"
+    return "cudnn_mla" if v.shape[-1] != q.shape[-1] and _cudnn_mla_available() else "cudnn"
 
 
 class MLA(nnx.Module):
@@ -127,6 +166,9 @@ class MLA(nnx.Module):
         ``s`` sits at key slot ``s`` (no cache), so it may skip the blocks above the diagonal; ``mask`` still
         carries the document boundaries.
         """
+        segments = None
+        if isinstance(mask, DocumentMask):
+            segments, mask = mask.segment_ids, mask.dense
         kv = self.kv_b_proj(c_kv)  # [B,T,N,C+V]
         c = self.cfg.qk_nope_head_dim
         k_nope, v = kv[..., :c], kv[..., c:]
@@ -137,10 +179,14 @@ class MLA(nnx.Module):
             raise ValueError("attend_naive: mask=None means causal attention from slot 0 (no cache); pass a mask "
                              "when attending over a cache")
         impl = self.cfg.attention_impl
-        if impl == "auto":
-            impl = "einsum"
-            if _cudnn_flash_available(q.dtype):
-                impl = "cudnn_mla" if v.shape[-1] != q.shape[-1] and _cudnn_mla_available() else "cudnn"
+        if impl == "cudnn_packed":
+            if segments is not None and causal_from_start and _cudnn_flash_available(q.dtype):
+                return self._attend_packed(q, k, v, segments, mask)
+            impl = "auto"   # with a cache (queries are not the keys), one document per row, or no cuDNN
+        return self._attend(q, k, v, mask, causal_from_start, _auto_impl(q, v) if impl == "auto" else impl)
+
+    def _attend(self, q, k, v, mask, causal_from_start: bool, impl: str) -> jax.Array:
+        """The attention core over expanded ``q, k [B,S|T,N,C+P]``, ``v [B,T,N,V]`` with ``impl`` resolved."""
         if impl == "cudnn_mla":
             # cuDNN's MLA mode (key head size C+P != value head size V; cuDNN >= 9.10 on Hopper) through jax's
             # internal entry point, which the public API does not expose: no zero-padded V, no padded output
@@ -163,8 +209,34 @@ class MLA(nnx.Module):
         p = self._softmax(scores, _causal(q.shape[1], k.shape[1]) if mask is None else mask, v.dtype)
         return jnp.einsum("bnst,btnv->bsnv", p, v)
 
+    def _attend_packed(self, q, k, v, segment_ids, dense) -> jax.Array:
+        """cuDNN flash attention in its packed layout: each row's documents given by offsets and lengths
+        (:func:`document_runs`), causal within each document, no dense mask. V is zero-padded to the key head size:
+        jax's packed layout strides the key *and* value offsets by the query's head size, which would misread an
+        unpadded MLA value (V < C+P). Rows with more than ``cfg.attention_max_documents`` documents take the
+        dense-mask kernel instead (``lax.cond`` on the device)."""
+        from jax._src.cudnn import fused_attention_stablehlo as fa
+
+        m = self.cfg.attention_max_documents
+        offsets, lengths, runs = document_runs(segment_ids, m)
+        dv = v.shape[-1]
+        vp = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, q.shape[-1] - dv))) if q.shape[-1] > dv else v
+
+        def packed(q, k, v, vp, dense):
+            o = fa.dot_product_attention(q, k, vp, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
+                                         kv_offsets=offsets, scale=self.cfg.softmax_scale,
+                                         mask_type=fa.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
+            return o[..., :dv].astype(v.dtype)
+
+        def fallback(q, k, v, vp, dense):
+            return self._attend(q, k, v, dense, True, _auto_impl(q, v))
+
+        return jax.lax.cond(jnp.max(runs) <= m, packed, fallback, q, k, v, vp, dense)
+
     def attend_absorbed(self, q_nope, q_rot, c_kv, k_rot, mask) -> jax.Array:
         """Attends directly over the latent (W_UK folded into q, W_UV after attention): ``O [B,S,N,V]``."""
+        if isinstance(mask, DocumentMask):
+            mask = mask.dense
         w_uk, w_uv = self._w_uk_uv()
         q_lat = jnp.einsum("bsnc,rnc->bsnr", q_nope, w_uk)
         scores = jnp.einsum("bsnr,btr->bnst", q_lat, c_kv, preferred_element_type=jnp.float32)
