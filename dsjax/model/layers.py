@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels import fp8_linear, weight_dequant
+from pallas_kernels import fp8_linear, fp8_weight_matmul, weight_dequant
+from pallas_kernels.fp8_weight_gemm import fp8_weight_kernel_supported
 
 from dsjax.configs import ModelConfig
 
@@ -103,13 +104,29 @@ class RMSNorm(nnx.Module):
         return self.weight.get_value().astype(x.dtype) * y.astype(x.dtype)
 
 
+def use_fp8_weight_kernel(x_shape: tuple[int, int, int], w_shape: tuple[int, int, int],
+                          fp8_block: tuple[int, int] | None) -> bool:
+    """Whether a decode-sized product ``x [G, M, K] @ w [E, K, N]`` with FP8-stored weights (``fp8_block``, the
+    checkpoint's block size) runs the weight-only FP8 kernel, which reads the FP8 bytes and dequantises in registers,
+    instead of dequantising the weights to a BF16 copy first. Needs DeepSeek's 128x128 blocks and the kernel's GPU
+    and shape conditions (``pallas_kernels.fp8_weight_gemm``)."""
+    return fp8_block == (128, 128) and fp8_weight_kernel_supported(x_shape, w_shape)
+
+
+def fp8_weight_dot(x: jax.Array, wq: jax.Array, scale: jax.Array, index: jax.Array | None = None) -> jax.Array:
+    """``x [G, M, K] @ dequant(wq [E, K, N], scale [E, K/128, N/128]) -> [G, M, N]`` through the weight-only FP8
+    kernel (call it where :func:`use_fp8_weight_kernel` holds)."""
+    return fp8_weight_matmul(x, wq, scale, index, implementation="pallas")
+
+
 class Linear(nnx.Module):
     """A bias-optional linear map ``[..., *I] -> [..., *O]`` with a kernel of shape ``(*I, *O)``.
 
     ``kernel`` is the transpose of the HF ``weight`` (``[out, in]``), reshaped to the feature groups, e.g. MLA's
     ``q_b_proj`` has kernel ``(R_q, N, H)``. When the weight is kept in FP8 (``fp8=True``), ``kernel`` holds
     float8_e4m3fn values and ``scale_inv`` the float32 block scales over the flattened ``(prod I, prod O)``
-    matrix; the kernel is dequantised on the fly (the FP8 GEMM kernels replace that in the FP8 path).
+    matrix; the kernel is dequantised on the fly (the FP8 GEMM kernels replace that in the FP8 path), except for
+    decode-sized inputs on a GPU, which go through the weight-only FP8 kernel (:func:`fp8_weight_dot`).
     ``fp8_compute=True`` (FP8 *training*, ``ModelConfig.fp8``) runs the map through ``pallas_kernels.fp8_linear``:
     E4M3 forward and backward GEMMs on the flattened ``(prod I, prod O)`` kernel.
     """
@@ -155,6 +172,15 @@ class Linear(nnx.Module):
             y = fp8_linear(x.astype(self.dtype).reshape(*lead, w.shape[0]), w, out_dtype=out_dtype or self.dtype)
             y = y.reshape(*lead, *self.out_features)
             return y if self.bias is None else y + self.bias.get_value().astype(y.dtype)
+        if self.scale_inv is not None and out_dtype in (None, self.dtype) and jnp.dtype(self.dtype).itemsize == 2:
+            lead = x.shape[:x.ndim - n_in]
+            k, n = math.prod(self.in_features), math.prod(self.out_features)
+            rows = math.prod(lead)
+            if use_fp8_weight_kernel((1, rows, k), (1, k, n), self.fp8_block):   # decode: FP8 bytes, no BF16 copy
+                y = fp8_weight_dot(x.astype(self.dtype).reshape(1, rows, k), self.kernel.get_value().reshape(1, k, n),
+                                   self.scale_inv.get_value()[None])
+                y = y.reshape(*lead, *self.out_features)
+                return y if self.bias is None else y + self.bias.get_value().astype(y.dtype)
         if (out_dtype == jnp.float32 and n_in == 1 and len(self.out_features) == 1
                 and jnp.dtype(self.dtype).itemsize < 4):
             y = dot_f32_out(x.astype(self.dtype), self.weight())

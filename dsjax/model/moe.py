@@ -46,6 +46,7 @@ from jax.ad_checkpoint import checkpoint_name
 from pallas_kernels import fp8_grouped_linear, grouped_matmul
 
 from dsjax.configs import ModelConfig
+from dsjax.model import layers
 from dsjax.model.layers import MLP, FP8Scale, RoutingBias, dtype_of, make_param
 from dsjax.sharding import current_plan
 
@@ -253,6 +254,16 @@ class RoutedExperts(nnx.Module):
         y = _permute(ys, inverse, order).reshape(t, k, -1)       # back to token order
         return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights).astype(dt)
 
+    def _fp8_kernel(self, x_shape: tuple[int, int, int], name: str) -> bool:
+        """Whether ``x [G, M, K]`` times the FP8-stored ``name`` weights runs the weight-only FP8 kernel."""
+        return self.fp8_block is not None and layers.use_fp8_weight_kernel(
+            x_shape, getattr(self, name).get_value().shape, self.fp8_block)
+
+    def _fp8_mm(self, x: jax.Array, name: str, index: jax.Array | None = None) -> jax.Array:
+        """``x [G, M, K] @`` the FP8-stored ``name`` weights of each group (``index`` picks them from the stack)."""
+        return layers.fp8_weight_dot(x, getattr(self, name).get_value(),
+                                     getattr(self, name + "_scale_inv").get_value(), index)
+
     def _gathered(self, x: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:
         """Few (token, expert) pairs, as in decoding (``2*T*K <= E``): gather each pair's expert weights and apply
         them directly (``td,tkdf->tkf``, ``tkf,tkfd->tkd``). Reads ``T*K`` expert matrices instead of all ``E``:
@@ -261,6 +272,13 @@ class RoutedExperts(nnx.Module):
         t, k = indices.shape
         dt = dtype_of(self.cfg.dtype)
         flat = indices.reshape(-1)
+        xg = jnp.broadcast_to(x.astype(dt)[:, None, None], (t, k, 1, x.shape[-1])).reshape(t * k, 1, -1)
+        if self._fp8_kernel(xg.shape, "gate_proj") and self._fp8_kernel((t * k, 1, self.cfg.moe_intermediate_size),
+                                                                        "down_proj"):
+            # FP8-stored experts: each pair's expert read in place from the stack, dequantised in registers
+            h = jax.nn.silu(self._fp8_mm(xg, "gate_proj", flat)) * self._fp8_mm(xg, "up_proj", flat)
+            y = self._fp8_mm(h.astype(dt), "down_proj", flat).reshape(t, k, -1)
+            return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights).astype(dt)
         w = lambda name: self._w(name, flat).reshape(t, k, *getattr(self, name).shape[1:])  # noqa: E731
         xd = x.astype(dt)
         h = jax.nn.silu(jnp.einsum("td,tkdf->tkf", xd, w("gate_proj"))) * jnp.einsum("td,tkdf->tkf", xd,
@@ -276,9 +294,14 @@ class RoutedExperts(nnx.Module):
         e = self.cfg.n_routed_experts
         dt = dtype_of(self.cfg.dtype)
         xe = jnp.broadcast_to(x.astype(dt)[None], (e, *x.shape))                      # [E, T, D]
-        h = jax.nn.silu(jnp.einsum("etd,edf->etf", xe, self._w("gate_proj"))) * jnp.einsum(
-            "etd,edf->etf", xe, self._w("up_proj"))
-        y = jnp.einsum("etf,efd->etd", h.astype(dt), self._w("down_proj"))             # [E, T, D]
+        if self._fp8_kernel(xe.shape, "gate_proj") and self._fp8_kernel(
+                (e, x.shape[0], self.cfg.moe_intermediate_size), "down_proj"):               # FP8-stored: no BF16 copy
+            h = jax.nn.silu(self._fp8_mm(xe, "gate_proj")) * self._fp8_mm(xe, "up_proj")
+            y = self._fp8_mm(h.astype(dt), "down_proj")
+        else:
+            h = jax.nn.silu(jnp.einsum("etd,edf->etf", xe, self._w("gate_proj"))) * jnp.einsum(
+                "etd,edf->etf", xe, self._w("up_proj"))
+            y = jnp.einsum("etf,efd->etd", h.astype(dt), self._w("down_proj"))         # [E, T, D]
         combine = jnp.einsum("tk,tke->te", weights.astype(jnp.float32),
                              jax.nn.one_hot(indices, e, dtype=jnp.float32))             # [T, E]
         return jnp.einsum("etd,te->td", y.astype(jnp.float32), combine).astype(dt)

@@ -1,0 +1,179 @@
+"""Weight-only FP8 GEMM for decoding: BF16 activations times E4M3 weights with 128x128 block scales, the weights
+dequantised inside the kernel (never written back in BF16).
+
+``y[g] = x[g] @ dequant(wq[g], s[g])`` with ``dequant(wq, s)[k, n] = wq[k, n] * s[k // 128, n // 128]``.
+
+Letters: ``G`` a leading batch of independent weights (routed experts; 1 for a plain projection), ``M`` rows of x
+(tokens of a decode step), ``K`` the contraction, ``N`` output features, ``Kb = K / 128``, ``Nb = N / 128``.
+``x [G, M, K]`` bf16/fp16, ``wq [E, K, N]`` float8_e4m3fn (the kernel layout ``[in, out]``, as dsjax stores
+weights), ``s [E, Kb, Nb]`` float32 -> ``[G, M, N]`` in x's dtype, accumulated in float32; ``E == G``, or an
+``index [G]`` names the weight of each x group (``y[g] = x[g] @ dequant(wq[index[g]], s[index[g]])``).
+
+Why: a decode step reads every weight it touches once and does little arithmetic, so FP8 weights could halve its
+bytes; dequantising them with XLA first (``wq * s`` then a BF16 GEMM) writes and re-reads a BF16 copy and made FP8
+decoding *slower* than BF16 on an H100 (docs/benchmarks.md). Here each program loads its 128 x ``bn`` FP8 weight
+tiles, converts them in registers, multiplies, and scales the float32 partial product of each 128-wide K block by
+its block scale (the weights' scales vary along K, so they cannot be applied after the sum).
+
+Backends (``implementation=``):
+
+* ``"xla"``: the reference -- dequantise to float32 and ``einsum`` (any platform, any shape).
+* ``"pallas"``: a Pallas Triton kernel on GPUs of compute capability >= 8.9 (E4M3 casts): grid ``(G, N / bn)``,
+  a loop over the K blocks; needs ``K`` and ``N`` multiples of 128 and ``M <= 64`` (decode-sized: x's rows are
+  padded to a power of two >= 16, the smallest ``dot`` Triton takes). ``interpret=True`` runs it on the CPU.
+* ``"auto"``: Pallas where supported, XLA otherwise.
+
+Pallas' Triton backend is deprecated in jax 0.11 (lowering warns); the project pins jax 0.11.2, where it lowers and
+runs. The Mosaic GPU backend (wgmma needs 64-row tiles: x padded to 64 rows, free for a bandwidth-bound decode GEMM)
+is the port to make when the Triton backend goes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels import hardware
+
+__all__ = ["fp8_weight_matmul", "fp8_weight_matmul_reference", "fp8_weight_kernel_supported",
+           "fp8_weight_kernel_shapes_ok"]
+
+BLOCK = 128
+MAX_ROWS = 64
+Implementation = Literal["auto", "xla", "pallas"]
+
+
+def _check(x, wq, s, index):
+    if x.ndim != 3 or wq.ndim != 3 or s.ndim != 3:
+        raise ValueError(f"fp8_weight_matmul expects x [G, M, K], wq [E, K, N], s [E, Kb, Nb]; got {x.shape}, "
+                         f"{wq.shape}, {s.shape}")
+    g, m, k = x.shape
+    if index is None and wq.shape[0] != g:
+        raise ValueError(f"fp8_weight_matmul: x {x.shape} and wq {wq.shape} disagree on G; pass index [G] to pick "
+                         f"a weight of the stack per x group")
+    if index is not None and index.shape != (g,):
+        raise ValueError(f"fp8_weight_matmul: index {index.shape} should be [G] = ({g},), one weight per x group")
+    if wq.shape[1] != k:
+        raise ValueError(f"fp8_weight_matmul: x {x.shape} and wq {wq.shape} disagree on K (wq is [E, K, N], the "
+                         f"[in, out] layout)")
+    want = (wq.shape[0], -(-k // BLOCK), -(-wq.shape[2] // BLOCK))
+    if s.shape != want:
+        raise ValueError(f"fp8_weight_matmul: scales {s.shape} should be {want} (one per 128x128 weight block)")
+
+
+def fp8_weight_matmul_reference(x: jax.Array, wq: jax.Array, s: jax.Array, index: jax.Array | None = None
+                                ) -> jax.Array:
+    """Dequantise to float32 and multiply: the semantics every backend matches (``[G, M, N]`` in x's dtype)."""
+    _check(x, wq, s, index)
+    if index is not None:
+        wq, s = jnp.take(wq, index, axis=0), jnp.take(s, index, axis=0)
+    k, n = wq.shape[1:]
+    full = jnp.repeat(jnp.repeat(s.astype(jnp.float32), BLOCK, axis=1), BLOCK, axis=2)[:, :k, :n]
+    w = wq.astype(jnp.float32) * full
+    return jnp.einsum("gmk,gkn->gmn", x.astype(jnp.float32), w, precision=lax.Precision.HIGHEST).astype(x.dtype)
+
+
+def fp8_weight_kernel_shapes_ok(x_shape, wq_shape) -> bool:
+    """Whether the Pallas kernel takes ``x [G, M, K] @ wq [E, K, N]``: K and N multiples of 128, M <= 64."""
+    _, m, k = x_shape
+    return k % BLOCK == 0 and wq_shape[2] % BLOCK == 0 and 0 < m <= MAX_ROWS
+
+
+def fp8_weight_kernel_supported(x_shape, wq_shape) -> bool:
+    """Whether the Pallas kernel runs ``x [G, M, K] @ wq [E, K, N]`` on the current default backend (a GPU of
+    compute capability >= 8.9, for its E4M3 casts)."""
+    cc = hardware.gpu_compute_capability()
+    return (fp8_weight_kernel_shapes_ok(x_shape, wq_shape) and jax.default_backend() == "gpu" and cc is not None
+            and cc >= (8, 9))
+
+
+def _rows(m: int) -> int:
+    """x's rows padded for Triton's dot: a power of two, at least 16."""
+    return max(16, 1 << (m - 1).bit_length())
+
+
+def _tile_n(g: int, n: int) -> int:
+    """Output columns per program: 128 (one block scale), or 64 / 32 when fewer programs than ~SMs would run."""
+    for bn in (128, 64):
+        if g * (n // bn) >= 128:
+            return bn
+    return 32
+
+
+def _kernel(*refs, kb: int, bn: int, indexed: bool):
+    from jax.experimental import pallas as pl
+
+    if indexed:
+        idx_ref, x_ref, w_ref, s_ref, o_ref = refs
+    else:
+        x_ref, w_ref, s_ref, o_ref = refs
+    g, j = pl.program_id(0), pl.program_id(1)
+    e = idx_ref[g] if indexed else g                            # this program's weight in the stack
+    nb = (j * bn) // BLOCK                                     # this program's block-scale column
+
+    def body(i, acc):
+        xk = x_ref[g, :, pl.ds(i * BLOCK, BLOCK)]              # [Mp, 128] bf16
+        wk = w_ref[e, pl.ds(i * BLOCK, BLOCK), pl.ds(j * bn, bn)].astype(xk.dtype)   # [128, bn], E4M3 -> bf16
+        part = jnp.dot(xk, wk, preferred_element_type=jnp.float32)
+        return acc + part * s_ref[e, i, nb]
+
+    acc = lax.fori_loop(0, kb, body, jnp.zeros((x_ref.shape[1], bn), jnp.float32))
+    o_ref[g, :, pl.ds(j * bn, bn)] = acc.astype(o_ref.dtype)
+
+
+def _pallas(x, wq, s, index=None, *, interpret: bool):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+
+    g, m, k = x.shape
+    n = wq.shape[2]
+    mp = _rows(m)
+    if mp != m:
+        x = jnp.pad(x, ((0, 0), (0, mp - m), (0, 0)))
+    bn = _tile_n(g, n)
+    call = pl.pallas_call(
+        functools.partial(_kernel, kb=k // BLOCK, bn=bn, indexed=index is not None),
+        grid=(g, n // bn),
+        out_shape=jax.ShapeDtypeStruct((g, mp, n), x.dtype),
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=3),
+        interpret=interpret,
+    )
+    lead = () if index is None else (index.astype(jnp.int32),)
+    return call(*lead, x, wq, s.astype(jnp.float32))[:, :m]
+
+
+def fp8_weight_matmul(x: jax.Array, wq: jax.Array, s: jax.Array, index: jax.Array | None = None, *,
+                      implementation: Implementation = "auto", interpret: bool = False) -> jax.Array:
+    """``x [G, M, K] @ dequant(wq [E, K, N], s [E, Kb, Nb]) -> [G, M, N]`` (see the module docstring).
+
+    Args:
+      x: activations, bf16 or fp16.
+      wq: float8_e4m3fn weights in the ``[in, out]`` layout (``E == G`` without ``index``).
+      s: float32 block scales (``weight_scale_inv`` transposed to that layout), one per 128x128 block.
+      index: optional ``[G]`` int, the weight of the stack each x group multiplies (decoding at batch 1: the chosen
+        experts, read in place instead of gathered first).
+      implementation: ``"auto"`` (the Pallas kernel where :func:`fp8_weight_kernel_supported`, else XLA),
+        ``"xla"`` or ``"pallas"``.
+      interpret: run the Pallas kernel in the interpreter (CPU tests).
+    """
+    _check(x, wq, s, index)
+    if wq.dtype != jnp.float8_e4m3fn:
+        raise TypeError(f"fp8_weight_matmul: wq must be float8_e4m3fn, got {wq.dtype}")
+    if implementation == "auto":
+        implementation = "pallas" if fp8_weight_kernel_supported(x.shape, wq.shape) else "xla"
+    if implementation == "xla":
+        return fp8_weight_matmul_reference(x, wq, s, index)
+    if implementation != "pallas":
+        raise ValueError(f"fp8_weight_matmul: implementation={implementation!r}; use 'auto', 'xla' or 'pallas'")
+    if not fp8_weight_kernel_shapes_ok(x.shape, wq.shape):
+        raise ValueError(f"fp8_weight_matmul(implementation='pallas') needs K and N multiples of 128 and "
+                         f"1 <= M <= {MAX_ROWS}; got x {x.shape}, wq {wq.shape}. Fix: implementation='xla' or "
+                         f"'auto'")
+    if not interpret and jax.default_backend() != "gpu":
+        raise ValueError("fp8_weight_matmul(implementation='pallas') runs on GPUs (Triton); pass interpret=True "
+                         "to interpret it elsewhere, or use implementation='xla'")
+    return _pallas(x, wq, s, index, interpret=interpret)
