@@ -268,7 +268,8 @@ class RoutedExperts(nnx.Module):
         """Few (token, expert) pairs, as in decoding (``2*T*K <= E``): gather each pair's expert weights and apply
         them directly (``td,tkdf->tkf``, ``tkf,tkfd->tkd``). Reads ``T*K`` expert matrices instead of all ``E``:
         the grouped-matmul kernel visits every group's weight tiles, empty groups included, so at batch 1 it would
-        read ``E/K`` times the weights the tokens use. No sort, no dispatch; same maths as the grouped path."""
+        read ``E/K`` times the weights the tokens use. No sort, no dispatch; same maths as the grouped path.
+        FP8-stored experts on a GPU skip the gather: the weight-only FP8 kernel reads each pair's expert in place."""
         t, k = indices.shape
         dt = dtype_of(self.cfg.dtype)
         flat = indices.reshape(-1)
@@ -290,7 +291,8 @@ class RoutedExperts(nnx.Module):
         """A small decode step with many pairs: every expert on every token, ``etd,edf->etf`` (x broadcast over E so
         each projection is one batched matmul over the weights' own layout, no transpose of them), then
         ``etd,te->td`` with the routing weights spread to ``[T, E]`` by a one-hot (zero for unchosen experts, so
-        they add exact zeros). Same maths as the grouped path."""
+        they add exact zeros). Same maths as the grouped path. FP8-stored experts on a GPU go through the weight-only
+        FP8 kernel (FP8 bytes read, no BF16 copy of the weights)."""
         e = self.cfg.n_routed_experts
         dt = dtype_of(self.cfg.dtype)
         xe = jnp.broadcast_to(x.astype(dt)[None], (e, *x.shape))                      # [E, T, D]
