@@ -50,7 +50,11 @@ MLAImpl = Literal["naive", "absorbed"]
 class DocumentMask:
     """The attention mask of packed documents without a cache: ``dense [B,S,S]`` (causal within each document,
     :func:`dsjax.model.make_attention_mask`) and the ``segment_ids [B,S]`` it was built from, so that
-    ``attention_impl="cudnn_packed"`` can describe the documents to cuDNN instead of passing the dense mask."""
+    ``attention_impl="cudnn_packed"`` can describe the documents to cuDNN instead of passing the dense mask.
+
+    The packed description treats each run of equal consecutive ids as one document, as packing lays them out; a
+    row that repeats an id after another one (which the dense mask would join into one document) is not packing's
+    output and would be split there."""
 
     dense: jax.Array
     segment_ids: jax.Array
