@@ -106,8 +106,10 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, cfg: SamplingConfig) -> tu
     """``logits [B, V]`` (float32), ``keys [B]`` -> ``(tokens [B] int32, logprobs [B] float32)``."""
     logits = logits.astype(jnp.float32)
     if cfg.greedy:
-        tokens = jnp.argmax(logits, axis=-1)
+        # argmax of the log-probs, not of the logits: the speculative sampler picks from the same values, so a
+        # near-tie that the float32 subtraction of logsumexp merges breaks the same way in both
         logp = jax.nn.log_softmax(logits, axis=-1)
+        tokens = jnp.argmax(logp, axis=-1)
     else:
         scaled = logits / cfg.temperature
         logp = jax.nn.log_softmax(scaled, axis=-1)
