@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import datetime
 import os
-import statistics
 import tempfile
-import time
 
 from absl import app, flags
 
 from experiments.records import append_record
+from experiments.timing import median_seconds
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("shapes", ["98304x1024x512x64", "98304x512x1024x64", "32768x7168x2048x32"],
@@ -41,18 +40,6 @@ flags.DEFINE_bool("record", False, "Append the table to docs/benchmarks.md.")
 flags.DEFINE_bool("profile", False, "Also print each variant's device time by fp8_grouped_linear's named scopes.")
 
 FP8_SCOPES = ("fp8_weight_quant", "fp8_layout", "fp8_act_quant", "fp8_grouped_gemm", "fp8_wgrad_quant", "fp8_wgrad")
-
-
-def _time(f, *args, iters):
-    import jax
-
-    jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def _profile(f, x, w, title: str, calls: int = 3) -> None:
@@ -110,7 +97,7 @@ def main(argv):
         for name, f in variants.items():
             try:
                 outs[name] = f(x, w)
-                ms = 1e3 * _time(f, x, w, iters=FLAGS.iters)
+                ms = 1e3 * median_seconds(f, x, w, iters=FLAGS.iters)
                 rows.append({"shape": spec, "variant": name, "ms": ms, "tflops": 3 * 2 * m * k * n / ms / 1e9})
                 if FLAGS.profile:
                     _profile(f, x, w, f"{spec} {name}")

@@ -24,12 +24,11 @@ kernel's output is checked against the first tiling's.
 from __future__ import annotations
 
 import datetime
-import statistics
-import time
 
 from absl import app, flags
 
 from experiments.records import append_record
+from experiments.timing import median_seconds
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("tokens", 16384, "Tokens per step (small's 8 x 2048).")
@@ -44,18 +43,6 @@ flags.DEFINE_list("tilings", ["128x128x64/4/4", "128x128x64/4/1", "128x128x64/4/
                               "64x256x128/3/4", "128x256x64/3/4"],
                   "bm x bn x bk / stages / grid_block_n tilings for --sweep (the first is the library's).")
 flags.DEFINE_bool("record", False, "Append the tables to docs/benchmarks.md.")
-
-
-def _time(f, *args, iters):
-    import jax
-
-    jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def _inputs(m, d, f, g):
@@ -99,7 +86,7 @@ def _library_rows(m, d, f, g):
     rows = []
     for name, fn, args, flops in cases:
         try:
-            ms = 1e3 * _time(fn, *args, iters=FLAGS.iters)
+            ms = 1e3 * median_seconds(fn, *args, iters=FLAGS.iters)
             rows.append((name, f"{ms:.3f}", f"{flops / ms / 1e9:.0f}"))
         except Exception as e:  # noqa: BLE001 - report the failing row and go on
             rows.append((name, f"error: {type(e).__name__}: {str(e)[:120]}", ""))
@@ -139,7 +126,7 @@ def _sweep_rows(m, d, f, g):
                 if ref is None:
                     ref = out
                 err = float(np.max(np.abs(out - ref)) / (np.max(np.abs(ref)) + 1e-30))
-                ms = 1e3 * _time(fn, *args, iters=FLAGS.iters)
+                ms = 1e3 * median_seconds(fn, *args, iters=FLAGS.iters)
                 rows.append((name, spec, f"{ms:.3f}", f"{flops / ms / 1e9:.0f}", f"{err:.1e}"))
             except Exception as e:  # noqa: BLE001 - a tiling the kernel rejects (SMEM, registers, divisibility)
                 rows.append((name, spec, f"error: {type(e).__name__}: {str(e)[:100]}", "", ""))
