@@ -49,15 +49,24 @@ MLAImpl = Literal["naive", "absorbed"]
 @dataclasses.dataclass(frozen=True)
 class DocumentMask:
     """The attention mask of packed documents without a cache: ``dense [B,S,S]`` (causal within each document,
-    :func:`dsjax.model.make_attention_mask`) and the ``segment_ids [B,S]`` it was built from, so that
-    ``attention_impl="cudnn_packed"`` can describe the documents to cuDNN instead of passing the dense mask.
+    :func:`dsjax.model.make_attention_mask`) plus the same documents as ``attention_impl="cudnn_packed"`` describes
+    them to cuDNN (:func:`document_runs`, computed once per forward for every layer): ``offsets [B, M+1]``,
+    ``lengths [B, M]`` and ``fits`` (scalar bool: every row has at most ``M`` documents; else the layers use
+    ``dense``). Build it with :meth:`of`.
 
     The packed description treats each run of equal consecutive ids as one document, as packing lays them out; a
     row that repeats an id after another one (which the dense mask would join into one document) is not packing's
     output and would be split there."""
 
     dense: jax.Array
-    segment_ids: jax.Array
+    offsets: jax.Array
+    lengths: jax.Array
+    fits: jax.Array
+
+    @classmethod
+    def of(cls, dense: jax.Array, segment_ids: jax.Array, max_documents: int) -> "DocumentMask":
+        offsets, lengths, runs = document_runs(segment_ids, max_documents)
+        return cls(dense, offsets, lengths, jnp.max(runs) <= max_documents)
 
 
 def document_runs(segment_ids: jax.Array, max_documents: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -170,9 +179,9 @@ class MLA(nnx.Module):
         ``s`` sits at key slot ``s`` (no cache), so it may skip the blocks above the diagonal; ``mask`` still
         carries the document boundaries.
         """
-        segments = None
+        docs = None
         if isinstance(mask, DocumentMask):
-            segments, mask = mask.segment_ids, mask.dense
+            docs, mask = mask, mask.dense
         kv = self.kv_b_proj(c_kv)  # [B,T,N,C+V]
         c = self.cfg.qk_nope_head_dim
         k_nope, v = kv[..., :c], kv[..., c:]
@@ -184,8 +193,8 @@ class MLA(nnx.Module):
                              "when attending over a cache")
         impl = self.cfg.attention_impl
         if impl == "cudnn_packed":
-            if segments is not None and causal_from_start and _cudnn_flash_available(q.dtype):
-                return self._attend_packed(q, k, v, segments, mask)
+            if docs is not None and causal_from_start and _cudnn_flash_available(q.dtype):
+                return self._attend_packed(q, k, v, docs)
             impl = "auto"   # with a cache (queries are not the keys), one document per row, or no cuDNN
         return self._attend(q, k, v, mask, causal_from_start, _auto_impl(q, v) if impl == "auto" else impl)
 
@@ -213,29 +222,29 @@ class MLA(nnx.Module):
         p = self._softmax(scores, _causal(q.shape[1], k.shape[1]) if mask is None else mask, v.dtype)
         return jnp.einsum("bnst,btnv->bsnv", p, v)
 
-    def _attend_packed(self, q, k, v, segment_ids, dense) -> jax.Array:
+    def _attend_packed(self, q, k, v, docs: DocumentMask) -> jax.Array:
         """cuDNN flash attention in its packed layout: each row's documents given by offsets and lengths
-        (:func:`document_runs`), causal within each document, no dense mask. V is zero-padded to the key head size:
-        jax's packed layout strides the key *and* value offsets by the query's head size, which would misread an
-        unpadded MLA value (V < C+P). Rows with more than ``cfg.attention_max_documents`` documents take the
-        dense-mask kernel instead (``lax.cond`` on the device)."""
+        (``docs``), causal within each document, no dense mask. V is zero-padded to the key head size: jax's
+        packed layout strides the key *and* value offsets by the query's head size, which would misread an
+        unpadded MLA value (V < C+P). When a row has more than ``cfg.attention_max_documents`` documents
+        (``docs.fits`` false) the dense-mask kernel runs instead (``lax.cond``; on XLA GPU a conditional reads its
+        predicate on the host, one sync per layer: not yet measured)."""
         from jax._src.cudnn import fused_attention_stablehlo as fa
 
-        m = self.cfg.attention_max_documents
-        offsets, lengths, runs = document_runs(segment_ids, m)
         dv = v.shape[-1]
         vp = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, q.shape[-1] - dv))) if q.shape[-1] > dv else v
 
         def packed(q, k, v, vp, dense):
-            o = fa.dot_product_attention(q, k, vp, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
-                                         kv_offsets=offsets, scale=self.cfg.softmax_scale,
-                                         mask_type=fa.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
+            o = fa.dot_product_attention(q, k, vp, q_seqlen=docs.lengths, kv_seqlen=docs.lengths,
+                                         q_offsets=docs.offsets, kv_offsets=docs.offsets,
+                                         scale=self.cfg.softmax_scale, mask_type=fa.MaskType.PADDING_CAUSAL,
+                                         qkv_layout="BTNH")
             return o[..., :dv].astype(v.dtype)
 
         def fallback(q, k, v, vp, dense):
             return self._attend(q, k, v, dense, True, _auto_impl(q, v))
 
-        return jax.lax.cond(jnp.max(runs) <= m, packed, fallback, q, k, v, vp, dense)
+        return jax.lax.cond(docs.fits, packed, fallback, q, k, v, vp, docs.dense)
 
     def attend_absorbed(self, q_nope, q_rot, c_kv, k_rot, mask) -> jax.Array:
         """Attends directly over the latent (W_UK folded into q, W_UV after attention): ``O [B,S,N,V]``."""

@@ -322,7 +322,8 @@ class Transformer(nnx.Module):
             kv_segments = None
             mask = None if unpacked else make_attention_mask(segment_ids, segment_ids)
             if mask is not None and cfg.attention_impl == "cudnn_packed":
-                mask = DocumentMask(mask, segment_ids.astype(jnp.int32))    # documents described, not only masked
+                # the documents described (once for all layers), not only masked
+                mask = DocumentMask.of(mask, segment_ids.astype(jnp.int32), cfg.attention_max_documents)
         cos, sin = rope_cos_sin(cfg, positions, dt)
 
         h = self.embed_tokens(input_ids)
