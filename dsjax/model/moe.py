@@ -273,10 +273,10 @@ class RoutedExperts(nnx.Module):
         t, k = indices.shape
         dt = dtype_of(self.cfg.dtype)
         flat = indices.reshape(-1)
-        xg = jnp.broadcast_to(x.astype(dt)[:, None, None], (t, k, 1, x.shape[-1])).reshape(t * k, 1, -1)
-        if self._fp8_kernel(xg.shape, "gate_proj") and self._fp8_kernel((t * k, 1, self.cfg.moe_intermediate_size),
-                                                                        "down_proj"):
+        if self._fp8_kernel((t * k, 1, x.shape[-1]), "gate_proj") and self._fp8_kernel(
+                (t * k, 1, self.cfg.moe_intermediate_size), "down_proj"):
             # FP8-stored experts: each pair's expert read in place from the stack, dequantised in registers
+            xg = jnp.broadcast_to(x.astype(dt)[:, None, None], (t, k, 1, x.shape[-1])).reshape(t * k, 1, -1)
             h = jax.nn.silu(self._fp8_mm(xg, "gate_proj", flat)) * self._fp8_mm(xg, "up_proj", flat)
             y = self._fp8_mm(h.astype(dt), "down_proj", flat).reshape(t, k, -1)
             return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights).astype(dt)
