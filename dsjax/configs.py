@@ -188,11 +188,12 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat_policy: str = "none"
-    # "auto": cuDNN flash attention on Hopper GPUs with bf16/fp16 compute ("cudnn_mla" where cuDNN >= 9.10 and the
-    # value head size differs from the key's, else "cudnn"), else "einsum" (explicit scores, any backend);
+    # "auto": cuDNN flash attention on Hopper GPUs with bf16/fp16 compute (packed documents as "cudnn_packed" does;
+    # else "cudnn_mla" where cuDNN >= 9.10 and the value head size differs from the key's, else "cudnn"), else
+    # "einsum" (explicit scores, any backend);
     # "cudnn": always cuDNN (dense document mask, V zero-padded to the key size); "cudnn_mla": cuDNN's MLA mode with
     # unpadded V (key and value head sizes differ; cuDNN >= 9.10, Hopper; jax's internal API); "cudnn_packed" (see
-    # attention_max_documents; opt-in, not yet timed on a GPU); "jax": jax.nn.dot_product_attention with its
+    # attention_max_documents; what "auto" does with packed rows on cuDNN); "jax": jax.nn.dot_product_attention with its
     # default (XLA) backend.
     attention_impl: str = "auto"
     # "cudnn_packed": packed documents (training and prefill without a cache) described to cuDNN by per-row

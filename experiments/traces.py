@@ -52,7 +52,8 @@ def summarize_trace(tmp: str, steps: int, device: str = "/device:GPU", top: int 
             continue
         for line in plane.lines:
             lines_seen.add(line.name)
-            if "stream" not in line.name.lower() or "memcpy" in line.name.lower():
+            name = line.name.lower()   # e.g. "Stream #14(Memset,MemcpyD2D,Compute,MemcpyD2H)": kernels run on it
+            if "stream" not in name or ("memcpy" in name and "compute" not in name):
                 continue
             for ev in line.events:
                 stats = dict(ev.stats)

@@ -20,7 +20,8 @@ def _case(g, m, k, n, e=None, seed=0):
     kx, kw, ks, ki = jax.random.split(jax.random.key(seed), 4)
     e = g if e is None else e
     x = jax.random.normal(kx, (g, m, k), jnp.bfloat16)
-    wq = (jax.random.normal(kw, (e, k, n)) * 100).astype(jnp.float8_e4m3fn)
+    # clipped to E4M3's range as quantisation does: an unclipped cast turns |w| > 448 into NaN
+    wq = jnp.clip(jax.random.normal(kw, (e, k, n)) * 100, -448, 448).astype(jnp.float8_e4m3fn)
     s = jax.random.uniform(ks, (e, -(-k // 128), -(-n // 128)), minval=1e-4, maxval=1e-3)
     index = None if e == g else jax.random.randint(ki, (g,), 0, e)
     return x, wq, s, index

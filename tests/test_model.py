@@ -465,11 +465,12 @@ def _reference_cudnn(calls):
     return attention
 
 
+@pytest.mark.parametrize("impl", ["cudnn_packed", "auto"])
 @pytest.mark.parametrize("max_docs,branch", [(4, "packed"), (2, "dense")])
-def test_cudnn_packed_attention_matches_the_dense_mask(monkeypatch, max_docs, branch):
-    """attention_impl="cudnn_packed" describes each row's documents to cuDNN by offsets and lengths (V padded to
-    the key head size), and falls back on the device to the dense-mask kernel when a row holds more documents than
-    attention_max_documents. Checked on the CPU against the einsum path (logits and gradients) with a stand-in for
+def test_cudnn_packed_attention_matches_the_dense_mask(monkeypatch, max_docs, branch, impl):
+    """attention_impl="cudnn_packed" (and "auto" where cuDNN runs) describes each row's documents to cuDNN by
+    offsets and lengths (V padded to the key head size), and falls back on the device to the dense-mask kernel when
+    a row holds more documents than attention_max_documents. Checked on the CPU against the einsum path (logits and gradients) with a stand-in for
     the cuDNN entry point written from jax's documented semantics; GPU: tools/device/next_session.sh."""
     import jax._src.cudnn.fused_attention_stablehlo as fa
 
@@ -494,7 +495,7 @@ def test_cudnn_packed_attention_matches_the_dense_mask(monkeypatch, max_docs, br
 
     (l_ref, logits_ref), g_ref = run("einsum")
     calls.clear()
-    (l_got, logits_got), g_got = run("cudnn_packed")
+    (l_got, logits_got), g_got = run(impl)
     assert set(calls) == {branch}, calls
     np.testing.assert_allclose(logits_got, logits_ref, atol=1e-5, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_ref)):
@@ -505,8 +506,10 @@ def test_cudnn_packed_attention_matches_the_dense_mask(monkeypatch, max_docs, br
 
 @pytest.mark.gpu
 def test_cudnn_packed_attention_on_gpu():
-    """The real cuDNN packed layout against the einsum path on a 2-layer bf16 `small` with packed rows (logits and
-    gradients, relative norms), below and above attention_max_documents."""
+    """The real cuDNN packed layout on a 1-layer bf16 `small` (attention + dense MLP: no router whose top-k could
+    flip between backends) with packed rows, below and above attention_max_documents. Reference: the float32 einsum
+    path. Bound: the packed layout's relative error in the logits and in every gradient leaf is at most 1.5x that of
+    cuDNN with the dense [B,S,S] mask (the preset's path, same bf16 kernel family) plus 1e-3."""
     rel = lambda a, b: float(jnp.linalg.norm((a - b).astype(jnp.float32)) /  # noqa: E731
                              jnp.linalg.norm(b.astype(jnp.float32)))
     rng = np.random.default_rng(0)
@@ -518,17 +521,24 @@ def test_cudnn_packed_attention_on_gpu():
             seg[r, a:b], pos[r, a:b] = d + 1, np.arange(b - a)
     seg, pos = jnp.asarray(seg), jnp.asarray(pos)
 
-    for max_docs in (8, 3):
-        def run(impl):
-            cfg = configs.small(attention_impl=impl, attention_max_documents=max_docs, num_hidden_layers=2,
-                                num_nextn_predict_layers=0, remat_policy="none")
-            graphdef, params, rest = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
-            ids = _ids(cfg, 4, 512)
-            def loss(p):
-                return jnp.mean(nnx.merge(graphdef, p, rest)(ids, seg, pos).logits.astype(jnp.float32) ** 2)
-            return jax.jit(jax.value_and_grad(loss))(params)
+    def run(impl, max_docs, dtype="bfloat16"):
+        cfg = configs.small(attention_impl=impl, attention_max_documents=max_docs, num_hidden_layers=1,
+                            num_nextn_predict_layers=0, remat_policy="none", dtype=dtype)
+        graphdef, params, rest = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+        ids = _ids(cfg, 4, 512)
+        def loss(p):
+            logits = nnx.merge(graphdef, p, rest)(ids, seg, pos).logits.astype(jnp.float32)
+            return jnp.mean(logits ** 2), logits
+        (_, logits), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        return [logits, *jax.tree.leaves(g)]
 
-        (l_ref, g_ref), (l_got, g_got) = run("einsum"), run("cudnn_packed")
-        assert abs(float(l_got) / float(l_ref) - 1) < 1e-2, (max_docs, float(l_got), float(l_ref))
-        for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_ref)):
-            assert bool(jnp.all(jnp.isfinite(a))) and rel(a, b) < 5e-2, (max_docs, rel(a, b))
+    ref = run("einsum", 8, "float32")
+    dense = run("cudnn", 8)
+    for max_docs in (8, 3):                       # rows hold 3-6 documents: 8 fits all, 3 takes the fallback
+        got = run("cudnn_packed", max_docs)
+        errs = [(rel(g, r), rel(d, r)) for g, d, r in zip(got, dense, ref)]
+        print(f"max_docs={max_docs}: (packed, dense) rel errors vs float32, logits first:",
+              [(round(a, 5), round(b, 5)) for a, b in errs])
+        for i, (g, (e_got, e_dense)) in enumerate(zip(got, errs)):
+            assert bool(jnp.all(jnp.isfinite(g))), (max_docs, i)
+            assert e_got <= 1.5 * e_dense + 1e-3, (max_docs, i, e_got, e_dense)

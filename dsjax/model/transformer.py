@@ -30,7 +30,7 @@ from jax.ad_checkpoint import checkpoint_name
 from dsjax.configs import ModelConfig
 from dsjax.model.cache import LatentCache, write_rows
 from dsjax.model.layers import MLP, Embed, Linear, RMSNorm, dtype_of
-from dsjax.model.mla import MLA, DocumentMask, MLAImpl
+from dsjax.model.mla import MLA, DocumentMask, MLAImpl, describes_documents
 from dsjax.model.moe import MoE
 from dsjax.model.rope import rope_cos_sin
 
@@ -321,7 +321,7 @@ class Transformer(nnx.Module):
         else:
             kv_segments = None
             mask = None if unpacked else make_attention_mask(segment_ids, segment_ids)
-            if mask is not None and cfg.attention_impl == "cudnn_packed":
+            if mask is not None and describes_documents(cfg, dt):
                 # the documents described (once for all layers), not only masked
                 mask = DocumentMask.of(mask, segment_ids.astype(jnp.int32), cfg.attention_max_documents)
         cos, sin = rope_cos_sin(cfg, positions, dt)

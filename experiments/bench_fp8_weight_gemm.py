@@ -1,0 +1,138 @@
+"""The weight-only FP8 decode GEMM (``pallas_kernels.fp8_weight_matmul``) against XLA at `small`'s decode shapes,
+in device time, with a sweep of the kernel's tilings.
+
+    python -m experiments.bench_fp8_weight_gemm --record
+
+Each row is one ``x [G, M, K] @ W [G|E, K, N]`` of a decode step:
+
+* ``bf16 einsum``: XLA's GEMM on BF16 weights (what a BF16-weights model runs);
+* ``xla dequant``: ``fp8_weight_matmul(implementation="xla")``: dequantise the E4M3 weights, then an XLA einsum
+  (what FP8-stored weights cost without the kernel);
+* ``kernel``: the Pallas Triton kernel at the library's tiling, and the best tilings of the sweep
+  (``weight_lhs`` / ``bn`` / ``num_warps`` / ``num_stages``, relative error against the float32 reference).
+
+Decode GEMMs take 10-50 us, so one call per dispatch measures the launch: each time is ``--repeats`` calls inside
+one jitted ``fori_loop`` (the input scaled by a loop-carried scalar so XLA cannot hoist the call), best of 3,
+divided by the repeats. The loop's own scaling kernel is in every row alike. TB/s counts the weight bytes read.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import time
+
+from absl import app, flags
+
+from experiments.records import append_record
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("repeats", 100, "Calls inside one jitted loop per timing.")
+flags.DEFINE_bool("sweep", True, "Also time the kernel's other tilings.")
+flags.DEFINE_bool("record", False, "Append the table to docs/benchmarks.md.")
+
+# (name, G, M, K, N, E or None): `small` decode shapes (experts 64 x [1024, 512] / [512, 1024], top-6)
+SHAPES = [("experts, dense path, batch 32: gate/up", 64, 32, 1024, 512, None),
+          ("experts, dense path, batch 32: down", 64, 32, 512, 1024, None),
+          ("experts, gathered, batch 1: gate/up", 6, 1, 1024, 512, 64),
+          ("dense MLP up, batch 32", 1, 32, 1024, 2816 // 128 * 128, None),
+          ("q_b_proj, batch 1", 1, 1, 384, 3072, None)]
+
+
+def _looped(fn, repeats):
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    def run(x, *args):
+        def body(i, c):
+            y = fn(x * c.astype(x.dtype), *args)
+            return c + 0 * y[0, 0, 0].astype(jnp.float32)
+        return lax.fori_loop(0, repeats, body, jnp.float32(1))
+    return jax.jit(run)
+
+
+def _us_per_call(fn, *args) -> float:
+    import jax
+
+    f = _looped(fn, FLAGS.repeats)
+    jax.block_until_ready(f(*args))
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        best = min(best, time.perf_counter() - t0)
+    return 1e6 * best / FLAGS.repeats
+
+
+def _case(g, m, k, n, e):
+    import jax
+    import jax.numpy as jnp
+
+    e = e or g
+    kx, kw, ks, ki = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(kx, (g, m, k), jnp.bfloat16)
+    wq = jnp.clip(jax.random.normal(kw, (e, k, n)) * 100, -448, 448).astype(jnp.float8_e4m3fn)
+    s = jax.random.uniform(ks, (e, k // 128, n // 128), minval=1e-4, maxval=1e-3)
+    idx = None if e == g else jax.random.randint(ki, (g,), 0, e)
+    return x, wq, s, idx
+
+
+def _rows():
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.fp8_weight_gemm import _pallas, _tile_n, fp8_weight_matmul_reference
+
+    for name, g, m, k, n, e in SHAPES:
+        x, wq, s, idx = _case(g, m, k, n, e)
+        wb = (wq.astype(jnp.float32) * jnp.repeat(jnp.repeat(s, 128, 1), 128, 2)).astype(jnp.bfloat16)
+        ref = fp8_weight_matmul_reference(x, wq, s, idx).astype(jnp.float32)
+        wbytes = g * k * n
+        if idx is None:
+            t_bf = _us_per_call(lambda x, w: jnp.einsum("gmk,gkn->gmn", x, w), x, wb)
+        else:
+            t_bf = _us_per_call(lambda x, w, i: jnp.einsum("gmk,gkn->gmn", x, jnp.take(w, i, 0)), x, wb, idx)
+        t_xla = _us_per_call(lambda x, wq, s, i: fp8_weight_matmul_reference(x, wq, s, i), x, wq, s, idx)
+        lib = (False, _tile_n(g, n), 4, 3)
+        tilings = [lib] + ([t for t in itertools.product((False, True), (32, 64, 128), (4, 8), (2, 3))
+                            if t != lib] if FLAGS.sweep else [])
+        timed = []
+        for wl, bn, nw, ns in tilings:
+            kw = dict(interpret=False, bn=bn, num_warps=nw, num_stages=ns, weight_lhs=wl)
+            fn = lambda x, wq, s, i, kw=kw: _pallas(x, wq, s, i, **kw)  # noqa: E731
+            out = jax.jit(fn)(x, wq, s, idx).astype(jnp.float32)
+            err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+            timed.append((_us_per_call(fn, x, wq, s, idx), (wl, bn, nw, ns), err))
+        t_lib = timed[0][0]
+        best = sorted(timed)[:3]
+        desc = "; ".join(f"{'w-lhs ' if wl else ''}{bn}/{nw}w/{ns}s {t:.1f} us (err {er:.0e})"
+                         for t, (wl, bn, nw, ns), er in best)
+        yield (name, f"{g}x{m}x{k}x{n}", f"{t_bf:.1f}", f"{t_xla:.1f}", f"{t_lib:.1f}", f"{t_bf / t_lib:.2f}x",
+               f"{2 * wbytes / t_bf / 1e6:.2f}", f"{wbytes / t_lib / 1e6:.2f}", desc)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax
+
+    dev = jax.devices()[0]
+    print(f"device: {dev.device_kind}, jax {jax.__version__}", flush=True)
+    if jax.default_backend() != "gpu":
+        raise app.UsageError("bench_fp8_weight_gemm times the Triton kernel: run it on a GPU")
+    lines = [f"Device time per call ({FLAGS.repeats} calls in one jitted loop), us:", "",
+             "| GEMM | GxMxKxN | bf16 einsum | xla dequant | kernel | kernel vs bf16 | bf16 TB/s | kernel TB/s | "
+             "fastest tilings (lhs / bn / warps / stages) |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in _rows():
+        lines.append("| " + " | ".join(row) + " |")
+        print(lines[-1], flush=True)
+    table = "\n".join(lines)
+    print(table)
+    if FLAGS.record:
+        append_record(f"Weight-only FP8 decode GEMM, `small` shapes ({datetime.date.today().isoformat()}, "
+                      f"{dev.device_kind}, jax {jax.__version__})", table + "\n", "bench_fp8_weight_gemm")
+
+
+if __name__ == "__main__":
+    app.run(main)
