@@ -100,14 +100,18 @@ def bench_dsjax(model, b: int, label: str = "dsjax", sampling_overrides: list[st
     if FLAGS.profile:
         import tempfile
 
-        from experiments.traces import summarize_trace
+        from experiments.traces import DECODE_PHASES, DECODE_SCOPES, summarize_trace
 
+        # compiled once here: its HLO names XLA's kernels (inside command buffers too) for the scope attribution
+        compiled = generate_tokens.lower(graphdef, state, prompts, lengths, keys, cfg=sampling).compile()
+        jax.block_until_ready(compiled(state, prompts, lengths, keys).tokens)   # static args baked in
         tmp = tempfile.mkdtemp()
         jax.profiler.start_trace(tmp)
-        jax.block_until_ready(generate_tokens(graphdef, state, prompts, lengths, keys, cfg=sampling).tokens)
+        jax.block_until_ready(compiled(state, prompts, lengths, keys).tokens)   # static args baked in
         jax.profiler.stop_trace()
-        print(f"--- profile of one generate call, batch {b} ({p} prompt + {n} new tokens)", flush=True)
-        summarize_trace(tmp, 1)
+        print(f"--- profile of one generate call, batch {b} ({p} prompt + {n} new tokens; per decode step: divide "
+              f"the decode scopes by {n - 1})", flush=True)
+        summarize_trace(tmp, 1, top=40, hlo_text=compiled.as_text(), scopes=DECODE_SCOPES, phases=DECODE_PHASES)
     dev = jax.devices()[0]
     mem = (dev.memory_stats() or {}).get("peak_bytes_in_use", 0)
     impl = label + (f" (unroll {FLAGS.decode_unroll})" if FLAGS.decode_unroll > 1 else "")

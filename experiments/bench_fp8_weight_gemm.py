@@ -9,7 +9,9 @@ Each row is one ``x [G, M, K] @ W [G|E, K, N]`` of a decode step:
 * ``xla dequant``: ``fp8_weight_matmul(implementation="xla")``: dequantise the E4M3 weights, then an XLA einsum
   (what FP8-stored weights cost without the kernel);
 * ``kernel``: the Pallas Triton kernel at the library's tiling, and the best tilings of the sweep
-  (``weight_lhs`` / ``bn`` / ``num_warps`` / ``num_stages``, relative error against the float32 reference).
+  (``weight_lhs`` / ``bn`` / ``num_warps`` / ``num_stages``, relative error against the float32 reference);
+* a second table: gate + up + SwiGLU as XLA runs it on BF16 weights, as two kernel GEMMs and XLA's ``silu * up``,
+  and as the fused kernel (``pallas_kernels.fp8_weight_swiglu``).
 
 Decode GEMMs take 10-50 us, so one call per dispatch measures the launch: each time is ``--repeats`` calls inside
 one jitted ``fori_loop`` (the input scaled by a loop-carried scalar so XLA cannot hoist the call), best of 3,
@@ -65,12 +67,12 @@ def _us_per_call(fn, *args) -> float:
     return 1e6 * best / FLAGS.repeats
 
 
-def _case(g, m, k, n, e):
+def _case(g, m, k, n, e, seed=0):
     import jax
     import jax.numpy as jnp
 
     e = e or g
-    kx, kw, ks, ki = jax.random.split(jax.random.key(0), 4)
+    kx, kw, ks, ki = jax.random.split(jax.random.key(seed), 4)
     x = jax.random.normal(kx, (g, m, k), jnp.bfloat16)
     wq = jnp.clip(jax.random.normal(kw, (e, k, n)) * 100, -448, 448).astype(jnp.float8_e4m3fn)
     s = jax.random.uniform(ks, (e, k // 128, n // 128), minval=1e-4, maxval=1e-3)
@@ -112,6 +114,33 @@ def _rows():
                f"{2 * wbytes / t_bf / 1e6:.2f}", f"{wbytes / t_lib / 1e6:.2f}", desc)
 
 
+def _swiglu_rows():
+    """Gate + up + SwiGLU: XLA on BF16 weights, the kernel as two GEMMs and XLA's silu * up, the fused kernel."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.fp8_weight_gemm import _pallas
+
+    for name, g, m, k, n, e in SHAPES:
+        if "gate/up" not in name and "MLP up" not in name:
+            continue
+        x, gq, gs, idx = _case(g, m, k, n, e)
+        _, uq, us, _ = _case(g, m, k, n, e, seed=1)
+        deq = lambda q, s: (q.astype(jnp.float32) * jnp.repeat(jnp.repeat(s, 128, 1), 128, 2)).astype(  # noqa: E731
+            jnp.bfloat16)
+        wg, wu = deq(gq, gs), deq(uq, us)
+        pick = (lambda w, i: w) if idx is None else (lambda w, i: jnp.take(w, i, 0))  # noqa: E731
+        mm = lambda x, w: jnp.einsum("gmk,gkn->gmn", x, w)  # noqa: E731
+        t_bf = _us_per_call(lambda x, a, b, i: jax.nn.silu(mm(x, pick(a, i))) * mm(x, pick(b, i)), x, wg, wu, idx)
+        k2 = lambda x, gq, gs, uq, us, i: jax.nn.silu(_pallas(x, gq, gs, i, interpret=False)) * _pallas(  # noqa: E731
+            x, uq, us, i, interpret=False)
+        t_two = _us_per_call(k2, x, gq, gs, uq, us, idx)
+        t_fused = _us_per_call(lambda x, gq, gs, uq, us, i: _pallas(x, gq, gs, i, interpret=False, up=(uq, us)),
+                               x, gq, gs, uq, us, idx)
+        yield (name, f"{g}x{m}x{k}x{n}", f"{t_bf:.1f}", f"{t_two:.1f}", f"{t_fused:.1f}", f"{t_bf / t_fused:.2f}x",
+               f"{2 * g * k * n / t_fused / 1e6:.2f}")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -125,6 +154,12 @@ def main(argv):
              "| GEMM | GxMxKxN | bf16 einsum | xla dequant | kernel | kernel vs bf16 | bf16 TB/s | kernel TB/s | "
              "fastest tilings (lhs / bn / warps / stages) |", "|---|---|---|---|---|---|---|---|---|"]
     for row in _rows():
+        lines.append("| " + " | ".join(row) + " |")
+        print(lines[-1], flush=True)
+    lines += ["", "Gate + up + SwiGLU (two weights of the row's shape), us per call:", "",
+              "| MLP | GxMxKxN | bf16 (XLA) | kernel x2 + silu*up | fused kernel | fused vs bf16 | fused TB/s |",
+              "|---|---|---|---|---|---|---|"]
+    for row in _swiglu_rows():
         lines.append("| " + " | ".join(row) + " |")
         print(lines[-1], flush=True)
     table = "\n".join(lines)

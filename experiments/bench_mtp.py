@@ -3,9 +3,10 @@
     python -m experiments.bench_mtp --config=small --steps=400 --record
 
 Trains the preset (main + MTP loss) on the synthetic arithmetic-with-scratchpad task, then decodes held-out prompts
-(another seed) greedily, plain and speculative, at each batch size, in the same process: reports the draft
-acceptance rate, the main-model forwards per generated token, the wall-clock ratio, and checks that both produce
-the same tokens.
+(another seed) greedily, plain and speculative (``--draft_tokens`` drafts per verification forward), at each batch
+size, in the same process: reports the draft acceptance rate (overall, and by depth: draft j kept given draft j - 1
+was), the main-model forwards per generated token, the wall-clock ratio, and checks that both produce the same
+tokens.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ flags.DEFINE_string("decode_batches", "1,32", "Batch sizes for decoding.")
 flags.DEFINE_integer("new_tokens", 96, "Max new tokens.")
 flags.DEFINE_list("temperatures", ["0"], "Sampling temperatures: 0 is greedy (speculative output identical to plain "
                   "greedy), > 0 speculative sampling (same distribution as plain sampling, other samples).")
+flags.DEFINE_list("draft_tokens", ["1", "2"], "Drafts per verification forward to time (each against the same plain "
+                  "run): 1 = the MTP module's own prediction; more chain the module on its output.")
 flags.DEFINE_bool("record", False, "Append the table to docs/benchmarks.md.")
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -85,19 +88,27 @@ def main(argv):
             return out, time.perf_counter() - t
 
         plain, t_plain = timed(lambda: dsjax.generate(model, prompts, sampling=sc, key=jax.random.key(1)))
-        spec, t_spec = timed(lambda: speculative_generate(model, prompts, sampling=sc, key=jax.random.key(1)))
-        same = plain.to_lists() == spec.output.to_lists() if temp == 0 else "n/a (sampled)"
-        n_tok = int(np.asarray(spec.output.lengths).max())
-        rows.append({"batch": b, "temperature": temp, "acceptance": spec.acceptance_rate, "plain_s": t_plain,
-                     "spec_s": t_spec, "speedup": t_plain / t_spec, "main_forwards": int(spec.main_forwards) + 1,
-                     "tokens": n_tok, "identical": same})
-        print(rows[-1], flush=True)
+        for k in [int(x) for x in FLAGS.draft_tokens]:
+            spec, t_spec = timed(lambda: speculative_generate(model, prompts, sampling=sc, key=jax.random.key(1),
+                                                              draft_tokens=k))
+            same = plain.to_lists() == spec.output.to_lists() if temp == 0 else "n/a (sampled)"
+            n_tok = int(np.asarray(spec.output.lengths).max())
+            by_depth = np.sum(np.asarray(spec.accepted_by_depth), axis=0)
+            rows.append({"batch": b, "temperature": temp, "k": k, "acceptance": spec.acceptance_rate,
+                         # draft j kept given draft j-1 kept (j = 1: of all forwards' first drafts)
+                         "conditional": [float(by_depth[j] / max(by_depth[j - 1] if j else np.sum(spec.drafts) / k,
+                                                                 1)) for j in range(k)],
+                         "plain_s": t_plain, "spec_s": t_spec, "speedup": t_plain / t_spec,
+                         "main_forwards": int(spec.main_forwards) + 1, "tokens": n_tok, "identical": same})
+            print(rows[-1], flush=True)
         print("sample:", repr(prompts and tok.decode(prompts[0][1:])), "->", repr(tok.decode(plain.to_lists()[0])),
               flush=True)
-    lines = ["| batch | temperature | draft acceptance | main forwards / tokens (longest row) | plain s | "
-             "speculative s | speed-up | identical |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| batch | temperature | drafts per forward | draft acceptance | kept given the previous kept, by depth | "
+             "main forwards / tokens (longest row) | plain s | speculative s | speed-up | identical |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r_ in rows:
-        lines.append(f"| {r_['batch']} | {r_['temperature']:g} | {100 * r_['acceptance']:.1f}% | "
+        cond = ", ".join(f"{100 * c:.1f}%" for c in r_["conditional"])
+        lines.append(f"| {r_['batch']} | {r_['temperature']:g} | {r_['k']} | {100 * r_['acceptance']:.1f}% | {cond} | "
                      f"{r_['main_forwards']} / {r_['tokens']} | "
                      f"{r_['plain_s']:.3f} | {r_['spec_s']:.3f} | {r_['speedup']:.2f}x | {r_['identical']} |")
     table = "\n".join(lines)

@@ -5,6 +5,10 @@ import glob
 import re
 
 SCOPES = ("ce_loss", "optimizer", "router", "routed_experts", "shared_experts", "routing_stats", "mla", "mlp", "moe")
+# a generate call: per decode step the layers (attention core and cache write inside "mla"), the output head and the
+# sampler; DECODE_PHASES label what runs once per call (the prompt's prefill, the layers' unstacking)
+DECODE_SCOPES = ("sample", "lm_head", "attn_core", "cache_write", *SCOPES)
+DECODE_PHASES = ("prefill", "unstack")
 
 
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{op_name=\"([^\"]*)\"")
@@ -33,11 +37,20 @@ def scope_of(text: str, scopes: tuple[str, ...] = SCOPES) -> str:
     return f"{scope} ({'bwd' if 'transpose(' in text else 'fwd'})"
 
 
+def is_kernel_stream(line_name: str) -> bool:
+    """Whether a GPU trace line is a stream that runs kernels: jax 0.11 names them after everything they carry, e.g.
+    ``Stream #14(Memset,MemcpyD2D,Compute,MemcpyD2H)``; copy-only streams (``Stream #72(MemcpyD2D)``) are not."""
+    name = line_name.lower()
+    return "stream" in name and ("compute" in name or "memcpy" not in name)
+
+
 def summarize_trace(tmp: str, steps: int, device: str = "/device:GPU", top: int = 30,
-                    hlo_text: str | None = None, scopes: tuple[str, ...] = SCOPES) -> None:
+                    hlo_text: str | None = None, scopes: tuple[str, ...] = SCOPES,
+                    phases: tuple[str, ...] = ()) -> None:
     """Prints the device time per step of the trace in ``tmp`` by dsjax name scope and the costliest kernels
     (``top`` of them; planes whose name starts with ``device``: pass "/device:GPU:0" for one GPU of several).
-    ``hlo_text``: the compiled step's HLO, to attribute XLA's own kernels by name (:func:`kernel_op_names`)."""
+    ``hlo_text``: the compiled step's HLO, to attribute XLA's own kernels by name (:func:`kernel_op_names`).
+    ``phases``: outer name scopes whose kernels are labelled ``phase: scope`` (e.g. a generate call's prefill)."""
     import jax
 
     path = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[0]
@@ -52,8 +65,7 @@ def summarize_trace(tmp: str, steps: int, device: str = "/device:GPU", top: int 
             continue
         for line in plane.lines:
             lines_seen.add(line.name)
-            name = line.name.lower()   # e.g. "Stream #14(Memset,MemcpyD2D,Compute,MemcpyD2H)": kernels run on it
-            if "stream" not in name or ("memcpy" in name and "compute" not in name):
+            if not is_kernel_stream(line.name):
                 continue
             for ev in line.events:
                 stats = dict(ev.stats)
@@ -66,6 +78,8 @@ def summarize_trace(tmp: str, steps: int, device: str = "/device:GPU", top: int 
                 if len(samples) < 4 and dur > 0.5:
                     samples.append(long[:240])
                 scope = scope_of(long, scopes)
+                phase = next((ph for ph in phases if re.search(rf"\b{ph}\b", long)), None)
+                scope = f"{phase}: {scope}" if phase else scope
                 by_scope[scope] += dur
                 by_kernel[(ev.name[:60] + " | " + str(stats.get("hlo_op", ""))[:40], scope)] += dur
     print(f"trace lines: {sorted(lines_seen)[:12]}; event stat keys: {sorted(seen_keys)}")

@@ -15,6 +15,10 @@ decoding *slower* than BF16 on an H100 (docs/benchmarks.md). Here each program l
 tiles, converts them in registers, multiplies, and scales the float32 partial product of each 128-wide K block by
 its block scale (the weights' scales vary along K, so they cannot be applied after the sum).
 
+``fp8_weight_swiglu(x, gq, gs, uq, us, index)`` is the SwiGLU front half of an MLP or expert in one kernel:
+``silu(x @ dequant(gq, gs)) * (x @ dequant(uq, us))`` (``[G, M, F]``; gate and up weights of one shape), x read once,
+both float32 accumulators combined in registers: one launch instead of two GEMMs and an elementwise kernel.
+
 Backends (``implementation=``):
 
 * ``"xla"``: the reference -- dequantise to float32 and ``einsum`` (any platform, any shape).
@@ -39,8 +43,8 @@ from jax import lax
 
 from pallas_kernels import hardware
 
-__all__ = ["fp8_weight_matmul", "fp8_weight_matmul_reference", "fp8_weight_kernel_supported",
-           "fp8_weight_kernel_shapes_ok"]
+__all__ = ["fp8_weight_matmul", "fp8_weight_matmul_reference", "fp8_weight_swiglu", "fp8_weight_swiglu_reference",
+           "fp8_weight_kernel_supported", "fp8_weight_kernel_shapes_ok"]
 
 BLOCK = 128
 MAX_ROWS = 64
@@ -69,12 +73,33 @@ def fp8_weight_matmul_reference(x: jax.Array, wq: jax.Array, s: jax.Array, index
                                 ) -> jax.Array:
     """Dequantise to float32 and multiply: the semantics every backend matches (``[G, M, N]`` in x's dtype)."""
     _check(x, wq, s, index)
+    return jnp.einsum("gmk,gkn->gmn", x.astype(jnp.float32), _dequant_f32(wq, s, index),
+                      precision=lax.Precision.HIGHEST).astype(x.dtype)
+
+
+def _dequant_f32(wq, s, index):
     if index is not None:
         wq, s = jnp.take(wq, index, axis=0), jnp.take(s, index, axis=0)
     k, n = wq.shape[1:]
     full = jnp.repeat(jnp.repeat(s.astype(jnp.float32), BLOCK, axis=1), BLOCK, axis=2)[:, :k, :n]
-    w = wq.astype(jnp.float32) * full
-    return jnp.einsum("gmk,gkn->gmn", x.astype(jnp.float32), w, precision=lax.Precision.HIGHEST).astype(x.dtype)
+    return wq.astype(jnp.float32) * full
+
+
+def fp8_weight_swiglu_reference(x: jax.Array, gq: jax.Array, gs: jax.Array, uq: jax.Array, us: jax.Array,
+                                index: jax.Array | None = None) -> jax.Array:
+    """``silu(x @ G) * (x @ U)`` in float32 on the dequantised weights, cast to x's dtype (``[G, M, F]``)."""
+    _check_pair(x, gq, gs, uq, us, index)
+    x32 = x.astype(jnp.float32)
+    g = jnp.einsum("gmk,gkn->gmn", x32, _dequant_f32(gq, gs, index), precision=lax.Precision.HIGHEST)
+    u = jnp.einsum("gmk,gkn->gmn", x32, _dequant_f32(uq, us, index), precision=lax.Precision.HIGHEST)
+    return (jax.nn.silu(g) * u).astype(x.dtype)
+
+
+def _check_pair(x, gq, gs, uq, us, index):
+    _check(x, gq, gs, index)
+    if uq.shape != gq.shape or us.shape != gs.shape:
+        raise ValueError(f"fp8_weight_swiglu: gate {gq.shape}/{gs.shape} and up {uq.shape}/{us.shape} weights and "
+                         f"scales must have one shape")
 
 
 def fp8_weight_kernel_shapes_ok(x_shape, wq_shape) -> bool:
@@ -104,36 +129,41 @@ def _tile_n(g: int, n: int) -> int:
     return BLOCK
 
 
-def _kernel(*refs, kb: int, bn: int, indexed: bool, weight_lhs: bool):
+def _kernel(*refs, kb: int, bn: int, indexed: bool, weight_lhs: bool, swiglu: bool = False):
+    """One program: x group ``g`` times output columns ``j*bn...`` of its weight (gate *and* up under ``swiglu``)."""
     from jax.experimental import pallas as pl
 
-    if indexed:
-        idx_ref, x_ref, w_ref, s_ref, o_ref = refs
-    else:
-        x_ref, w_ref, s_ref, o_ref = refs
+    idx_ref, refs = (refs[0], refs[1:]) if indexed else (None, refs)
+    x_ref, o_ref = refs[0], refs[-1]
+    pairs = [(refs[1], refs[2])] + ([(refs[3], refs[4])] if swiglu else [])    # (weights, scales) per product
     g, j = pl.program_id(0), pl.program_id(1)
     e = idx_ref[g] if indexed else g                            # this program's weight in the stack
     nb = (j * bn) // BLOCK                                     # this program's block-scale column
 
-    def body(i, acc):
+    def body(i, accs):
         xk = x_ref[g, :, pl.ds(i * BLOCK, BLOCK)]              # [Mp, 128] bf16
-        wk = w_ref[e, pl.ds(i * BLOCK, BLOCK), pl.ds(j * bn, bn)].astype(xk.dtype)   # [128, bn], E4M3 -> bf16
-        if weight_lhs:     # y^T = w^T x^T: the converted weight is the MMA's first operand ([bn, Mp] accumulator)
-            part = lax.dot_general(wk, xk, (((0,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        else:
-            part = jnp.dot(xk, wk, preferred_element_type=jnp.float32)
-        return acc + part * s_ref[e, i, nb]
+        out = []
+        for (w_ref, s_ref), acc in zip(pairs, accs):
+            wk = w_ref[e, pl.ds(i * BLOCK, BLOCK), pl.ds(j * bn, bn)].astype(xk.dtype)   # [128, bn], E4M3 -> bf16
+            if weight_lhs:     # y^T = w^T x^T: the converted weight is the MMA's first operand ([bn, Mp] accumulator)
+                part = lax.dot_general(wk, xk, (((0,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            else:
+                part = jnp.dot(xk, wk, preferred_element_type=jnp.float32)
+            out.append(acc + part * s_ref[e, i, nb])
+        return tuple(out)
 
     mp = x_ref.shape[1]
-    acc = lax.fori_loop(0, kb, body, jnp.zeros((bn, mp) if weight_lhs else (mp, bn), jnp.float32))
-    o_ref[g, :, pl.ds(j * bn, bn)] = (acc.T if weight_lhs else acc).astype(o_ref.dtype)
+    zeros = jnp.zeros((bn, mp) if weight_lhs else (mp, bn), jnp.float32)
+    accs = lax.fori_loop(0, kb, body, tuple(zeros for _ in pairs))
+    y = accs[0] * jax.nn.sigmoid(accs[0]) * accs[1] if swiglu else accs[0]     # silu(gate) * up, in float32
+    o_ref[g, :, pl.ds(j * bn, bn)] = (y.T if weight_lhs else y).astype(o_ref.dtype)
 
 
 def _pallas(x, wq, s, index=None, *, interpret: bool, bn: int | None = None, num_warps: int = 4,
-            num_stages: int = 3, weight_lhs: bool = False):
+            num_stages: int = 3, weight_lhs: bool = False, up: tuple[jax.Array, jax.Array] | None = None):
     """The Pallas call; ``bn`` (output columns per program, default :func:`_tile_n`), ``num_warps``,
     ``num_stages`` and ``weight_lhs`` (the converted weight as the MMA's first operand) are what a sweep may
-    override."""
+    override. ``up = (uq, us)``: the fused SwiGLU (``wq, s`` the gate)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
@@ -144,14 +174,16 @@ def _pallas(x, wq, s, index=None, *, interpret: bool, bn: int | None = None, num
         x = jnp.pad(x, ((0, 0), (0, mp - m), (0, 0)))
     bn = bn or _tile_n(g, n)
     call = pl.pallas_call(
-        functools.partial(_kernel, kb=k // BLOCK, bn=bn, indexed=index is not None, weight_lhs=weight_lhs),
+        functools.partial(_kernel, kb=k // BLOCK, bn=bn, indexed=index is not None, weight_lhs=weight_lhs,
+                          swiglu=up is not None),
         grid=(g, n // bn),
         out_shape=jax.ShapeDtypeStruct((g, mp, n), x.dtype),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
     )
     lead = () if index is None else (index.astype(jnp.int32),)
-    return call(*lead, x, wq, s.astype(jnp.float32))[:, :m]
+    extra = () if up is None else (up[0], up[1].astype(jnp.float32))
+    return call(*lead, x, wq, s.astype(jnp.float32), *extra)[:, :m]
 
 
 def fp8_weight_matmul(x: jax.Array, wq: jax.Array, s: jax.Array, index: jax.Array | None = None, *,
@@ -169,12 +201,31 @@ def fp8_weight_matmul(x: jax.Array, wq: jax.Array, s: jax.Array, index: jax.Arra
       interpret: run the Pallas kernel in the interpreter (CPU tests).
     """
     _check(x, wq, s, index)
+    if _backend(implementation, x, wq, interpret) == "xla":
+        return fp8_weight_matmul_reference(x, wq, s, index)
+    return _pallas(x, wq, s, index, interpret=interpret)
+
+
+def fp8_weight_swiglu(x: jax.Array, gq: jax.Array, gs: jax.Array, uq: jax.Array, us: jax.Array,
+                      index: jax.Array | None = None, *, implementation: Implementation = "auto",
+                      interpret: bool = False) -> jax.Array:
+    """``silu(x @ dequant(gq, gs)) * (x @ dequant(uq, us)) -> [G, M, F]`` in x's dtype: an MLP's or expert's
+    gate and up projections and their SwiGLU in one kernel (see the module docstring). Arguments as
+    :func:`fp8_weight_matmul`, with ``gq, gs`` the gate's weights and scales and ``uq, us`` the up projection's."""
+    _check_pair(x, gq, gs, uq, us, index)
+    if _backend(implementation, x, gq, interpret) == "xla":
+        return fp8_weight_swiglu_reference(x, gq, gs, uq, us, index)
+    return _pallas(x, gq, gs, index, interpret=interpret, up=(uq, us))
+
+
+def _backend(implementation: str, x: jax.Array, wq: jax.Array, interpret: bool) -> str:
+    """``implementation`` resolved to "xla" or "pallas" (errors for impossible requests)."""
     if wq.dtype != jnp.float8_e4m3fn:
         raise TypeError(f"fp8_weight_matmul: wq must be float8_e4m3fn, got {wq.dtype}")
     if implementation == "auto":
-        implementation = "pallas" if fp8_weight_kernel_supported(x.shape, wq.shape) else "xla"
+        return "pallas" if fp8_weight_kernel_supported(x.shape, wq.shape) else "xla"
     if implementation == "xla":
-        return fp8_weight_matmul_reference(x, wq, s, index)
+        return "xla"
     if implementation != "pallas":
         raise ValueError(f"fp8_weight_matmul: implementation={implementation!r}; use 'auto', 'xla' or 'pallas'")
     if not fp8_weight_kernel_shapes_ok(x.shape, wq.shape):
@@ -184,4 +235,4 @@ def fp8_weight_matmul(x: jax.Array, wq: jax.Array, s: jax.Array, index: jax.Arra
     if not interpret and jax.default_backend() != "gpu":
         raise ValueError("fp8_weight_matmul(implementation='pallas') runs on GPUs (Triton); pass interpret=True "
                          "to interpret it elsewhere, or use implementation='xla'")
-    return _pallas(x, wq, s, index, interpret=interpret)
+    return "pallas"

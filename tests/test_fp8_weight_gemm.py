@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import fp8_weight_matmul
+from pallas_kernels import fp8_weight_matmul, fp8_weight_swiglu
 from pallas_kernels.fp8_weight_gemm import _pallas, fp8_weight_kernel_shapes_ok
 
 BF16_TOL = 5e-3     # bf16 output rounding (2^-8 relative) over exact E4M3 products accumulated in float32
@@ -52,6 +52,25 @@ def test_fp8_weight_matmul_matches_float64(impl, g, m, k, n, e):
     assert _rel(out, _oracle(x, wq, s, index)) < BF16_TOL
 
 
+def _swiglu_oracle(x, gq, gs, uq, us, index):
+    g, u = _oracle(x, gq, gs, index), _oracle(x, uq, us, index)
+    return g / (1 + np.exp(-g)) * u
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("g,m,k,n,e", [(3, 5, 256, 384, None), (1, 1, 512, 256, None), (6, 3, 256, 256, 4)])
+def test_fp8_weight_swiglu_matches_float64(impl, g, m, k, n, e):
+    """Gate, up and silu(gate) * up in one kernel against the float64 oracle (two weights, own scales each)."""
+    x, gq, gs, index = _case(g, m, k, n, e, seed=0)
+    _, uq, us, _ = _case(g, m, k, n, e, seed=1)
+    kw = dict(implementation=impl, interpret=True) if impl == "pallas" else dict(implementation=impl)
+    out = jax.jit(lambda *a: fp8_weight_swiglu(*a, **kw))(x, gq, gs, uq, us, index)
+    assert out.shape == (g, m, n) and out.dtype == x.dtype
+    assert _rel(out, _swiglu_oracle(x, gq, gs, uq, us, index)) < BF16_TOL
+    with pytest.raises(ValueError, match="one shape"):
+        fp8_weight_swiglu(x, gq, gs, uq[..., :128], us[..., :1], index)
+
+
 def test_fp8_weight_matmul_block_scales_vary_along_k():
     """Each 128-wide K block has its own scale: a kernel that applied one scale after the K sum would fail."""
     x, wq, _, _ = _case(1, 4, 384, 128)
@@ -67,25 +86,33 @@ def test_fp8_weight_kernel_lowers_for_cuda():
 
     mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
         device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"))
-    for g, m, k, n, indexed in [(64, 32, 1024, 1024, False), (1, 1, 1024, 1536, False), (6, 1, 1024, 512, True)]:
-        args = [jax.ShapeDtypeStruct((g, m, k), jnp.bfloat16), jax.ShapeDtypeStruct((g, k, n), jnp.float8_e4m3fn),
-                jax.ShapeDtypeStruct((g, k // 128, n // 128), jnp.float32)]
+    for g, m, k, n, indexed, swiglu in [(64, 32, 1024, 1024, False, False), (1, 1, 1024, 1536, False, False),
+                                        (6, 1, 1024, 512, True, False), (64, 32, 1024, 512, False, True),
+                                        (6, 1, 1024, 512, True, True)]:
+        w = jax.ShapeDtypeStruct((g, k, n), jnp.float8_e4m3fn)
+        sc = jax.ShapeDtypeStruct((g, k // 128, n // 128), jnp.float32)
+        args = [jax.ShapeDtypeStruct((g, m, k), jnp.bfloat16), w, sc]
         if indexed:
             args.append(jax.ShapeDtypeStruct((g,), jnp.int32))
+        fn = functools.partial(_pallas, interpret=False)
+        if swiglu:
+            fn = lambda *a, fn=fn: fn(*a, up=(a[1], a[2]))  # noqa: E731 - the up weights' shapes are the gate's
         with jax.sharding.use_abstract_mesh(mesh):
-            text = jax.jit(functools.partial(_pallas, interpret=False)).trace(*args).lower(
-                lowering_platforms=("cuda",)).as_text()
+            text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert "xla.gpu.triton" in text
 
 
 @pytest.mark.gpu
 def test_fp8_weight_kernel_on_gpu():
-    """The compiled Triton kernel on the GPU at `small`'s decode shapes (experts at batch 32, a projection at
-    batch 1, the indexed form at batch 1) against the float64 oracle."""
+    """The compiled Triton kernels (GEMM and fused SwiGLU) on the GPU at `small`'s decode shapes (experts at batch
+    32, a projection at batch 1, the indexed form at batch 1) against the float64 oracle."""
     for g, m, k, n, e in [(64, 32, 1024, 1024, None), (1, 1, 1024, 1536, None), (6, 1, 1024, 1024, 64)]:
         x, wq, s, index = _case(g, m, k, n, e)
         out = jax.jit(lambda *a: fp8_weight_matmul(*a, implementation="pallas"))(x, wq, s, index)
         assert _rel(out, _oracle(x, wq, s, index)) < BF16_TOL, (g, m, k, n)
+        _, uq, us, _ = _case(g, m, k, n, e, seed=1)
+        out = jax.jit(lambda *a: fp8_weight_swiglu(*a, implementation="pallas"))(x, wq, s, uq, us, index)
+        assert _rel(out, _swiglu_oracle(x, wq, s, uq, us, index)) < BF16_TOL, ("swiglu", g, m, k, n)
 
 
 def test_fp8_weight_matmul_errors():
@@ -103,15 +130,12 @@ def test_fp8_weight_matmul_errors():
     assert fp8_weight_matmul(x, wq, s).shape == (2, 3, 256)          # "auto" on the CPU: the XLA reference
 
 
-@pytest.mark.parametrize("batch", [2, 8])     # 2 tokens: the gathered-experts path; 8: the dense decode path
-def test_model_with_fp8_weights_uses_the_kernel_when_decoding(monkeypatch, tmp_path, batch):
-    """A model loaded with FP8 weights (hub round trip, 128x128 blocks) runs its decode-sized projections and
-    experts through the weight-only FP8 kernel where `use_fp8_weight_kernel` holds (forced here, the kernel
-    interpreted on the CPU) and matches the dequantise-then-matmul path it replaces."""
+def _fp8_tiny_model(tmp_path):
+    """A 2-layer bf16 model (dense MLP, then routed + shared experts) loaded with FP8 weights (hub round trip,
+    128x128 blocks), its layers unstacked."""
     from flax import nnx
 
     import dsjax
-    from dsjax.model import layers
 
     cfg = dsjax.configs.tiny(hidden_size=256, intermediate_size=256, num_attention_heads=2, q_lora_rank=128,
                              kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64,
@@ -119,15 +143,60 @@ def test_model_with_fp8_weights_uses_the_kernel_when_decoding(monkeypatch, tmp_p
                              topk_group=1, num_hidden_layers=2, num_nextn_predict_layers=0, dtype="bfloat16",
                              param_dtype="bfloat16")
     dsjax.save_hf(dsjax.Transformer(cfg, rngs=nnx.Rngs(0)), None, tmp_path)
-    model = dsjax.load_hf(tmp_path, dtype=jnp.bfloat16, keep_fp8=True, mtp=False)
-    ids = jax.random.randint(jax.random.key(3), (batch, 1), 3, cfg.vocab_size)
-    ref = model(ids).logits.astype(jnp.float32)
+    return dsjax.model.unstack_layers(dsjax.load_hf(tmp_path, dtype=jnp.bfloat16, keep_fp8=True, mtp=False))
 
-    calls = []
+
+def _force_kernels(monkeypatch, implementation="pallas"):
+    """Decode-sized FP8 products take the kernels on the CPU (interpreted; or their XLA references); returns the
+    lists of the x shapes the GEMM and the fused SwiGLU were called with."""
+    from dsjax.model import layers
+
+    kw = dict(implementation="pallas", interpret=True) if implementation == "pallas" else dict(implementation="xla")
+    calls, fused = [], []
     monkeypatch.setattr(layers, "use_fp8_weight_kernel",
                         lambda x, w, block: block == (128, 128) and fp8_weight_kernel_shapes_ok(x, w))
-    monkeypatch.setattr(layers, "fp8_weight_dot", lambda *a: calls.append(a[0].shape) or fp8_weight_matmul(
-        *a, implementation="pallas", interpret=True))
+    monkeypatch.setattr(layers, "fp8_weight_dot", lambda *a: calls.append(a[0].shape) or fp8_weight_matmul(*a, **kw))
+    monkeypatch.setattr(layers, "fp8_weight_swiglu_dot",
+                        lambda *a: fused.append(a[0].shape) or fp8_weight_swiglu(*a, **kw))
+    return calls, fused
+
+
+@pytest.mark.parametrize("batch", [2, 8])     # 2 tokens: the gathered-experts path; 8: the dense decode path
+def test_model_with_fp8_weights_uses_the_kernel_when_decoding(monkeypatch, tmp_path, batch):
+    """A model with FP8 weights runs its decode-sized projections, MLPs and experts through the weight-only FP8
+    kernels where `use_fp8_weight_kernel` holds (forced here, interpreted on the CPU): one fused gate/up/SwiGLU
+    launch per MLP or expert set, then its down projection. Its logits match the same dispatch with the kernels'
+    XLA references (the kernels' own accuracy: the float64 tests above; the layers' equivalence with the
+    dequantise-then-matmul path: the next test)."""
+    model = _fp8_tiny_model(tmp_path)
+    ids = jax.random.randint(jax.random.key(3), (batch, 1), 3, model.cfg.vocab_size)
+    with monkeypatch.context() as m:
+        _force_kernels(m, "xla")
+        ref = model(ids).logits.astype(jnp.float32)
+    calls, fused = _force_kernels(monkeypatch)
     got = model(ids).logits.astype(jnp.float32)
-    assert len(calls) >= 2 * (3 + 4), calls          # per layer: the experts' 3 GEMMs and >= 4 MLA projections
-    assert float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)) < 2e-2
+    # layer 0 (dense MLP), layer 1 (routed + shared experts): 3 fused launches; >= 4 MLA projections per layer
+    assert len(fused) == 3 and len(calls) >= 3 + 2 * 4, (fused, calls)
+    assert float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)) < 1e-2
+
+
+@pytest.mark.parametrize("tokens", [2, 8])
+def test_fp8_decode_kernels_match_the_dequantised_layers(monkeypatch, tmp_path, tokens):
+    """Layer by layer (routing given, so no top-k can flip): the dense MLP, the shared experts and the routed
+    experts (gathered path at 2 tokens, dense decode path at 8) with the FP8 kernels equal the dequantise-then-matmul
+    path within bf16 rounding (the fused SwiGLU keeps silu(gate) * up in float32 where the unfused path rounds each
+    projection to bf16 first)."""
+    model = _fp8_tiny_model(tmp_path)
+    cfg = model.cfg
+    x = jax.random.normal(jax.random.key(1), (tokens, 1, cfg.hidden_size), jnp.bfloat16)
+    idx = jax.random.randint(jax.random.key(2), (tokens, cfg.num_experts_per_tok), 0, cfg.n_routed_experts)
+    wts = jax.random.uniform(jax.random.key(3), idx.shape)
+    moe = model.layers[1].mlp
+    runs = {"mlp": lambda: model.layers[0].mlp(x), "shared": lambda: moe.shared_experts(x),
+            "experts": lambda: moe.experts(x[:, 0], idx, wts, decode=True)}
+    ref = {k: f().astype(jnp.float32) for k, f in runs.items()}
+    _, fused = _force_kernels(monkeypatch)
+    for k, f in runs.items():
+        got = f().astype(jnp.float32)
+        assert float(jnp.linalg.norm(got - ref[k]) / jnp.linalg.norm(ref[k])) < 1e-2, k
+    assert len(fused) == 3

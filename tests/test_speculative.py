@@ -34,12 +34,13 @@ def trained():
     return nnx.merge(g, params, rest)
 
 
-def test_speculative_equals_greedy_and_accepts_drafts(trained):
+@pytest.mark.parametrize("draft_tokens", [1, 2, 3])
+def test_speculative_equals_greedy_and_accepts_drafts(trained, draft_tokens):
     # rows of one batch with different prompt lengths; the last one is off-pattern, so rows accept differently
     prompts = [[5, 6, 7, 8], [20, 21], [30, 31, 32, 33, 34, 35], [100, 7, 250, 3]]
     cfg = dsjax.SamplingConfig(max_new_tokens=12, temperature=0.0, use_eos=False)
     plain = dsjax.generate(trained, prompts, sampling=cfg)
-    spec = speculative_generate(trained, prompts, sampling=cfg)
+    spec = speculative_generate(trained, prompts, sampling=cfg, draft_tokens=draft_tokens)
     assert spec.output.to_lists() == plain.to_lists()
     np.testing.assert_array_equal(spec.output.lengths, plain.lengths)
     valid = np.arange(12)[None] < np.asarray(plain.lengths)[:, None]          # log-probs as generate reports them
@@ -47,14 +48,18 @@ def test_speculative_equals_greedy_and_accepts_drafts(trained):
                                atol=2e-4)
     acc = np.asarray(spec.accepted) / np.maximum(np.asarray(spec.drafts), 1)
     assert acc[:3].min() > 0.8, acc
-    assert int(spec.main_forwards) < 12  # fewer main forwards than tokens
+    np.testing.assert_array_equal(np.sum(spec.accepted_by_depth, axis=1), spec.accepted)
+    assert spec.accepted_by_depth.shape == (4, draft_tokens)
+    # fewer main forwards than tokens: ~12 / (k + 1) on the counting rows (the off-pattern row needs more)
+    assert int(spec.main_forwards) <= {1: 11, 2: 8, 3: 7}[draft_tokens], int(spec.main_forwards)
 
 
-def test_speculative_respects_stops(trained):
+@pytest.mark.parametrize("draft_tokens", [1, 3])
+def test_speculative_respects_stops(trained, draft_tokens):
     prompts = [[5, 6, 7, 8], [20, 21]]
     cfg = dsjax.SamplingConfig(max_new_tokens=12, temperature=0.0, use_eos=False, stop_ids=(14,))
     plain = dsjax.generate(trained, prompts, sampling=cfg)
-    spec = speculative_generate(trained, prompts, sampling=cfg)
+    spec = speculative_generate(trained, prompts, sampling=cfg, draft_tokens=draft_tokens)
     assert spec.output.to_lists() == plain.to_lists()
     assert spec.output.to_lists()[0][-1] == 14 and int(spec.output.lengths[0]) == 6
     np.testing.assert_array_equal(spec.output.tokens, plain.tokens)  # padded after the stop, too
@@ -100,22 +105,28 @@ def _chi2(counts: dict, expected: dict, n: int) -> tuple[float, int]:
     return sum((o - e) ** 2 / e for o, e in pairs), len(pairs) - 1
 
 
-@pytest.mark.parametrize("top_k,temperature", [(4, 1.0), (0, 0.7)])
-def test_speculative_sampling_preserves_the_sampling_distribution(top_k, temperature):
+@pytest.mark.parametrize("top_k,temperature,draft_tokens,which", [(4, 1.0, 1, "untrained"), (0, 0.7, 1, "untrained"),
+                                                                  (4, 8.0, 2, "trained")])
+def test_speculative_sampling_preserves_the_sampling_distribution(trained, top_k, temperature, draft_tokens, which):
     """temperature > 0: speculative sampling (accept d with min(1, p/q), else resample from norm(max(0, p - q)),
     bonus token after an accepted draft). An untrained model's MTP drafts are far from the main model, so both the
     accept and the residual branch run. The marginals of generated tokens 1-3 over 4,000 rows match the exact
     ones of plain sampling (chi-square within 5 sigma of its degrees of freedom), and the reported log-probs are
-    log softmax(logits / temperature) of the full forward at the sampled tokens."""
-    model = dsjax.Transformer(dsjax.configs.tiny(num_hidden_layers=2, vocab_size=48), rngs=nnx.Rngs(7))
+    log softmax(logits / temperature) of the full forward at the sampled tokens. Two drafts per forward: the model
+    trained on counting, at a temperature (8) where its drafts are kept mostly but rejected often enough, at both
+    depths, to test both branches of each."""
+    model = trained if which == "trained" else dsjax.Transformer(
+        dsjax.configs.tiny(num_hidden_layers=2, vocab_size=48), rngs=nnx.Rngs(7))
     prompt, n = [5, 6, 7], 4000
     cfg = dsjax.SamplingConfig(max_new_tokens=3, temperature=temperature, top_k=top_k, use_eos=False,
                                length_bucket=8)
-    spec = speculative_generate(model, [prompt] * n, sampling=cfg, key=jax.random.key(11))
+    spec = speculative_generate(model, [prompt] * n, sampling=cfg, key=jax.random.key(11), draft_tokens=draft_tokens)
     toks = np.asarray(spec.output.tokens)
     assert np.all(np.asarray(spec.output.lengths) == 3)
     acc, drafts = int(np.sum(spec.accepted)), int(np.sum(spec.drafts))
     assert acc >= 50 and drafts - acc >= 50, (acc, drafts)               # both branches exercised
+    kept_last = int(np.sum(spec.accepted_by_depth[:, -1]))
+    assert draft_tokens == 1 or kept_last >= 50, kept_last                # k = 2: the chained draft kept, too
     for depth, exact in enumerate(_exact_marginals(model, prompt, cfg, 3)):
         vals, cnt = np.unique(toks[:, depth], return_counts=True)
         stat, df = _chi2(dict(zip(vals.tolist(), cnt.tolist())), exact, n)

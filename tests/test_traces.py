@@ -4,7 +4,7 @@ still works when CUDA command buffers hide the scopes from a profiler trace)."""
 import jax
 import jax.numpy as jnp
 
-from experiments.traces import kernel_op_names, scope_of
+from experiments.traces import is_kernel_stream, kernel_op_names, scope_of
 
 
 def test_kernel_names_lead_to_op_names_and_scopes():
@@ -27,3 +27,11 @@ def test_a_compiled_module_maps_its_fusions_to_the_jax_name_stack():
     text = jax.jit(jax.grad(f)).lower(jnp.ones((64, 64))).compile().as_text()
     names = kernel_op_names(text)
     assert names and any(scope_of(v).startswith("router") for v in names.values())
+
+
+def test_kernel_streams_are_told_from_copy_streams():
+    """jax 0.11 traces name a stream after all it carries; the compute stream also lists its copies."""
+    assert is_kernel_stream("Stream #14(Memset,MemcpyD2D,Compute,MemcpyD2H)")
+    assert is_kernel_stream("Stream #7")
+    assert not is_kernel_stream("Stream #72(MemcpyD2D)")
+    assert not is_kernel_stream("XLA Ops")

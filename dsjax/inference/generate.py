@@ -105,11 +105,13 @@ def generate_tokens(graphdef: Any, state: Any, prompts: jax.Array, prompt_length
     n = cfg.max_new_tokens
     stops = jnp.asarray(_stop_ids(mcfg, cfg) or (-1,), jnp.int32)
     cache = init_cache(mcfg, b, p + n)
-    logits, cache = prefill(model, prompts, prompt_lengths, cache, chunk=cfg.prefill_chunk)
+    with jax.named_scope("prefill"):
+        logits, cache = prefill(model, prompts, prompt_lengths, cache, chunk=cfg.prefill_chunk)
     step_keys = lambda i: jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
     tok, lp = sample_tokens(logits, step_keys(0), cfg)
     if cfg.unstack_layers:
-        model = unstack_layers(model)  # once, outside the decode loop (see SamplingConfig.unstack_layers)
+        with jax.named_scope("unstack"):
+            model = unstack_layers(model)  # once, outside the decode loop (see SamplingConfig.unstack_layers)
 
     out_tok = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok)
     out_lp = jnp.zeros((b, n), jnp.float32).at[:, 0].set(lp)
@@ -123,7 +125,8 @@ def generate_tokens(graphdef: Any, state: Any, prompts: jax.Array, prompt_length
     def one_step(carry):
         i, cache, prev, out_tok, out_lp, done, lengths = carry
         logits, cache = decode_step(model, prev, prompt_lengths + i - 1, cache, jnp.minimum(p + i - 1, p + n - 1))
-        tok, lp = sample_tokens(logits, step_keys(i), cfg)
+        with jax.named_scope("sample"):
+            tok, lp = sample_tokens(logits, step_keys(i), cfg)
         done = done | (i >= n)  # steps past N (unrolled tail) change nothing
         tok = jnp.where(done, pad_id, tok)
         j = jnp.minimum(i, n - 1)

@@ -17,16 +17,25 @@ position n + 1:
 The output is exactly plain greedy decoding's (same argmax at every confirmed position); rows advance by one or two
 tokens independently (per-row cache slots). Only the first MTP depth is used for drafting.
 
+**k drafts per forward** (``draft_tokens=k``; as SGLang and vLLM chain DeepSeek's MTP module): drafts 2..k come
+from running the MTP module again on its own output hidden state (in place of the main model's, which does not
+exist yet for a drafted position) and the previous draft. The main forward verifies ``[t_n, d_1..d_k]`` at once;
+the drafts are checked in order and the first rejected one is replaced (its argmax, or a residual sample), so a
+forward confirms 1 to k + 1 tokens. The MTP cache entries written while chaining are rewritten from the main
+model's hidden states after the next verification; rejected drafts' main-cache slots are overwritten likewise.
+
 **Speculative sampling** (``temperature > 0``; Leviathan et al. 2023, Chen et al. 2023): the draft ``d`` is sampled
 from the MTP module's distribution ``q`` and the main model's ``p`` at position n + 1 decides: ``d`` is kept with
 probability ``min(1, p(d) / q(d))``; a rejected draft is replaced by a sample of ``norm(max(0, p - q))``; a kept
-draft is followed by a bonus token sampled from the main model's distribution at n + 2 given ``d``. Both ``p`` and
+draft is followed by a bonus token sampled from the main model's distribution at n + 2 given ``d``. With k drafts
+the test runs draft by draft (each ``q`` conditioned on the earlier drafts, each ``p`` on the same prefix), the
+first rejection ends the forward's tokens, and the bonus follows only when all k are kept. Both ``p`` and
 ``q`` are the sampling distributions (temperature, then top-k / top-p truncation), so every generated token is
 distributed exactly as in plain sampling with the same :class:`SamplingConfig` (a test checks the marginals against
 the exact ones); the random streams differ, so the samples themselves do not match :func:`generate`'s. Row ``b``'s
 step ``i`` (0: the prefill) draws from ``fold_in(fold_in(keys[b], i), j)``: ``j`` = 0 the verification (folded
 again: 0 the accept test, 1 the residual sample), 2 the bonus token (the prefill: the first token), 3 the next
-draft.
+draft; with k drafts, draft j's verification and the next draft j take 2 + 2j and 3 + 2j (j = 1..k-1).
 
 ``logprobs`` are those of :func:`~dsjax.inference.sample_tokens`: ``log softmax(logits / temperature)`` of the main
 model at each generated token (``log softmax(logits)`` when greedy).
@@ -52,12 +61,14 @@ __all__ = ["SpeculativeOutput", "speculative_generate", "speculative_generate_to
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SpeculativeOutput:
-    """:class:`GenerateOutput` fields plus ``drafts`` [B] (drafts proposed), ``accepted`` [B] (drafts accepted) and
+    """:class:`GenerateOutput` fields plus ``drafts`` [B] (drafts proposed), ``accepted`` [B] (drafts accepted),
+    ``accepted_by_depth`` [B, k] (how often draft j was kept: with every earlier draft of its forward) and
     ``main_forwards`` (verification forwards after the prefill)."""
 
     output: GenerateOutput
     drafts: jax.Array
     accepted: jax.Array
+    accepted_by_depth: jax.Array
     main_forwards: jax.Array
 
     @property
@@ -93,13 +104,26 @@ def _verify(logp0: jax.Array, logq: jax.Array, draft: jax.Array, keys: jax.Array
     return jnp.where(ok, draft, alt.astype(jnp.int32)), ok
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "pad_id"))
+def _key_id(kind: str, j: int) -> int:
+    """``fold_in`` ids of a step's random streams: the verification of draft j (0: accept test, 1: residual
+    sample, folded once more), the bonus token, the draft at depth j. Draft 0 keeps the ids of single-draft decoding
+    (0, 2, 3); later drafts take 4, 5, 6, ..."""
+    if kind == "bonus":
+        return 2
+    base = {"verify": 0, "draft": 3}[kind]
+    return base if j == 0 else 2 + 2 * j + (kind == "draft")
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "pad_id", "draft_tokens"))
 def speculative_generate_tokens(graphdef: Any, state: Any, prompts: jax.Array, prompt_lengths: jax.Array,
                                 keys: jax.Array | None = None, *, cfg: SamplingConfig,
-                                pad_id: int = 0) -> SpeculativeOutput:
+                                pad_id: int = 0, draft_tokens: int = 1) -> SpeculativeOutput:
     """Pure speculative generator (see the module docstring); ``prompts [B, P]`` left-padded, ``keys [B]`` one PRNG
-    key per row (needed unless ``cfg`` is greedy)."""
+    key per row (needed unless ``cfg`` is greedy); ``draft_tokens`` (k) drafts per verification forward."""
     greedy = cfg.greedy
+    k = draft_tokens
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"draft_tokens={k!r}: must be an int >= 1 (drafts verified per main forward)")
     if not greedy and keys is None:
         raise ValueError("speculative sampling (temperature > 0) needs keys: one PRNG key per row")
     model = nnx.merge(graphdef, state)
@@ -109,7 +133,7 @@ def speculative_generate_tokens(graphdef: Any, state: Any, prompts: jax.Array, p
     b, p = prompts.shape
     n = cfg.max_new_tokens
     stops = jnp.asarray(_stop_ids(mcfg, cfg) or (-1,), jnp.int32)
-    length = p + n + 2
+    length = p + n + 2 * k        # the verification writes up to slot cur + k, a chained draft up to cur + 2k - 1
     main = init_cache(mcfg, b, length)
     mtp = init_cache(mcfg.replace(num_hidden_layers=1), b, length)
     start = (p - prompt_lengths).astype(jnp.int32)  # slot of position 0, per row
@@ -128,12 +152,32 @@ def speculative_generate_tokens(graphdef: Any, state: Any, prompts: jax.Array, p
     keys = jax.random.split(jax.random.key(0), b) if keys is None else keys   # (unused when greedy)
     step_keys = lambda i, j: jax.vmap(  # noqa: E731
         lambda k: jax.random.fold_in(jax.random.fold_in(k, i), j))(keys)
+
+    def chain(mtp, h, d, last_pos, i):
+        """Drafts 2..k. ``last_pos [B]``: the last confirmed token's position; ``d`` drafts the next one, from MTP's
+        output ``h [B, D]`` one position earlier. Draft j + 1 runs MTP at ``last_pos + j - 1`` on its own previous
+        output (in place of the main model's hidden state, not computed yet) and the previous draft; its cache
+        entries there are rewritten from the main model's hidden states after the next verification."""
+        ds, qs = [], []
+        for j in range(1, k):
+            at = last_pos + j - 1
+            hm, mtp = mtp_draft_step(model, 0, h[:, None], d[:, None], at[:, None], mtp, start + at)
+            h = hm[:, 0]
+            q = _log_probs(model.logits_f32(h), cfg)[1]
+            d = _pick(q, step_keys(i, _key_id("draft", j)), greedy)
+            ds.append(d)
+            qs.append(q)
+        return mtp, ds, qs
+
     rep0, samp0 = _log_probs(model.logits_f32(hidden[:, -1]), cfg)
     first = _pick(samp0, step_keys(0, 2), greedy)                        # the first token: plain sampling
     nxt = jnp.concatenate([prompts[:, 1:], first[:, None]], axis=1)
     h_mtp, mtp = mtp_draft_step(model, 0, hidden, nxt, pos, mtp, 0, segment_ids=seg)
     logq = _log_probs(model.logits_f32(h_mtp[:, -1]), cfg)[1]
     draft = _pick(logq, step_keys(0, 3), greedy)
+    mtp, more, more_q = chain(mtp, h_mtp[:, -1], draft, prompt_lengths.astype(jnp.int32), 0)
+    drafts0 = jnp.stack([draft, *more], axis=1)                          # [B, k]
+    logq0 = jnp.stack([logq, *more_q], axis=1)                           # [B, k, V]
     if cfg.unstack_layers:
         model = unstack_layers(model)  # once, outside the decode loop (see SamplingConfig.unstack_layers)
 
@@ -142,8 +186,8 @@ def speculative_generate_tokens(graphdef: Any, state: Any, prompts: jax.Array, p
     out_lp = jnp.zeros((b, n), jnp.float32).at[:, 0].set(_at(rep0, first))
     gen = jnp.ones((b,), jnp.int32)
     done = jnp.isin(first, stops) | (gen >= n)
-    carry = (main, mtp, first, draft, logq, prompt_lengths.astype(jnp.int32), out_tok, out_lp, gen, done,
-             jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32), jnp.int32(0))
+    carry = (main, mtp, first, drafts0, logq0, prompt_lengths.astype(jnp.int32), out_tok, out_lp, gen, done,
+             jnp.zeros((b,), jnp.int32), jnp.zeros((b, k), jnp.int32), jnp.int32(0))
 
     def cond(c):
         return ~jnp.all(c[9])
@@ -153,48 +197,65 @@ def speculative_generate_tokens(graphdef: Any, state: Any, prompts: jax.Array, p
         return buf.at[rows, at].set(jnp.where(where, value, buf[rows, at]))
 
     def body(c):
-        main, mtp, last, draft, logq, cur, out_tok, out_lp, gen, done, drafts, accepted, steps = c
-        toks = jnp.stack([last, draft], axis=1)
-        positions = jnp.stack([cur, cur + 1], axis=1)
+        main, mtp, last, drafts, logq, cur, out_tok, out_lp, gen, done, n_drafts, accepted, steps = c
+        toks = jnp.concatenate([last[:, None], drafts], axis=1)              # [B, k+1]: t_n, d_1..d_k
+        positions = cur[:, None] + jnp.arange(k + 1, dtype=jnp.int32)[None]
         slots = start + cur
-        o = model(toks, jnp.ones((b, 2), jnp.int32), positions, cache=main, cache_index=slots, mla_impl="absorbed",
-                  compute_logits=False, return_hidden=True)
-        rep, samp = _log_probs(model.logits_f32(o.hidden), cfg)           # [B, 2, V]: at n + 1, and n + 2 given d
+        o = model(toks, jnp.ones((b, k + 1), jnp.int32), positions, cache=main, cache_index=slots,
+                  mla_impl="absorbed", compute_logits=False, return_hidden=True)
+        rep, samp = _log_probs(model.logits_f32(o.hidden), cfg)           # [B, k+1, V]: at n+1 .. n+k+1
         i = steps + 1
-        g0, ok = _verify(samp[:, 0], logq, draft, step_keys(i, 0), greedy)
-        g1 = _pick(samp[:, 1], step_keys(i, 2), greedy)                  # the bonus token (kept only if ok)
-        g = jnp.stack([g0, g1], axis=1)
-        h_m, mtp = mtp_draft_step(model, 0, o.hidden, g, positions, mtp, slots)
-        new_logq = _log_probs(model.logits_f32(jnp.where(ok[:, None], h_m[:, 1], h_m[:, 0])), cfg)[1]
-        new_draft = _pick(new_logq, step_keys(i, 3), greedy)
+        # verify the drafts in order; c_j is the token at n+1+j (the draft if kept, else its replacement; c_k the
+        # bonus token), standing while every earlier draft was kept
+        cs, oks = [], []
+        for j in range(k):
+            c_j, ok_j = _verify(samp[:, j], logq[:, j], drafts[:, j], step_keys(i, _key_id("verify", j)), greedy)
+            cs.append(c_j)
+            oks.append(ok_j)
+        cs.append(_pick(samp[:, k], step_keys(i, _key_id("bonus", 0)), greedy))
+        kept = jnp.cumprod(jnp.stack(oks, axis=1).astype(jnp.int32), axis=1)     # [B, k]: drafts 1..j all kept
+        n_kept = jnp.sum(kept, axis=1)                                       # L: tokens c_0..c_L stand
+        c_all = jnp.stack(cs, axis=1)                                        # [B, k+1]
 
+        # write c_0..c_L, stopping after a stop token or at max_new_tokens
         active = ~done
-        out_tok = put(out_tok, gen, g0, active)
-        out_lp = put(out_lp, gen, _at(rep[:, 0], g0), active)
-        gen1 = gen + active
-        stop0 = jnp.isin(g0, stops)
-        second = active & ok & ~stop0 & (gen1 < n)
-        out_tok = put(out_tok, gen1, g1, second)
-        out_lp = put(out_lp, gen1, _at(rep[:, 1], g1), second)
-        gen2 = gen1 + second
-        new_done = done | (active & stop0) | (second & jnp.isin(g1, stops)) | (gen2 >= n)
-        last = jnp.where(second, g1, g0)
-        cur = jnp.where(active, cur + 1 + second, cur)
-        return (o.cache, mtp, last, new_draft, new_logq, cur, out_tok, out_lp, gen2, new_done, drafts + active,
-                accepted + (active & ok), steps + 1)
+        go, stopped, g = active, jnp.zeros_like(done), gen
+        for j in range(k + 1):
+            write = go & (j <= n_kept) & (g < n)
+            out_tok = put(out_tok, g, c_all[:, j], write)
+            out_lp = put(out_lp, g, _at(rep[:, j], c_all[:, j]), write)
+            g = g + write
+            hit = write & jnp.isin(c_all[:, j], stops)
+            stopped, go = stopped | hit, write & ~hit
+        new_done = done | stopped | (g >= n)
+        last = jnp.take_along_axis(c_all, n_kept[:, None], axis=1)[:, 0]
+        cur = jnp.where(active, cur + 1 + n_kept, cur)
 
-    (main, mtp, _, _, _, _, out_tok, out_lp, gen, _, drafts, accepted,
+        # the next drafts: MTP over the verified positions (entries past the kept ones are rewritten next time),
+        # its output at the last kept position drafts d_1, then chained drafts
+        h_m, mtp = mtp_draft_step(model, 0, o.hidden, c_all, positions, mtp, slots)
+        h_last = jnp.take_along_axis(h_m, n_kept[:, None, None], axis=1)[:, 0]
+        q1 = _log_probs(model.logits_f32(h_last), cfg)[1]
+        d1 = _pick(q1, step_keys(i, _key_id("draft", 0)), greedy)
+        mtp, more, more_q = chain(mtp, h_last, d1, cur, i)
+        return (o.cache, mtp, last, jnp.stack([d1, *more], axis=1), jnp.stack([q1, *more_q], axis=1), cur, out_tok,
+                out_lp, g, new_done, n_drafts + active * k, accepted + active[:, None] * kept, steps + 1)
+
+    (main, mtp, _, _, _, _, out_tok, out_lp, gen, _, n_drafts, accepted,
      steps) = jax.lax.while_loop(cond, body, carry)
     out = GenerateOutput(tokens=out_tok, lengths=gen, logprobs=out_lp, prompt_lengths=prompt_lengths.astype(jnp.int32))
-    return SpeculativeOutput(output=out, drafts=drafts, accepted=accepted, main_forwards=steps)
+    return SpeculativeOutput(output=out, drafts=n_drafts, accepted=jnp.sum(accepted, axis=1),
+                             accepted_by_depth=accepted, main_forwards=steps)
 
 
 def speculative_generate(model: Transformer, prompts: Sequence[Sequence[int]], *,
                          sampling: SamplingConfig | None = None, key: jax.Array | None = None,
-                         seed: int = 0) -> SpeculativeOutput:
+                         seed: int = 0, draft_tokens: int = 1) -> SpeculativeOutput:
     """MTP self-speculative generation of token-id prompts. Greedy (the default, ``temperature=0``): the same
     tokens as greedy :func:`generate`. ``temperature > 0``: speculative sampling, distributed as :func:`generate`'s
-    samples with the same ``sampling`` (each row's key ``fold_in(key, b)``, default ``jax.random.key(seed)``)."""
+    samples with the same ``sampling`` (each row's key ``fold_in(key, b)``, default ``jax.random.key(seed)``).
+    ``draft_tokens``: drafts per verification forward (the first from the main model's hidden state, the others
+    chained through the MTP module; see the module docstring)."""
     cfg = sampling or SamplingConfig(temperature=0.0)
     pad_id = model.cfg.pad_token_id if model.cfg.pad_token_id is not None else 0
     tokens, lengths = pad_prompts(prompts, cfg.length_bucket, pad_id)
@@ -202,4 +263,5 @@ def speculative_generate(model: Transformer, prompts: Sequence[Sequence[int]], *
     key = jax.random.key(seed) if key is None else key
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(len(prompts)))
     return speculative_generate_tokens(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths),
-                                       None if cfg.greedy else keys, cfg=cfg, pad_id=pad_id)
+                                       None if cfg.greedy else keys, cfg=cfg, pad_id=pad_id,
+                                       draft_tokens=draft_tokens)

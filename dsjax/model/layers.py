@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels import fp8_linear, fp8_weight_matmul, weight_dequant
+from pallas_kernels import fp8_linear, fp8_weight_matmul, fp8_weight_swiglu, weight_dequant
 from pallas_kernels.fp8_weight_gemm import fp8_weight_kernel_supported
 
 from dsjax.configs import ModelConfig
@@ -117,6 +117,13 @@ def fp8_weight_dot(x: jax.Array, wq: jax.Array, scale: jax.Array, index: jax.Arr
     """``x [G, M, K] @ dequant(wq [E, K, N], scale [E, K/128, N/128]) -> [G, M, N]`` through the weight-only FP8
     kernel (call it where :func:`use_fp8_weight_kernel` holds)."""
     return fp8_weight_matmul(x, wq, scale, index, implementation="pallas")
+
+
+def fp8_weight_swiglu_dot(x: jax.Array, gq: jax.Array, gs: jax.Array, uq: jax.Array, us: jax.Array,
+                          index: jax.Array | None = None) -> jax.Array:
+    """``silu(x @ dequant(gq, gs)) * (x @ dequant(uq, us)) -> [G, M, F]``: gate, up and SwiGLU in one weight-only
+    FP8 kernel launch (call it where :func:`use_fp8_weight_kernel` holds for the gate)."""
+    return fp8_weight_swiglu(x, gq, gs, uq, us, index, implementation="pallas")
 
 
 class Linear(nnx.Module):
@@ -231,4 +238,13 @@ class MLP(nnx.Module):
                                 fp8_compute=cfg.fp8_compute("down_proj"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        g, u = self.gate_proj, self.up_proj
+        if g.scale_inv is not None and g.bias is None and u.bias is None and jnp.dtype(g.dtype).itemsize == 2:
+            lead, (k, f) = x.shape[:-1], g.kernel.get_value().shape
+            rows = math.prod(lead)
+            if use_fp8_weight_kernel((1, rows, k), (1, k, f), g.fp8_block):   # decode-sized, FP8-stored: one launch
+                h = fp8_weight_swiglu_dot(x.astype(g.dtype).reshape(1, rows, k), g.kernel.get_value()[None],
+                                          g.scale_inv.get_value()[None], u.kernel.get_value()[None],
+                                          u.scale_inv.get_value()[None])
+                return self.down_proj(h.reshape(*lead, f))
+        return self.down_proj(jax.nn.silu(g(x)) * u(x))

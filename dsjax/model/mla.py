@@ -284,15 +284,18 @@ class MLA(nnx.Module):
         if cache is not None:
             idx = 0 if cache_index is None else cache_index
             c_all, k_all, layer = cache
-            latent = (write_layer_rows(c_all, c_kv, layer, idx), write_layer_rows(k_all, k_rot, layer, idx))
-            c_kv = jax.lax.dynamic_index_in_dim(latent[0], layer, 0, keepdims=False)
-            k_rot = jax.lax.dynamic_index_in_dim(latent[1], layer, 0, keepdims=False)
+            with jax.named_scope("cache_write"):
+                latent = (write_layer_rows(c_all, c_kv, layer, idx), write_layer_rows(k_all, k_rot, layer, idx))
+                c_kv = jax.lax.dynamic_index_in_dim(latent[0], layer, 0, keepdims=False)
+                k_rot = jax.lax.dynamic_index_in_dim(latent[1], layer, 0, keepdims=False)
         dt = dtype_of(self.cfg.dtype)
-        if impl == "naive":
-            o = self.attend_naive(q_nope, q_rot, c_kv.astype(dt), k_rot.astype(dt), mask,
-                                  causal_from_start=cache is None)
-        elif impl == "absorbed":
-            o = self.attend_absorbed(q_nope, q_rot, c_kv.astype(dt), k_rot.astype(dt), mask)
-        else:
-            raise ValueError(f"impl={impl!r} is unknown. Fix: use 'naive' or 'absorbed'")
+        with jax.named_scope("attn_core"):
+            o = self._attend_impl(impl, q_nope, q_rot, c_kv.astype(dt), k_rot.astype(dt), mask, cache is None)
         return self.o_proj(o), latent
+
+    def _attend_impl(self, impl, q_nope, q_rot, c_kv, k_rot, mask, causal_from_start):
+        if impl == "naive":
+            return self.attend_naive(q_nope, q_rot, c_kv, k_rot, mask, causal_from_start=causal_from_start)
+        if impl == "absorbed":
+            return self.attend_absorbed(q_nope, q_rot, c_kv, k_rot, mask)
+        raise ValueError(f"impl={impl!r} is unknown. Fix: use 'naive' or 'absorbed'")

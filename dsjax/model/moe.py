@@ -157,10 +157,11 @@ _permute.defvjp(lambda x, p, i: (_rows(x, p), (i,)), lambda res, ct: (_rows(ct, 
 
 
 # Forwards of at most this many tokens per sequence are decode steps for the MoE's path choice: plain decoding (1)
-# and MTP speculative verification (2: the last token and the draft). The verification thus takes the plain step's
-# dense path (each expert's weights read once, no sort) rather than the grouped kernels; on the grouped path a
-# verification step at batch 32 took twice a plain step's time (H200, docs/benchmarks.md).
-DECODE_TOKENS_PER_ROW = 2
+# and MTP speculative verification (k + 1: the last token and k <= 3 drafts). The verification thus takes the plain
+# step's dense path (each expert's weights read once, no sort; still bounded by moe_dense_decode_tokens) rather than
+# the grouped kernels; on the grouped path a verification step at batch 32 took twice a plain step's time (H200,
+# docs/benchmarks.md).
+DECODE_TOKENS_PER_ROW = 4
 
 
 def expert_ffn(xs: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array, group_sizes: jax.Array, *,
@@ -232,7 +233,7 @@ class RoutedExperts(nnx.Module):
     def __call__(self, x: jax.Array, indices: jax.Array, weights: jax.Array, *, decode: bool = False) -> jax.Array:
         """``x [T, D]``, ``indices/weights [T, K] -> [T, D]`` (sum over the K chosen experts, weighted).
         ``decode``: the T tokens are a decode step (at most ``DECODE_TOKENS_PER_ROW`` per sequence: one new token,
-        or a speculative verification's two), which allows the dense path."""
+        or a speculative verification's last token and drafts), which allows the dense path."""
         t, k = indices.shape
         e = self.cfg.n_routed_experts
         dt = dtype_of(self.cfg.dtype)
@@ -264,6 +265,12 @@ class RoutedExperts(nnx.Module):
         return layers.fp8_weight_dot(x, getattr(self, name).get_value(),
                                      getattr(self, name + "_scale_inv").get_value(), index)
 
+    def _fp8_swiglu(self, x: jax.Array, index: jax.Array | None = None) -> jax.Array:
+        """``silu(x @ gate) * (x @ up)`` of the FP8-stored experts, one kernel launch (``[G, M, F]``)."""
+        v = lambda name: getattr(self, name).get_value()  # noqa: E731
+        return layers.fp8_weight_swiglu_dot(x, v("gate_proj"), v("gate_proj_scale_inv"), v("up_proj"),
+                                            v("up_proj_scale_inv"), index)
+
     def _gathered(self, x: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:
         """Few (token, expert) pairs, as in decoding (``2*T*K <= E``): gather each pair's expert weights and apply
         them directly (``td,tkdf->tkf``, ``tkf,tkfd->tkd``). Reads ``T*K`` expert matrices instead of all ``E``:
@@ -277,8 +284,7 @@ class RoutedExperts(nnx.Module):
                 (t * k, 1, self.cfg.moe_intermediate_size), "down_proj"):
             # FP8-stored experts: each pair's expert read in place from the stack, dequantised in registers
             xg = jnp.broadcast_to(x.astype(dt)[:, None, None], (t, k, 1, x.shape[-1])).reshape(t * k, 1, -1)
-            h = jax.nn.silu(self._fp8_mm(xg, "gate_proj", flat)) * self._fp8_mm(xg, "up_proj", flat)
-            y = self._fp8_mm(h.astype(dt), "down_proj", flat).reshape(t, k, -1)
+            y = self._fp8_mm(self._fp8_swiglu(xg, flat), "down_proj", flat).reshape(t, k, -1)
             return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights).astype(dt)
         w = lambda name: self._w(name, flat).reshape(t, k, *getattr(self, name).shape[1:])  # noqa: E731
         xd = x.astype(dt)
@@ -298,8 +304,7 @@ class RoutedExperts(nnx.Module):
         xe = jnp.broadcast_to(x.astype(dt)[None], (e, *x.shape))                      # [E, T, D]
         if self._fp8_kernel(xe.shape, "gate_proj") and self._fp8_kernel(
                 (e, x.shape[0], self.cfg.moe_intermediate_size), "down_proj"):               # FP8-stored: no BF16 copy
-            h = jax.nn.silu(self._fp8_mm(xe, "gate_proj")) * self._fp8_mm(xe, "up_proj")
-            y = self._fp8_mm(h.astype(dt), "down_proj")
+            y = self._fp8_mm(self._fp8_swiglu(xe), "down_proj")
         else:
             h = jax.nn.silu(jnp.einsum("etd,edf->etf", xe, self._w("gate_proj"))) * jnp.einsum(
                 "etd,edf->etf", xe, self._w("up_proj"))
@@ -336,7 +341,7 @@ class MoE(nnx.Module):
             r = self.gate(flat_x)
         plan = current_plan()
         with jax.named_scope("routed_experts"):
-            if plan is None:   # s <= 2: a decode step (one new token per sequence, or a verification's two)
+            if plan is None:   # s <= 4: a decode step (one new token per sequence, or a verification's k + 1)
                 y = self.experts(flat_x, r.indices, r.weights, decode=s <= DECODE_TOKENS_PER_ROW).reshape(b, s, d)
             else:  # on a mesh: shard_map, tokens travel to their experts (dsjax.model.moe_ep)
                 from dsjax.model.moe_ep import expert_parallel

@@ -329,7 +329,8 @@ class Transformer(nnx.Module):
         h = self.embed_tokens(input_ids)
         h, latent, moe_stats = self._run_layers(h, cos, sin, mask, valid, mla_impl, cache, cache_index)
         h = self.norm(h)
-        logits = self.head(h) if compute_logits else None
+        with jax.named_scope("lm_head"):
+            logits = self.head(h) if compute_logits else None
 
         mtp_logits = mtp_hidden = mtp_stats = None
         if return_mtp and len(self.mtp):
