@@ -130,9 +130,9 @@ def test_fp8_weight_matmul_errors():
     assert fp8_weight_matmul(x, wq, s).shape == (2, 3, 256)          # "auto" on the CPU: the XLA reference
 
 
-def _fp8_tiny_model(tmp_path):
-    """A 2-layer bf16 model (dense MLP, then routed + shared experts) loaded with FP8 weights (hub round trip,
-    128x128 blocks), its layers unstacked."""
+def _hub(path, mtp_layers=0):
+    """Saves a 2-layer bf16 model (dense MLP, then routed + shared experts; ``mtp_layers`` MTP modules) with
+    128-multiple projection sizes as a hub folder at ``path`` (FP8 on loading with ``keep_fp8``); returns ``path``."""
     from flax import nnx
 
     import dsjax
@@ -140,10 +140,17 @@ def _fp8_tiny_model(tmp_path):
     cfg = dsjax.configs.tiny(hidden_size=256, intermediate_size=256, num_attention_heads=2, q_lora_rank=128,
                              kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64,
                              moe_intermediate_size=128, n_routed_experts=8, num_experts_per_tok=2, n_group=1,
-                             topk_group=1, num_hidden_layers=2, num_nextn_predict_layers=0, dtype="bfloat16",
-                             param_dtype="bfloat16")
-    dsjax.save_hf(dsjax.Transformer(cfg, rngs=nnx.Rngs(0)), None, tmp_path)
-    return dsjax.model.unstack_layers(dsjax.load_hf(tmp_path, dtype=jnp.bfloat16, keep_fp8=True, mtp=False))
+                             topk_group=1, num_hidden_layers=2, num_nextn_predict_layers=mtp_layers,
+                             dtype="bfloat16", param_dtype="bfloat16")
+    dsjax.save_hf(dsjax.Transformer(cfg, rngs=nnx.Rngs(0)), None, path)
+    return path
+
+
+def _fp8_tiny_model(tmp_path):
+    """:func:`_hub`'s model loaded with FP8 weights (hub round trip, 128x128 blocks), its layers unstacked."""
+    import dsjax
+
+    return dsjax.model.unstack_layers(dsjax.load_hf(_hub(tmp_path), dtype=jnp.bfloat16, keep_fp8=True, mtp=False))
 
 
 def _force_kernels(monkeypatch, implementation="pallas"):
@@ -175,8 +182,9 @@ def test_model_with_fp8_weights_uses_the_kernel_when_decoding(monkeypatch, tmp_p
         ref = model(ids).logits.astype(jnp.float32)
     calls, fused = _force_kernels(monkeypatch)
     got = model(ids).logits.astype(jnp.float32)
-    # layer 0 (dense MLP), layer 1 (routed + shared experts): 3 fused launches; >= 4 MLA projections per layer
-    assert len(fused) == 3 and len(calls) >= 3 + 2 * 4, (fused, calls)
+    # layer 0 (dense MLP), layer 1 (routed + shared experts): 3 fused launches and their 3 down projections; MLA's
+    # q_a, q_b and o per layer (unstack_layers dequantised kv_a_proj_with_mqa and kv_b_proj once)
+    assert len(fused) == 3 and len(calls) == 3 + 2 * 3, (fused, calls)
     assert float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)) < 1e-2
 
 
@@ -200,3 +208,33 @@ def test_fp8_decode_kernels_match_the_dequantised_layers(monkeypatch, tmp_path, 
         got = f().astype(jnp.float32)
         assert float(jnp.linalg.norm(got - ref[k]) / jnp.linalg.norm(ref[k])) < 1e-2, k
     assert len(fused) == 3
+
+
+def test_unstacking_an_fp8_model_dequantizes_what_decoding_would_every_step(tmp_path):
+    """``unstack_layers`` on FP8-stored weights: MLA's kv_a_proj_with_mqa and kv_b_proj (used only dequantised when
+    decoding) become compute-dtype copies equal to ``Linear.weight()`` in every layer and the MTP block, the other
+    projections and the experts stay FP8, and the logits are unchanged; an unscanned model is copied, not changed."""
+    import dsjax
+    from dsjax.model import unstack_layers
+
+    hub = _hub(tmp_path, mtp_layers=1)
+    load = lambda scan: dsjax.load_hf(hub, dtype=jnp.bfloat16, keep_fp8=True, mtp=True, scan_layers=scan)  # noqa: E731
+    ids = jax.random.randint(jax.random.key(3), (2, 5), 3, 200)
+    for scan in (True, False):
+        model = load(scan)
+        flat = unstack_layers(model)
+        assert flat is not model
+        for layer in [*flat.layers, flat.mtp[0].block]:
+            attn = layer.self_attn
+            for name in ("kv_a_proj_with_mqa", "kv_b_proj"):
+                lin = getattr(attn, name)
+                assert lin.scale_inv is None and lin.kernel[...].dtype == jnp.bfloat16, name
+            assert attn.q_a_proj.kernel[...].dtype == jnp.float8_e4m3fn and attn.o_proj.scale_inv is not None
+        got, want = (np.asarray(m(ids).logits, np.float32) for m in (flat, model))
+        if scan:   # the unrolled stack fuses differently from the scan: bf16 rounding apart
+            np.testing.assert_allclose(got, want, atol=2e-2)
+        else:      # the same modules, the weights dequantised once instead of in the forward: bitwise equal
+            orig = model.layers[1].self_attn.kv_b_proj
+            assert orig.scale_inv is not None
+            np.testing.assert_array_equal(flat.layers[1].self_attn.kv_b_proj.kernel[...], orig.weight())
+            np.testing.assert_array_equal(got, want)

@@ -34,7 +34,7 @@ def trained():
     return nnx.merge(g, params, rest)
 
 
-@pytest.mark.parametrize("draft_tokens", [1, 2, 3])
+@pytest.mark.parametrize("draft_tokens", [1, 3])    # (2: the sampling test below)
 def test_speculative_equals_greedy_and_accepts_drafts(trained, draft_tokens):
     # rows of one batch with different prompt lengths; the last one is off-pattern, so rows accept differently
     prompts = [[5, 6, 7, 8], [20, 21], [30, 31, 32, 33, 34, 35], [100, 7, 250, 3]]
@@ -51,7 +51,7 @@ def test_speculative_equals_greedy_and_accepts_drafts(trained, draft_tokens):
     np.testing.assert_array_equal(np.sum(spec.accepted_by_depth, axis=1), spec.accepted)
     assert spec.accepted_by_depth.shape == (4, draft_tokens)
     # fewer main forwards than tokens: ~12 / (k + 1) on the counting rows (the off-pattern row needs more)
-    assert int(spec.main_forwards) <= {1: 11, 2: 8, 3: 7}[draft_tokens], int(spec.main_forwards)
+    assert int(spec.main_forwards) <= {1: 11, 3: 7}[draft_tokens], int(spec.main_forwards)
 
 
 @pytest.mark.parametrize("draft_tokens", [1, 3])
