@@ -8,15 +8,21 @@ into padding) and ``loss_mask[i + k] == 1`` (SFT: completion tokens only).
 
 Cross-entropy is computed from hidden states ``C`` tokens at a time: each chunk's logits ``[C, V]`` are formed in
 float32 (``preferred_element_type``), reduced to ``logsumexp`` and the target logit, and recomputed in the backward
-pass (``jax.checkpoint``), so at most one ``[C, V]`` float32 block is alive instead of ``[B, T, V]``.
+pass (``jax.checkpoint``), so at most one ``[C, V]`` float32 block is alive instead of ``[B, T, V]``. The backward
+keeps each chunk's ``lse [C]`` from the forward (a named residual) and forms ``d logits = a * exp(logits - lse) -
+b * onehot(target)`` in one elementwise pass (:func:`_ce_given_lse`), where autodiff of ``logsumexp`` and
+``take_along_axis`` would recompute the max and the exp-sum and scatter the target gradient into a zeroed
+``[C, V]`` block.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 __all__ = ["shifted_targets", "chunked_cross_entropy", "token_log_probs"]
 
@@ -44,6 +50,35 @@ def _chunk(chunk_tokens: int, *arrays: jax.Array):
     return out, n_chunks, c, n
 
 
+@jax.custom_vjp
+def _ce_given_lse(logits: jax.Array, lse: jax.Array, targets: jax.Array, weights: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+    """``(sum w * (lse - logits[target]), sum w * lse**2)`` of a chunk, ``logits [C, V]`` float32 and ``lse [C]``
+    their logsumexp, passed in (computed under ``stop_gradient`` by the caller). The custom backward gives the
+    *total* derivative with respect to ``logits`` (through ``lse`` too): ``w (g_ce + 2 g_z lse) softmax -
+    w g_ce onehot``; none flows to ``lse``."""
+    return _ce_given_lse_fwd(logits, lse, targets, weights)[0]
+
+
+def _ce_given_lse_fwd(logits, lse, targets, weights):
+    tgt = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    sums = (jnp.sum(weights * (lse - tgt)), jnp.sum(weights * lse * lse))
+    return sums, (logits, lse, targets, weights, tgt)
+
+
+def _ce_given_lse_bwd(res, g):
+    logits, lse, targets, weights, tgt = res
+    g_ce, g_z = g
+    a = weights * (g_ce + 2.0 * g_z * lse)
+    onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == targets[:, None]
+    d_logits = a[:, None] * jnp.exp(logits - lse[:, None]) - jnp.where(onehot, (g_ce * weights)[:, None], 0.0)
+    d_weights = g_ce * (lse - tgt) + g_z * lse * lse
+    return d_logits, jnp.zeros_like(lse), None, d_weights
+
+
+_ce_given_lse.defvjp(_ce_given_lse_fwd, _ce_given_lse_bwd)
+
+
 def chunked_cross_entropy(hidden: jax.Array, head: Callable[[jax.Array], jax.Array], targets: jax.Array,
                           weights: jax.Array, chunk_tokens: int = 4096) -> tuple[jax.Array, jax.Array]:
     """Sums of weighted cross-entropy and of ``logsumexp**2`` (for z-loss) over all tokens.
@@ -58,12 +93,11 @@ def chunked_cross_entropy(hidden: jax.Array, head: Callable[[jax.Array], jax.Arr
     (h, tg, w), n_chunks, _, _ = _chunk(chunk_tokens, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1),
                                         weights.reshape(-1).astype(jnp.float32))
 
-    @jax.checkpoint
+    @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.save_only_these_names("ce_lse"))
     def chunk(hc, tc, wc):
         logits = head(hc).astype(jnp.float32)  # [C, V]
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        tgt = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
-        return jnp.sum(wc * (lse - tgt)), jnp.sum(wc * lse * lse)
+        lse = checkpoint_name(jax.lax.stop_gradient(jax.nn.logsumexp(logits, axis=-1)), "ce_lse")
+        return _ce_given_lse(logits, lse, tc, wc)
 
     if n_chunks == 1:
         return chunk(h[0], tg[0], w[0])
