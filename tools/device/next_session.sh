@@ -7,7 +7,8 @@
 #           session 13), greedy, at batch 1 and 32 (1 draft: 1.34x / 1.23x on an H200, target 1.5x).
 #   part 3: where the time goes, now that the trace reader sees the compute stream (it read nothing before session
 #           13): a generate call at batch 1 and 32 by scope (prefill / MLA / attention core / experts / head /
-#           sampler), then the BF16 train step with command buffers off.
+#           sampler), then the BF16 train step with command buffers off (its ce_loss scope against the 10.2 ms of
+#           session 12's H200 profile, before the cross-entropy backward reused the forward's logsumexp).
 #   run: setsid nohup bash tools/device/next_session.sh 1 > /tmp/x.log 2>&1 < /dev/null & sleep 5; \
 #        bash tools/device/poll.sh 540          (carry: .whl; copy the records out of $OUT by hand)
 source tools/device/setup.sh
