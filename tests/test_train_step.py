@@ -282,3 +282,10 @@ def test_token_log_probs_chunked():
     out = token_log_probs(h, lambda x: x @ w_head, tg, temperature=0.7, chunk_tokens=5)
     ref = jnp.take_along_axis(jax.nn.log_softmax((h @ w_head) / 0.7), tg[..., None], -1)[..., 0]
     np.testing.assert_allclose(out, ref, atol=1e-5)
+    # gradients (the custom backward reuses the forward's logsumexp) w.r.t. hidden states and head
+    c = jax.random.normal(jax.random.key(3), (2, 7))
+    got = jax.grad(lambda hh, ww: jnp.sum(c * token_log_probs(hh, lambda x: x @ ww, tg, 0.7, 5)), (0, 1))(h, w_head)
+    want = jax.grad(lambda hh, ww: jnp.sum(c * jnp.take_along_axis(jax.nn.log_softmax((hh @ ww) / 0.7),
+                                                                   tg[..., None], -1)[..., 0]), (0, 1))(h, w_head)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)

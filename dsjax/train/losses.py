@@ -79,6 +79,27 @@ def _ce_given_lse_bwd(res, g):
 _ce_given_lse.defvjp(_ce_given_lse_fwd, _ce_given_lse_bwd)
 
 
+@jax.custom_vjp
+def _target_log_prob_given_lse(z: jax.Array, lse: jax.Array, targets: jax.Array) -> jax.Array:
+    """``z[target] - lse`` per row of ``z [C, V]`` (``lse`` its logsumexp, passed in under ``stop_gradient``), with
+    the total derivative ``g (onehot - softmax(z))`` formed from ``lse`` in one pass (see the module docstring)."""
+    return jnp.take_along_axis(z, targets[:, None], axis=-1)[:, 0] - lse
+
+
+def _target_log_prob_fwd(z, lse, targets):
+    return _target_log_prob_given_lse(z, lse, targets), (z, lse, targets)
+
+
+def _target_log_prob_bwd(res, g):
+    z, lse, targets = res
+    onehot = jax.lax.broadcasted_iota(jnp.int32, z.shape, 1) == targets[:, None]
+    d_z = jnp.where(onehot, g[:, None], 0.0) - g[:, None] * jnp.exp(z - lse[:, None])
+    return d_z, jnp.zeros_like(lse), None
+
+
+_target_log_prob_given_lse.defvjp(_target_log_prob_fwd, _target_log_prob_bwd)
+
+
 def chunked_cross_entropy(hidden: jax.Array, head: Callable[[jax.Array], jax.Array], targets: jax.Array,
                           weights: jax.Array, chunk_tokens: int = 4096) -> tuple[jax.Array, jax.Array]:
     """Sums of weighted cross-entropy and of ``logsumexp**2`` (for z-loss) over all tokens.
@@ -124,15 +145,15 @@ def token_log_probs(hidden: jax.Array, head: Callable[[jax.Array], jax.Array], t
     b, t, d = hidden.shape
     (h, tg), _, _, n = _chunk(chunk_tokens, hidden.reshape(-1, d), targets.reshape(-1))
 
-    @jax.checkpoint
+    @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.save_only_these_names("lp_lse"))
     def chunk(hc, tc):
         logits = head(hc).astype(jnp.float32) / temperature
-        lse = jax.nn.logsumexp(logits, -1)
-        lp = jnp.take_along_axis(logits, tc[:, None], -1)[:, 0] - lse
+        lse = checkpoint_name(jax.lax.stop_gradient(jax.nn.logsumexp(logits, -1)), "lp_lse")
+        lp = _target_log_prob_given_lse(logits, lse, tc)
         if not with_entropy:
             return lp
         z = jax.lax.stop_gradient(logits)
-        ent = jax.lax.stop_gradient(lse) - jnp.sum(jax.nn.softmax(z, -1) * z, -1)
+        ent = lse - jnp.sum(jnp.exp(z - lse[:, None]) * z, -1)
         return lp, ent
 
     out = jax.lax.map(lambda xs: chunk(*xs), (h, tg))
