@@ -504,6 +504,42 @@ def test_cudnn_packed_attention_matches_the_dense_mask(monkeypatch, max_docs, br
         configs.tiny(attention_max_documents=0)
 
 
+def test_cudnn_packed_attention_with_padding(monkeypatch):
+    """Left padding (generation prompts, GRPO rows) and right padding under the packed layout ("auto" where cuDNN
+    runs): padding is a run of its own that no token of a document attends to, so the valid tokens' logits and all
+    gradients of a loss over them equal the einsum path's."""
+    import jax._src.cudnn.fused_attention_stablehlo as fa
+
+    from dsjax.model import mla
+
+    calls = []
+    monkeypatch.setattr(fa, "dot_product_attention", _reference_cudnn(calls))
+    monkeypatch.setattr(mla, "_cudnn_flash_available", lambda dtype: True)
+    monkeypatch.setattr(mla, "_cudnn_mla_available", lambda: True)
+    seg = jnp.array([[0] * 3 + [1] * 13, [1] * 6 + [2] * 8 + [0] * 2], jnp.int32)
+    pos = jnp.array([[0] * 3 + list(range(13)), list(range(6)) + list(range(8)) + [0, 0]], jnp.int32)
+    valid = (seg != 0).astype(jnp.float32)
+
+    def run(impl):
+        cfg = configs.tiny(attention_impl=impl, num_nextn_predict_layers=0)
+        graphdef, params, rest = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+        ids = _ids(cfg, 2, 16)
+
+        def loss(p):
+            logits = nnx.merge(graphdef, p, rest)(ids, seg, pos).logits
+            return jnp.sum(jnp.mean(logits ** 2, -1) * valid), logits
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+    (_, logits_ref), g_ref = run("einsum")
+    calls.clear()
+    (_, logits), g = run("auto")
+    assert set(calls) == {"packed"}
+    np.testing.assert_allclose(logits * valid[..., None], logits_ref * valid[..., None], atol=1e-5, rtol=1e-5)
+    assert bool(jnp.all(jnp.isfinite(logits)))
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.gpu
 def test_cudnn_packed_attention_on_gpu():
     """The real cuDNN packed layout on a 1-layer bf16 `small` (attention + dense MLP: no router whose top-k could
