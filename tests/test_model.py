@@ -480,6 +480,7 @@ def test_cudnn_packed_attention_matches_the_dense_mask(monkeypatch, max_docs, br
     monkeypatch.setattr(fa, "dot_product_attention", _reference_cudnn(calls))
     monkeypatch.setattr(mla, "_cudnn_flash_available", lambda dtype: True)
     monkeypatch.setattr(mla, "_cudnn_mla_available", lambda: True)
+    monkeypatch.setattr(mla, "_cudnn_packed_available", lambda: True)
     seg = jnp.array([[1] * 5 + [2] * 7 + [3] * 4, [1] * 10 + [2] * 6], jnp.int32)        # 3 and 2 documents
     pos = jnp.concatenate([jnp.concatenate([jnp.arange(n) for n in ns])[None] for ns in ((5, 7, 4), (10, 6))])
 
@@ -516,6 +517,7 @@ def test_cudnn_packed_attention_with_padding(monkeypatch):
     monkeypatch.setattr(fa, "dot_product_attention", _reference_cudnn(calls))
     monkeypatch.setattr(mla, "_cudnn_flash_available", lambda dtype: True)
     monkeypatch.setattr(mla, "_cudnn_mla_available", lambda: True)
+    monkeypatch.setattr(mla, "_cudnn_packed_available", lambda: True)
     seg = jnp.array([[0] * 3 + [1] * 13, [1] * 6 + [2] * 8 + [0] * 2], jnp.int32)
     pos = jnp.array([[0] * 3 + list(range(13)), list(range(6)) + list(range(8)) + [0, 0]], jnp.int32)
     valid = (seg != 0).astype(jnp.float32)

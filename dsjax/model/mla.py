@@ -96,14 +96,33 @@ def _cudnn_flash_available(dtype) -> bool:
     return hopper_or_newer()
 
 
-def _cudnn_mla_available() -> bool:
-    """cuDNN's MLA mode (key and value head sizes differ) needs cuDNN >= 9.10 on Hopper or newer."""
+def _cudnn_at_least(version: int) -> bool:
+    """Whether the cuDNN jax runs is at least ``version`` (e.g. 91000 for 9.10); False when unknown."""
     try:
         from jax._src.cudnn.fused_attention_stablehlo import check_cudnn_version
 
-        return check_cudnn_version() >= 91000
-    except Exception:  # noqa: BLE001 - no cuDNN, or jax moved its internal API: use the padded public path
+        return check_cudnn_version() >= version
+    except Exception:  # noqa: BLE001 - no cuDNN, or jax moved its internal API: take the public paths
         return False
+
+
+def _cudnn_mla_available() -> bool:
+    """cuDNN's MLA mode (key and value head sizes differ) needs cuDNN >= 9.10 on Hopper or newer."""
+    return _cudnn_at_least(91000)
+
+
+def _cudnn_packed_available() -> bool:
+    """The packed (offsets and lengths) layout through jax's internal entry point; "auto" takes it only with a
+    cuDNN as new as the one it was verified on (9.10+, session 13) and an entry point that still takes offsets."""
+    try:
+        import inspect
+
+        from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention
+
+        takes_offsets = "q_offsets" in inspect.signature(dot_product_attention).parameters
+    except Exception:  # noqa: BLE001
+        return False
+    return takes_offsets and _cudnn_at_least(91000)
 
 
 def _auto_impl(q: jax.Array, v: jax.Array) -> str:
@@ -116,10 +135,11 @@ def _auto_impl(q: jax.Array, v: jax.Array) -> str:
 
 def describes_documents(cfg: ModelConfig, dtype) -> bool:
     """Whether packed rows reach attention described as documents (:class:`DocumentMask`) and not only masked:
-    ``attention_impl="cudnn_packed"``, or ``"auto"`` where cuDNN flash attention runs (its packed layout matched
-    the dense-mask kernel's error against float32 and ran a `small` train step 1.04x faster on an H200)."""
+    ``attention_impl="cudnn_packed"``, or ``"auto"`` where cuDNN flash attention runs with the packed layout
+    (cuDNN >= 9.10: it matched the dense-mask kernel's error against float32 and ran a `small` train step 1.04x
+    faster on an H200)."""
     impl = cfg.attention_impl
-    return impl == "cudnn_packed" or (impl == "auto" and _cudnn_flash_available(dtype))
+    return impl == "cudnn_packed" or (impl == "auto" and _cudnn_flash_available(dtype) and _cudnn_packed_available())
 
 
 class MLA(nnx.Module):
@@ -201,7 +221,7 @@ class MLA(nnx.Module):
                              "when attending over a cache")
         impl = self.cfg.attention_impl
         if impl in ("cudnn_packed", "auto"):
-            if docs is not None and causal_from_start and _cudnn_flash_available(q.dtype):
+            if docs is not None and causal_from_start and _cudnn_flash_available(q.dtype):   # (docs: see above)
                 return self._attend_packed(q, k, v, docs)
             impl = "auto"   # with a cache (queries are not the keys), one document per row, or no cuDNN
         return self._attend(q, k, v, mask, causal_from_start, _auto_impl(q, v) if impl == "auto" else impl)
