@@ -7,8 +7,8 @@
 #           session 13), greedy, at batch 1 and 32 (1 draft: 1.34x / 1.23x on an H200, target 1.5x).
 #   part 3: where the time goes, now that the trace reader sees the compute stream (it read nothing before session
 #           13): a generate call at batch 1 and 32 by scope (prefill / MLA / attention core / experts / head /
-#           sampler), then the BF16 train step with command buffers off (its ce_loss scope against the 10.2 ms of
-#           session 12's H200 profile, before the cross-entropy backward reused the forward's logsumexp).
+#           sampler); the train step with the cross-entropy backward before and after session 13's change
+#           (tools/device/ce_ab.py); the BF16 train step's breakdown with command buffers off.
 #   run: setsid nohup bash tools/device/next_session.sh 1 > /tmp/x.log 2>&1 < /dev/null & sleep 5; \
 #        bash tools/device/poll.sh 540          (carry: .whl; copy the records out of $OUT by hand)
 source tools/device/setup.sh
@@ -23,6 +23,7 @@ elif [ "$1" = 2 ]; then
       --record > /tmp/mtp.txt 2>&1
 else
   timeout 240 python3 -m experiments.bench_decode --batch_sizes=1,32 --profile --repeats=2 > /tmp/decode_prof.txt 2>&1
+  timeout 200 python3 tools/device/ce_ab.py --steps=10 > /tmp/ce_ab.txt 2>&1    # CE backward before/after, one call
   python3 -m experiments.profile_step --config=small --nocommand_buffers > /tmp/profile_bf16_step.txt 2>&1
 fi
 touch /tmp/done
