@@ -9,7 +9,7 @@ Each row is one ``x [G, M, K] @ W [G|E, K, N]`` of a decode step:
 * ``xla dequant``: ``fp8_weight_matmul(implementation="xla")``: dequantise the E4M3 weights, then an XLA einsum
   (what FP8-stored weights cost without the kernel);
 * ``kernel``: the Pallas Triton kernel at the library's tiling, and the best tilings of the sweep
-  (``weight_lhs`` / ``bn`` / ``num_warps`` / ``num_stages``, relative error against the float32 reference);
+  (``bn`` / ``num_warps`` / ``num_stages``, relative error against the float32 reference);
 * a second table: gate + up + SwiGLU as XLA runs it on BF16 weights, as two kernel GEMMs and XLA's ``silu * up``,
   and as the fused kernel (``pallas_kernels.fp8_weight_swiglu``).
 
@@ -84,7 +84,7 @@ def _rows():
     import jax
     import jax.numpy as jnp
 
-    from pallas_kernels.fp8_weight_gemm import _pallas, _tile_n, fp8_weight_matmul_reference
+    from pallas_kernels.fp8_weight_gemm import TILE_N, _pallas, fp8_weight_matmul_reference
 
     for name, g, m, k, n, e in SHAPES:
         x, wq, s, idx = _case(g, m, k, n, e)
@@ -96,20 +96,19 @@ def _rows():
         else:
             t_bf = _us_per_call(lambda x, w, i: jnp.einsum("gmk,gkn->gmn", x, jnp.take(w, i, 0)), x, wb, idx)
         t_xla = _us_per_call(lambda x, wq, s, i: fp8_weight_matmul_reference(x, wq, s, i), x, wq, s, idx)
-        lib = (False, _tile_n(g, n), 4, 3)
-        tilings = [lib] + ([t for t in itertools.product((False, True), (32, 64, 128), (4, 8), (2, 3))
-                            if t != lib] if FLAGS.sweep else [])
+        lib = (TILE_N, 4, 3)
+        tilings = [lib] + ([t for t in itertools.product((32, 64, 128), (4, 8), (2, 3)) if t != lib]
+                           if FLAGS.sweep else [])
         timed = []
-        for wl, bn, nw, ns in tilings:
-            kw = dict(interpret=False, bn=bn, num_warps=nw, num_stages=ns, weight_lhs=wl)
+        for bn, nw, ns in tilings:
+            kw = dict(interpret=False, bn=bn, num_warps=nw, num_stages=ns)
             fn = lambda x, wq, s, i, kw=kw: _pallas(x, wq, s, i, **kw)  # noqa: E731
             out = jax.jit(fn)(x, wq, s, idx).astype(jnp.float32)
             err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
-            timed.append((_us_per_call(fn, x, wq, s, idx), (wl, bn, nw, ns), err))
+            timed.append((_us_per_call(fn, x, wq, s, idx), (bn, nw, ns), err))
         t_lib = timed[0][0]
         best = sorted(timed)[:3]
-        desc = "; ".join(f"{'w-lhs ' if wl else ''}{bn}/{nw}w/{ns}s {t:.1f} us (err {er:.0e})"
-                         for t, (wl, bn, nw, ns), er in best)
+        desc = "; ".join(f"{bn}/{nw}w/{ns}s {t:.1f} us (err {er:.0e})" for t, (bn, nw, ns), er in best)
         yield (name, f"{g}x{m}x{k}x{n}", f"{t_bf:.1f}", f"{t_xla:.1f}", f"{t_lib:.1f}", f"{t_bf / t_lib:.2f}x",
                f"{2 * wbytes / t_bf / 1e6:.2f}", f"{wbytes / t_lib / 1e6:.2f}", desc)
 
@@ -152,7 +151,7 @@ def main(argv):
         raise app.UsageError("bench_fp8_weight_gemm times the Triton kernel: run it on a GPU")
     lines = [f"Device time per call ({FLAGS.repeats} calls in one jitted loop), us:", "",
              "| GEMM | GxMxKxN | bf16 einsum | xla dequant | kernel | kernel vs bf16 | bf16 TB/s | kernel TB/s | "
-             "fastest tilings (lhs / bn / warps / stages) |", "|---|---|---|---|---|---|---|---|---|"]
+             "fastest tilings (bn / warps / stages) |", "|---|---|---|---|---|---|---|---|---|"]
     for row in _rows():
         lines.append("| " + " | ".join(row) + " |")
         print(lines[-1], flush=True)

@@ -94,10 +94,9 @@ def main(argv):
             same = plain.to_lists() == spec.output.to_lists() if temp == 0 else "n/a (sampled)"
             n_tok = int(np.asarray(spec.output.lengths).max())
             by_depth = np.sum(np.asarray(spec.accepted_by_depth), axis=0)
+            tried = [np.sum(spec.drafts) / k, *by_depth[:-1]]      # draft j is tried when draft j - 1 was kept
             rows.append({"batch": b, "temperature": temp, "k": k, "acceptance": spec.acceptance_rate,
-                         # draft j kept given draft j-1 kept (j = 1: of all forwards' first drafts)
-                         "conditional": [float(by_depth[j] / max(by_depth[j - 1] if j else np.sum(spec.drafts) / k,
-                                                                 1)) for j in range(k)],
+                         "conditional": [float(kept / max(t, 1)) for kept, t in zip(by_depth, tried)],
                          "plain_s": t_plain, "spec_s": t_spec, "speedup": t_plain / t_spec,
                          "main_forwards": int(spec.main_forwards) + 1, "tokens": n_tok, "identical": same})
             print(rows[-1], flush=True)

@@ -73,26 +73,24 @@ def fp8_weight_matmul_reference(x: jax.Array, wq: jax.Array, s: jax.Array, index
                                 ) -> jax.Array:
     """Dequantise to float32 and multiply: the semantics every backend matches (``[G, M, N]`` in x's dtype)."""
     _check(x, wq, s, index)
-    return jnp.einsum("gmk,gkn->gmn", x.astype(jnp.float32), _dequant_f32(wq, s, index),
-                      precision=lax.Precision.HIGHEST).astype(x.dtype)
+    return _matmul_f32(x, wq, s, index).astype(x.dtype)
 
 
-def _dequant_f32(wq, s, index):
+def _matmul_f32(x, wq, s, index):
+    """``x @ dequant(wq, s)`` in float32 (the references' product)."""
     if index is not None:
         wq, s = jnp.take(wq, index, axis=0), jnp.take(s, index, axis=0)
     k, n = wq.shape[1:]
     full = jnp.repeat(jnp.repeat(s.astype(jnp.float32), BLOCK, axis=1), BLOCK, axis=2)[:, :k, :n]
-    return wq.astype(jnp.float32) * full
+    return jnp.einsum("gmk,gkn->gmn", x.astype(jnp.float32), wq.astype(jnp.float32) * full,
+                      precision=lax.Precision.HIGHEST)
 
 
 def fp8_weight_swiglu_reference(x: jax.Array, gq: jax.Array, gs: jax.Array, uq: jax.Array, us: jax.Array,
                                 index: jax.Array | None = None) -> jax.Array:
     """``silu(x @ G) * (x @ U)`` in float32 on the dequantised weights, cast to x's dtype (``[G, M, F]``)."""
     _check_pair(x, gq, gs, uq, us, index)
-    x32 = x.astype(jnp.float32)
-    g = jnp.einsum("gmk,gkn->gmn", x32, _dequant_f32(gq, gs, index), precision=lax.Precision.HIGHEST)
-    u = jnp.einsum("gmk,gkn->gmn", x32, _dequant_f32(uq, us, index), precision=lax.Precision.HIGHEST)
-    return (jax.nn.silu(g) * u).astype(x.dtype)
+    return (jax.nn.silu(_matmul_f32(x, gq, gs, index)) * _matmul_f32(x, uq, us, index)).astype(x.dtype)
 
 
 def _check_pair(x, gq, gs, uq, us, index):
@@ -121,15 +119,14 @@ def _rows(m: int) -> int:
     return max(16, 1 << (m - 1).bit_length())
 
 
-def _tile_n(g: int, n: int) -> int:
-    """Output columns per program: 128, one block scale's width. An H200 sweep of device time at `small`'s decode
-    shapes (session 13, 100 calls inside one jit) found 128 fastest or level everywhere: 64 and 32 columns took up
-    to 1.3x and 1.8x longer on the batch-32 expert GEMMs and 1.45x on the batch-1 gathered ones."""
-    del g, n
-    return BLOCK
+# Output columns per program: 128, one block scale's width. An H200 sweep of device time at `small`'s decode shapes
+# (session 13, 100 calls inside one jit) found 128 fastest or level everywhere: 64 and 32 columns took up to 1.3x and
+# 1.8x longer on the batch-32 expert GEMMs and 1.45x on the batch-1 gathered ones; the converted weight as the MMA's
+# first operand (y^T = w^T x^T) was slower on the large shapes too.
+TILE_N = BLOCK
 
 
-def _kernel(*refs, kb: int, bn: int, indexed: bool, weight_lhs: bool, swiglu: bool = False):
+def _kernel(*refs, kb: int, bn: int, indexed: bool, swiglu: bool = False):
     """One program: x group ``g`` times output columns ``j*bn...`` of its weight (gate *and* up under ``swiglu``)."""
     from jax.experimental import pallas as pl
 
@@ -145,24 +142,18 @@ def _kernel(*refs, kb: int, bn: int, indexed: bool, weight_lhs: bool, swiglu: bo
         out = []
         for (w_ref, s_ref), acc in zip(pairs, accs):
             wk = w_ref[e, pl.ds(i * BLOCK, BLOCK), pl.ds(j * bn, bn)].astype(xk.dtype)   # [128, bn], E4M3 -> bf16
-            if weight_lhs:     # y^T = w^T x^T: the converted weight is the MMA's first operand ([bn, Mp] accumulator)
-                part = lax.dot_general(wk, xk, (((0,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-            else:
-                part = jnp.dot(xk, wk, preferred_element_type=jnp.float32)
-            out.append(acc + part * s_ref[e, i, nb])
+            out.append(acc + jnp.dot(xk, wk, preferred_element_type=jnp.float32) * s_ref[e, i, nb])
         return tuple(out)
 
-    mp = x_ref.shape[1]
-    zeros = jnp.zeros((bn, mp) if weight_lhs else (mp, bn), jnp.float32)
+    zeros = jnp.zeros((x_ref.shape[1], bn), jnp.float32)
     accs = lax.fori_loop(0, kb, body, tuple(zeros for _ in pairs))
     y = accs[0] * jax.nn.sigmoid(accs[0]) * accs[1] if swiglu else accs[0]     # silu(gate) * up, in float32
-    o_ref[g, :, pl.ds(j * bn, bn)] = (y.T if weight_lhs else y).astype(o_ref.dtype)
+    o_ref[g, :, pl.ds(j * bn, bn)] = y.astype(o_ref.dtype)
 
 
-def _pallas(x, wq, s, index=None, *, interpret: bool, bn: int | None = None, num_warps: int = 4,
-            num_stages: int = 3, weight_lhs: bool = False, up: tuple[jax.Array, jax.Array] | None = None):
-    """The Pallas call; ``bn`` (output columns per program, default :func:`_tile_n`), ``num_warps``,
-    ``num_stages`` and ``weight_lhs`` (the converted weight as the MMA's first operand) are what a sweep may
+def _pallas(x, wq, s, index=None, *, interpret: bool, bn: int = TILE_N, num_warps: int = 4, num_stages: int = 3,
+            up: tuple[jax.Array, jax.Array] | None = None):
+    """The Pallas call; ``bn`` (output columns per program), ``num_warps`` and ``num_stages`` are what a sweep may
     override. ``up = (uq, us)``: the fused SwiGLU (``wq, s`` the gate)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
@@ -172,10 +163,8 @@ def _pallas(x, wq, s, index=None, *, interpret: bool, bn: int | None = None, num
     mp = _rows(m)
     if mp != m:
         x = jnp.pad(x, ((0, 0), (0, mp - m), (0, 0)))
-    bn = bn or _tile_n(g, n)
     call = pl.pallas_call(
-        functools.partial(_kernel, kb=k // BLOCK, bn=bn, indexed=index is not None, weight_lhs=weight_lhs,
-                          swiglu=up is not None),
+        functools.partial(_kernel, kb=k // BLOCK, bn=bn, indexed=index is not None, swiglu=up is not None),
         grid=(g, n // bn),
         out_shape=jax.ShapeDtypeStruct((g, mp, n), x.dtype),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),

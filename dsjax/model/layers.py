@@ -170,6 +170,19 @@ class Linear(nnx.Module):
             w = w2.T.reshape(w.shape)
         return w.astype(self.dtype)
 
+    def fp8_decode_operands(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array] | None:
+        """``(x [1, rows, K], kernel [1, K, N], scales [1, K/128, N/128])`` for the weight-only FP8 kernels when the
+        kernel is stored in FP8, the compute dtype is 16-bit and ``x`` is decode-sized
+        (:func:`use_fp8_weight_kernel`); else None."""
+        if self.scale_inv is None or jnp.dtype(self.dtype).itemsize != 2:
+            return None
+        k, n = math.prod(self.in_features), math.prod(self.out_features)
+        rows = math.prod(x.shape[:x.ndim - len(self.in_features)])
+        if not use_fp8_weight_kernel((1, rows, k), (1, k, n), self.fp8_block):
+            return None
+        return (x.astype(self.dtype).reshape(1, rows, k), self.kernel.get_value().reshape(1, k, n),
+                self.scale_inv.get_value()[None])
+
     def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
         """``x [..., *I] -> [..., *O]`` in the compute dtype (or ``out_dtype``, accumulated in that dtype)."""
         n_in = len(self.in_features)
@@ -179,15 +192,10 @@ class Linear(nnx.Module):
             y = fp8_linear(x.astype(self.dtype).reshape(*lead, w.shape[0]), w, out_dtype=out_dtype or self.dtype)
             y = y.reshape(*lead, *self.out_features)
             return y if self.bias is None else y + self.bias.get_value().astype(y.dtype)
-        if self.scale_inv is not None and out_dtype in (None, self.dtype) and jnp.dtype(self.dtype).itemsize == 2:
-            lead = x.shape[:x.ndim - n_in]
-            k, n = math.prod(self.in_features), math.prod(self.out_features)
-            rows = math.prod(lead)
-            if use_fp8_weight_kernel((1, rows, k), (1, k, n), self.fp8_block):   # decode: FP8 bytes, no BF16 copy
-                y = fp8_weight_dot(x.astype(self.dtype).reshape(1, rows, k), self.kernel.get_value().reshape(1, k, n),
-                                   self.scale_inv.get_value()[None])
-                y = y.reshape(*lead, *self.out_features)
-                return y if self.bias is None else y + self.bias.get_value().astype(y.dtype)
+        operands = self.fp8_decode_operands(x) if out_dtype in (None, self.dtype) else None
+        if operands is not None:                                       # decode: FP8 bytes read, no BF16 copy
+            y = fp8_weight_dot(*operands).reshape(*x.shape[:x.ndim - n_in], *self.out_features)
+            return y if self.bias is None else y + self.bias.get_value().astype(y.dtype)
         if (out_dtype == jnp.float32 and n_in == 1 and len(self.out_features) == 1
                 and jnp.dtype(self.dtype).itemsize < 4):
             y = dot_f32_out(x.astype(self.dtype), self.weight())
@@ -239,12 +247,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         g, u = self.gate_proj, self.up_proj
-        if g.scale_inv is not None and g.bias is None and u.bias is None and jnp.dtype(g.dtype).itemsize == 2:
-            lead, (k, f) = x.shape[:-1], g.kernel.get_value().shape
-            rows = math.prod(lead)
-            if use_fp8_weight_kernel((1, rows, k), (1, k, f), g.fp8_block):   # decode-sized, FP8-stored: one launch
-                h = fp8_weight_swiglu_dot(x.astype(g.dtype).reshape(1, rows, k), g.kernel.get_value()[None],
-                                          g.scale_inv.get_value()[None], u.kernel.get_value()[None],
-                                          u.scale_inv.get_value()[None])
-                return self.down_proj(h.reshape(*lead, f))
+        if g.bias is None and u.bias is None:
+            gate, up = g.fp8_decode_operands(x), u.fp8_decode_operands(x)
+            if gate is not None and up is not None:          # decode-sized, FP8-stored: gate, up, SwiGLU in one launch
+                h = fp8_weight_swiglu_dot(*gate, *up[1:])
+                return self.down_proj(h.reshape(*x.shape[:-1], -1))
         return self.down_proj(jax.nn.silu(g(x)) * u(x))

@@ -221,7 +221,7 @@ class MLA(nnx.Module):
                              "when attending over a cache")
         impl = self.cfg.attention_impl
         if impl in ("cudnn_packed", "auto"):
-            if docs is not None and causal_from_start and _cudnn_flash_available(q.dtype):   # (docs: see above)
+            if docs is not None and causal_from_start and _cudnn_flash_available(q.dtype):
                 return self._attend_packed(q, k, v, docs)
             impl = "auto"   # with a cache (queries are not the keys), one document per row, or no cuDNN
         return self._attend(q, k, v, mask, causal_from_start, _auto_impl(q, v) if impl == "auto" else impl)

@@ -66,12 +66,17 @@ def _ce_given_lse_fwd(logits, lse, targets, weights):
     return sums, (logits, lse, targets, weights, tgt)
 
 
+def _softmax_minus_onehot(z, lse, targets, a, b):
+    """``a * softmax(z) - b * onehot(targets)`` per row (``a, b [C]``), softmax from the given ``lse``: one
+    elementwise pass over ``z [C, V]``, the target term a select (no scatter)."""
+    onehot = jax.lax.broadcasted_iota(jnp.int32, z.shape, 1) == targets[:, None]
+    return a[:, None] * jnp.exp(z - lse[:, None]) - jnp.where(onehot, b[:, None], 0.0)
+
+
 def _ce_given_lse_bwd(res, g):
     logits, lse, targets, weights, tgt = res
     g_ce, g_z = g
-    a = weights * (g_ce + 2.0 * g_z * lse)
-    onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == targets[:, None]
-    d_logits = a[:, None] * jnp.exp(logits - lse[:, None]) - jnp.where(onehot, (g_ce * weights)[:, None], 0.0)
+    d_logits = _softmax_minus_onehot(logits, lse, targets, weights * (g_ce + 2.0 * g_z * lse), g_ce * weights)
     d_weights = g_ce * (lse - tgt) + g_z * lse * lse
     return d_logits, jnp.zeros_like(lse), None, d_weights
 
@@ -83,18 +88,16 @@ _ce_given_lse.defvjp(_ce_given_lse_fwd, _ce_given_lse_bwd)
 def _target_log_prob_given_lse(z: jax.Array, lse: jax.Array, targets: jax.Array) -> jax.Array:
     """``z[target] - lse`` per row of ``z [C, V]`` (``lse`` its logsumexp, passed in under ``stop_gradient``), with
     the total derivative ``g (onehot - softmax(z))`` formed from ``lse`` in one pass (see the module docstring)."""
-    return jnp.take_along_axis(z, targets[:, None], axis=-1)[:, 0] - lse
+    return _target_log_prob_fwd(z, lse, targets)[0]
 
 
 def _target_log_prob_fwd(z, lse, targets):
-    return _target_log_prob_given_lse(z, lse, targets), (z, lse, targets)
+    return jnp.take_along_axis(z, targets[:, None], axis=-1)[:, 0] - lse, (z, lse, targets)
 
 
 def _target_log_prob_bwd(res, g):
     z, lse, targets = res
-    onehot = jax.lax.broadcasted_iota(jnp.int32, z.shape, 1) == targets[:, None]
-    d_z = jnp.where(onehot, g[:, None], 0.0) - g[:, None] * jnp.exp(z - lse[:, None])
-    return d_z, jnp.zeros_like(lse), None
+    return _softmax_minus_onehot(z, lse, targets, -g, -g), jnp.zeros_like(lse), None
 
 
 _target_log_prob_given_lse.defvjp(_target_log_prob_fwd, _target_log_prob_bwd)
