@@ -44,6 +44,7 @@ TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_attn", "save_attn_out")
 ATTENTION_IMPLS = ("auto", "einsum", "cudnn", "cudnn_mla", "cudnn_packed", "jax")
+MLA_DECODE_IMPLS = ("auto", "xla", "pallas")
 GROUPED_MATMUL_IMPLS = ("auto", "xla", "tiled", "mosaic_gpu")
 ROPE_TYPES = ("default", "yarn")
 FP8_PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj",
@@ -201,6 +202,10 @@ class ModelConfig:
     # blocks outside the documents skipped); rows with more than this many documents fall back to the dense-mask
     # kernel (decided per step on the device, lax.cond)
     attention_max_documents: int = 16
+    # the absorbed attention core of decode steps and speculative verifications (queries over the latent cache):
+    # "auto" (the fused Pallas kernel, pallas_kernels.mla_decode_attention, on GPUs where the shapes allow, else
+    # XLA), "xla" (einsum scores, masked softmax, einsum values), "pallas"
+    mla_decode_impl: str = "auto"
     # routed-expert grouped matmuls: "auto" (Mosaic GPU kernels on Hopper, else XLA ragged_dot), "xla", "mosaic_gpu"
     grouped_matmul_impl: str = "auto"
     # decode steps (one new token per sequence) of at most this many tokens whose (token, expert) pairs are too many
@@ -328,6 +333,8 @@ class ModelConfig:
                   "use 0 to always use the grouped/gathered expert paths, or a token bound such as 128")
         if self.attention_impl not in ATTENTION_IMPLS:
             _fail("attention_impl", self.attention_impl, "is unknown", f"use one of {ATTENTION_IMPLS}")
+        if self.mla_decode_impl not in MLA_DECODE_IMPLS:
+            _fail("mla_decode_impl", self.mla_decode_impl, "is unknown", f"use one of {MLA_DECODE_IMPLS}")
         if isinstance(self.attention_max_documents, bool) or not isinstance(self.attention_max_documents, int) \
                 or self.attention_max_documents < 1:
             _fail("attention_max_documents", self.attention_max_documents, "must be an int >= 1",
@@ -447,7 +454,7 @@ class ModelConfig:
         }
         skip = {"rope_scaling", "quantization_config", "dtype", "param_dtype", "scan_layers", "remat_policy",
                 "attention_impl", "attention_max_documents", "grouped_matmul_impl", "moe_dense_decode_tokens",
-                "eos_token_id", "fp8",
+                "mla_decode_impl", "eos_token_id", "fp8",
                 "fp8_bf16_layers", "fp8_bf16_projections", "fp8_grouped_gemm"}
         for f in dataclasses.fields(self):
             if f.name not in skip:
@@ -481,7 +488,7 @@ _HF_ALIASES = {"num_mtp_layers": "num_nextn_predict_layers", "num_experts": "n_r
 # not the compute dtype, so it never overrides ModelConfig.dtype (pass dtype=... to from_hf_config instead).
 # Every other key that is not a ModelConfig field (auto_map, ep_size, use_cache, ...) carries no architecture
 # information and is ignored.
-_HF_IGNORED = {"dtype", "torch_dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
+_HF_IGNORED = {"dtype", "torch_dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl", "mla_decode_impl",
                "attention_max_documents", "grouped_matmul_impl", "moe_dense_decode_tokens", "fp8", "fp8_bf16_layers",
                "fp8_bf16_projections", "fp8_grouped_gemm"}
 

@@ -31,6 +31,9 @@ flags.DEFINE_list("temperatures", ["0"], "Sampling temperatures: 0 is greedy (sp
                   "greedy), > 0 speculative sampling (same distribution as plain sampling, other samples).")
 flags.DEFINE_list("draft_tokens", ["1", "2"], "Drafts per verification forward to time (each against the same plain "
                   "run): 1 = the MTP module's own prediction; more chain the module on its output.")
+flags.DEFINE_bool("f32_check", False, "Where greedy speculative output differs from plain greedy, decode both again "
+                  "with float32 compute: equal there means the difference is BF16 rounding between the verification "
+                  "forward's (k + 1 tokens per row) and a plain step's kernels, which can flip a near-tie argmax.")
 flags.DEFINE_bool("record", False, "Append the table to docs/benchmarks.md.")
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -73,6 +76,12 @@ def main(argv):
     nnx.replace_by_pure_dict(params, state.params)
     nnx.replace_by_pure_dict(rest, state.rest)
     model = nnx.merge(g, params, rest)
+    model32 = None
+    if FLAGS.f32_check:   # same weights (float32 masters), float32 compute
+        import dataclasses
+        g32 = split_model(nnx.eval_shape(lambda: dsjax.Transformer(dataclasses.replace(cfg.model, dtype="float32"),
+                                                                    rngs=nnx.Rngs(0))))[0]
+        model32 = nnx.merge(g32, params, rest)
 
     rows = []
     for b, temp in [(int(x), float(t)) for x in FLAGS.decode_batches.split(",") for t in FLAGS.temperatures]:
@@ -88,10 +97,20 @@ def main(argv):
             return out, time.perf_counter() - t
 
         plain, t_plain = timed(lambda: dsjax.generate(model, prompts, sampling=sc, key=jax.random.key(1)))
+        plain32 = None
         for k in [int(x) for x in FLAGS.draft_tokens]:
             spec, t_spec = timed(lambda: speculative_generate(model, prompts, sampling=sc, key=jax.random.key(1),
                                                               draft_tokens=k))
             same = plain.to_lists() == spec.output.to_lists() if temp == 0 else "n/a (sampled)"
+            if same is False:
+                differ = sum(a != c for a, c in zip(plain.to_lists(), spec.output.to_lists()))
+                same = f"False ({differ} of {b} rows)"
+                if model32 is not None:
+                    if plain32 is None:
+                        plain32 = dsjax.generate(model32, prompts, sampling=sc, key=jax.random.key(1)).to_lists()
+                    spec32 = speculative_generate(model32, prompts, sampling=sc, key=jax.random.key(1),
+                                                  draft_tokens=k).output.to_lists()
+                    same += f"; float32 compute: {plain32 == spec32}"
             n_tok = int(np.asarray(spec.output.lengths).max())
             by_depth = np.sum(np.asarray(spec.accepted_by_depth), axis=0)
             tried = [np.sum(spec.drafts) / k, *by_depth[:-1]]      # draft j is tried when draft j - 1 was kept

@@ -119,6 +119,40 @@ def test_v3_router_hand_computed():
     assert sorted(np.asarray(out2.indices[0]).tolist()) == [0, 4]
 
 
+@pytest.mark.parametrize("method", ["noaux_tc", "group_limited_greedy"])
+def test_group_routing_equals_the_top_k_and_scatter_form(method):
+    """The group scores as two max reductions and the kept-group mask by comparison give bitwise the routing of
+    the ``top_k(., 2).sum`` / scatter formulation they replaced, ties included (scores rounded to force them)."""
+    from dsjax.model.moe import _top2_sum
+
+    kw = dict(scoring_func="sigmoid") if method == "noaux_tc" else dict(scoring_func="softmax")
+    cfg = configs.tiny(n_routed_experts=64, n_group=8, topk_group=4, num_experts_per_tok=6, topk_method=method,
+                       **kw)
+    logits = jnp.round(jax.random.normal(jax.random.key(0), (257, 64)) * 4) / 4      # many exact ties
+    bias = jnp.round(jax.random.normal(jax.random.key(1), (64,)) * 4) / 16 if method == "noaux_tc" else None
+    grouped = jax.random.normal(jax.random.key(2), (99, 8, 8)).round()
+    np.testing.assert_array_equal(_top2_sum(grouped), jax.lax.top_k(grouped, 2)[0].sum(-1))
+
+    def old_route(logits, bias):
+        scores = jax.nn.sigmoid(logits) if method == "noaux_tc" else jax.nn.softmax(logits, axis=-1)
+        choice = scores + bias[None] if bias is not None else scores
+        grouped = choice.reshape(logits.shape[0], 8, 8)
+        gs = jax.lax.top_k(grouped, 2)[0].sum(-1) if method == "noaux_tc" else grouped.max(-1)
+        _, keep = jax.lax.top_k(gs, 4)
+        mask = jnp.zeros((logits.shape[0], 8), bool).at[jnp.arange(logits.shape[0])[:, None], keep].set(True)
+        choice = jnp.where(jnp.repeat(mask, 8, axis=1), choice, -jnp.inf if method == "noaux_tc" else 0.0)
+        _, idx = jax.lax.top_k(choice, 6)
+        w = jnp.take_along_axis(scores, idx, axis=-1)
+        if cfg.norm_topk_prob:
+            w = w / (w.sum(-1, keepdims=True) + 1e-20)
+        return idx, w * cfg.routed_scaling_factor
+
+    out = jax.jit(lambda l, b: route(cfg, l, b))(logits, bias)
+    idx, w = jax.jit(old_route)(logits, bias)
+    np.testing.assert_array_equal(out.indices, idx)
+    np.testing.assert_array_equal(out.weights, w)
+
+
 def test_v2_routers_hand_computed():
     logits = jnp.log(jnp.array([[0.05, 0.30, 0.10, 0.05, 0.20, 0.02, 0.08, 0.20]]))  # softmax == these values
     greedy = configs.tiny(scoring_func="softmax", topk_method="greedy", n_routed_experts=8, n_group=1,

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from dsjax.inference.sampling import SamplingConfig, sample_tokens
-from dsjax.model import LatentCache, Transformer, init_cache, unstack_layers
+from dsjax.model import LatentCache, Transformer, init_cache, padded_cache_length, unstack_layers
 
 __all__ = ["GenerateOutput", "generate", "generate_tokens", "prefill", "decode_step", "pad_prompts"]
 
@@ -104,7 +104,7 @@ def generate_tokens(graphdef: Any, state: Any, prompts: jax.Array, prompt_length
     b, p = prompts.shape
     n = cfg.max_new_tokens
     stops = jnp.asarray(_stop_ids(mcfg, cfg) or (-1,), jnp.int32)
-    cache = init_cache(mcfg, b, p + n)
+    cache = init_cache(mcfg, b, padded_cache_length(p + n))
     with jax.named_scope("prefill"):
         logits, cache = prefill(model, prompts, prompt_lengths, cache, chunk=cfg.prefill_chunk)
     step_keys = lambda i: jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)

@@ -53,7 +53,7 @@ from flax import nnx
 
 from dsjax.inference.generate import GenerateOutput, _layout, _stop_ids, pad_prompts
 from dsjax.inference.sampling import SamplingConfig, _log_probs
-from dsjax.model import Transformer, init_cache, mtp_draft_step, unstack_layers
+from dsjax.model import Transformer, init_cache, mtp_draft_step, padded_cache_length, unstack_layers
 
 __all__ = ["SpeculativeOutput", "speculative_generate", "speculative_generate_tokens"]
 
@@ -133,7 +133,8 @@ def speculative_generate_tokens(graphdef: Any, state: Any, prompts: jax.Array, p
     b, p = prompts.shape
     n = cfg.max_new_tokens
     stops = jnp.asarray(_stop_ids(mcfg, cfg) or (-1,), jnp.int32)
-    length = p + n + 2 * k        # the verification writes up to slot cur + k, a chained draft up to cur + 2k - 1
+    # the verification writes up to slot cur + k, a chained draft up to cur + 2k - 1
+    length = padded_cache_length(p + n + 2 * k)
     main = init_cache(mcfg, b, length)
     mtp = init_cache(mcfg.replace(num_hidden_layers=1), b, length)
     start = (p - prompt_lengths).astype(jnp.int32)  # slot of position 0, per row

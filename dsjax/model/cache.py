@@ -17,7 +17,18 @@ import jax.numpy as jnp
 
 from dsjax.configs import ModelConfig
 
-__all__ = ["LatentCache", "init_cache", "cache_bytes_per_token", "mha_cache_bytes_per_token", "write_rows"]
+__all__ = ["LatentCache", "init_cache", "cache_bytes_per_token", "mha_cache_bytes_per_token", "write_rows",
+           "padded_cache_length", "CACHE_SLOT_MULTIPLE"]
+
+# Generators allocate caches in multiples of this many slots: the fused decode-attention kernel streams the cache
+# in tiles of up to 64 slots (pallas_kernels.mla_decode); slots past the last written one stay empty (segment 0)
+# and masked.
+CACHE_SLOT_MULTIPLE = 64
+
+
+def padded_cache_length(slots: int) -> int:
+    """``slots`` rounded up to a multiple of :data:`CACHE_SLOT_MULTIPLE`."""
+    return -(-slots // CACHE_SLOT_MULTIPLE) * CACHE_SLOT_MULTIPLE
 
 
 def write_rows(buf: jax.Array, new: jax.Array, index: jax.Array | int) -> jax.Array:

@@ -34,6 +34,7 @@ from dsjax.model.cache import write_layer_rows
 from dsjax.model.layers import Linear, RMSNorm, dtype_of
 from dsjax.model.rope import apply_rope
 from pallas_kernels.hardware import hopper_or_newer
+from pallas_kernels.mla_decode import mla_decode_attention
 
 __all__ = ["MLA", "MLAImpl", "DocumentMask", "document_runs"]
 
@@ -280,10 +281,10 @@ class MLA(nnx.Module):
             mask = mask.dense
         w_uk, w_uv = self._w_uk_uv()
         q_lat = jnp.einsum("bsnc,rnc->bsnr", q_nope, w_uk)
-        scores = jnp.einsum("bsnr,btr->bnst", q_lat, c_kv, preferred_element_type=jnp.float32)
-        scores = scores + jnp.einsum("bsnp,btp->bnst", q_rot, k_rot, preferred_element_type=jnp.float32)
-        p = self._softmax(scores, _causal(q_lat.shape[1], c_kv.shape[1]) if mask is None else mask, c_kv.dtype)
-        o_lat = jnp.einsum("bnst,btr->bsnr", p, c_kv)
+        mask = _causal(q_lat.shape[1], c_kv.shape[1]) if mask is None else mask
+        mask = jnp.broadcast_to(mask, (q_lat.shape[0], *mask.shape[1:]))
+        o_lat = mla_decode_attention(q_lat, q_rot.astype(q_lat.dtype), c_kv, k_rot, mask,
+                                     scale=self.cfg.softmax_scale, implementation=self.cfg.mla_decode_impl)
         return jnp.einsum("bsnr,rnv->bsnv", o_lat, w_uv)
 
     # ----------------------------------------------------------------- layer call

@@ -69,6 +69,16 @@ class RouterOutput:
     scores: jax.Array
 
 
+def _top2_sum(x: jax.Array) -> jax.Array:
+    """``lax.top_k(x, 2)[0].sum(-1)`` by two max reductions (XLA fuses them with their producers; top_k is a sort
+    kernel of its own): the largest value plus the largest of the rest with one instance of it removed (ties
+    count twice, as in top_k). Bitwise equal to the top_k form: the same two values, added in the same order."""
+    m1 = jnp.max(x, axis=-1)
+    first = jnp.argmax(x, axis=-1)
+    rest = jnp.where(jnp.arange(x.shape[-1]) == first[..., None], -jnp.inf, x)
+    return m1 + jnp.max(rest, axis=-1)
+
+
 def route(cfg: ModelConfig, logits: jax.Array, bias: jax.Array | None) -> RouterOutput:
     """Applies the configured routing rule to float32 ``logits [T, E]``. Pure function; see module docstring."""
     t, e = logits.shape
@@ -82,13 +92,14 @@ def route(cfg: ModelConfig, logits: jax.Array, bias: jax.Array | None) -> Router
         g = cfg.n_group
         grouped = choice.reshape(t, g, e // g)
         if cfg.topk_method == "noaux_tc":
-            group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)
+            group_scores = _top2_sum(grouped)
             fill = -jnp.inf
         else:  # group_limited_greedy (V2): max per group, masked experts get 0 as in HF/DeepSeek code
             group_scores = grouped.max(-1)
             fill = 0.0
         _, keep = jax.lax.top_k(group_scores, cfg.topk_group)  # [T, topk_group]
-        group_mask = jnp.zeros((t, g), bool).at[jnp.arange(t)[:, None], keep].set(True)
+        # the kept groups as a mask by comparison (an elementwise op XLA fuses), not a scatter
+        group_mask = jnp.any(keep[:, :, None] == jnp.arange(g, dtype=keep.dtype)[None, None, :], axis=1)
         expert_mask = jnp.repeat(group_mask, e // g, axis=1)
         choice = jnp.where(expert_mask, choice, fill)
     _, indices = jax.lax.top_k(choice, k)

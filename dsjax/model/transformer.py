@@ -385,43 +385,53 @@ def abstract_model(cfg: ModelConfig, *, fp8: bool = False) -> Any:
     return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), fp8=fp8))
 
 
+# Matmul weights that every use casts to the compute dtype (Linear kernels, routed-expert matrices, the output head and
+# the embedding table, whose rows are cast on lookup): decoding copies them already cast (see unstack_layers)
+_CAST_FOR_DECODING = ("kernel", "gate_proj", "up_proj", "down_proj", "embedding")
+
+
 def unstack_layers(model: Transformer) -> Transformer:
     """The same model with ``scan_layers=False``: layer ``i``'s variables are slice ``i`` of the stacks.
 
     For decoding loops: a layer ``lax.scan`` inside a ``while_loop`` slices every layer's weights out of the stacks
     on every step, and XLA materialises those slices (a copy of all layer weights per decoded token) where a matmul
     reads them. Unstacking once, before the loop, makes that copy once per call; the cost is a second copy of the
-    layer weights in memory while the unstacked model lives. A model built with ``scan_layers=False`` is returned
-    as is.
+    layer weights in memory while the unstacked model lives.
 
     With ``param_dtype`` wider than the compute ``dtype`` (e.g. float32 master weights, as GRPO rollouts decode),
-    the matmul weights that every use casts to ``dtype`` anyway (``Linear`` kernels and routed-expert matrices) are
-    copied already cast: the same values, half the memory and half the bytes each decode step reads. Router
-    weights, norms and biases keep their dtype. FP8 training mode (whose GEMMs quantise the master copy) is copied
-    as it is. FP8-stored weights stay FP8 (decode-sized products read them through the weight-only FP8 kernels),
-    except MLA's ``kv_a_proj_with_mqa`` and ``kv_b_proj`` (:func:`dequantize_for_decoding`), which decoding would
-    otherwise dequantise on every step; an unscanned FP8 model is copied for that.
+    the matmul weights that every use casts to ``dtype`` anyway (``Linear`` kernels, the output head, routed-expert
+    matrices, the embedding table) are copied already cast: the same values, half the memory and half the bytes
+    each decode step reads. The cast copies pass through one ``lax.optimization_barrier``: without it XLA sinks
+    the cheap-looking converts back into the decode loop (the loop then carries the float32 masters and reads
+    twice the bytes on every step). Router weights, norms and biases keep their dtype. A model built with
+    ``scan_layers=False`` is copied only for that cast (else returned as is). FP8 training mode (whose GEMMs
+    quantise the master copy) is copied as it is. FP8-stored weights stay FP8 (decode-sized products read them
+    through the weight-only FP8 kernels), except MLA's ``kv_a_proj_with_mqa`` and ``kv_b_proj``
+    (:func:`dequantize_for_decoding`), which decoding would otherwise dequantise on every step; an unscanned FP8
+    model is copied for that.
     """
     cfg = model.cfg
-    if not cfg.scan_layers:
+    compute = dtype_of(cfg.dtype)
+    cast = not cfg.fp8 and model.fp8_block is None and compute != dtype_of(cfg.param_dtype)
+    if not cfg.scan_layers and not cast:
         return model if model.fp8_block is None else dequantize_for_decoding(nnx.merge(*nnx.split(model)))
     flat_cfg = dataclasses.replace(cfg, scan_layers=False)
     graphdef, target = nnx.split(abstract_model(flat_cfg, fp8=model.fp8_block is not None))
     src = dict(nnx.to_flat_state(nnx.state(model)))
     k = cfg.first_k_dense_replace
-    compute = dtype_of(cfg.dtype)
-    cast = not cfg.fp8 and model.fp8_block is None and compute != dtype_of(cfg.param_dtype)
-    out = {}
-    for path, t in nnx.to_flat_state(target):
-        if path[0] == "layers":
+    values = {}
+    for path, _ in nnx.to_flat_state(target):
+        if cfg.scan_layers and path[0] == "layers":
             i = int(path[1])
             stack, j = ("dense_layers", i) if i < k else ("moe_layers", i - k)
-            value = src[(stack, *path[2:])].get_value()[j]
-            if cast and path[-1] in ("kernel", "gate_proj", "up_proj", "down_proj"):
-                value = value.astype(compute)
-            out[path] = t.replace(value)
+            values[path] = src[(stack, *path[2:])].get_value()[j]
         else:
-            out[path] = src[path]
+            values[path] = src[path].get_value()
+    if cast:
+        paths = [p for p in values if p[-1] in _CAST_FOR_DECODING]
+        for p, v in zip(paths, jax.lax.optimization_barrier([values[p].astype(compute) for p in paths])):
+            values[p] = v
+    out = {path: t.replace(values[path]) for path, t in nnx.to_flat_state(target)}
     flat = nnx.merge(graphdef, nnx.State.from_flat_path(out))
     return flat if model.fp8_block is None else dequantize_for_decoding(flat)
 
