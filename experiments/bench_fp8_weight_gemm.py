@@ -11,7 +11,9 @@ Each row is one ``x [G, M, K] @ W [G|E, K, N]`` of a decode step:
 * ``kernel``: the Pallas Triton kernel at the library's tiling, and the best tilings of the sweep
   (``bn`` / ``num_warps`` / ``num_stages``, relative error against the float32 reference);
 * a second table: gate + up + SwiGLU as XLA runs it on BF16 weights, as two kernel GEMMs and XLA's ``silu * up``,
-  and as the fused kernel (``pallas_kernels.fp8_weight_swiglu``).
+  and as the fused kernel (``pallas_kernels.fp8_weight_swiglu``);
+* a third: DeepSeek's W8A8 inference scheme on the same weights (x quantised 1x128, the Mosaic GPU blockwise FP8
+  GEMM reading E4M3 weights on FP8 tensor cores) against the weight-only kernel: whether decoding should take it.
 
 Decode GEMMs take 10-50 us, so one call per dispatch measures the launch: each time is ``--repeats`` calls inside
 one jitted ``fori_loop`` (the input scaled by a loop-carried scalar so XLA cannot hoist the call), best of 3,
@@ -140,6 +142,49 @@ def _swiglu_rows():
                f"{2 * g * k * n / t_fused / 1e6:.2f}")
 
 
+def _w8a8_rows():
+    """DeepSeek's other FP8 inference scheme on the same weights: quantise the activations 1x128 too and run the
+    Mosaic GPU blockwise FP8 GEMM (``pallas_kernels.fp8_gemm`` / ``fp8_gemm_grouped``, FP8 tensor cores, the
+    weights read as E4M3 with no conversion). Its weights must be ``[N, K]`` (FP8 wgmma reads both operands
+    K-major): transposed once here, as decoding would do once per call. Each group's rows are padded to the
+    kernel's 128-row tiles. Times the quantisation of x and the GEMM, against the weight-only kernel."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels import act_quant, fp8_gemm, fp8_gemm_grouped
+    from pallas_kernels.fp8_weight_gemm import _pallas, fp8_weight_matmul_reference
+
+    for name, g, m, k, n, e in SHAPES:
+        if e is not None:       # the gathered batch-1 form: 6 groups of 1 row padded to 128 each; not a W8A8 case
+            continue
+        x, wq, s, _ = _case(g, m, k, n, e)
+        ref = fp8_weight_matmul_reference(x, wq, s).astype(jnp.float32)
+        wt, st = jnp.swapaxes(wq, 1, 2), jnp.swapaxes(s, 1, 2)                  # [G, N, K], [G, N/128, K/128]
+        if g == 1:
+            def w8a8(x, wt, st):
+                a, sa = act_quant(x[0])
+                return fp8_gemm(a, sa, wt[0], st[0], implementation="pallas")[None]
+        else:
+            tile_group = jnp.arange(g, dtype=jnp.int32)
+
+            def w8a8(x, wt, st):
+                a, sa = act_quant(x)                                           # [G, M, K], [G, M, K/128]
+                a = jnp.pad(a, ((0, 0), (0, 128 - m), (0, 0))).reshape(g * 128, k)
+                sa = jnp.pad(sa, ((0, 0), (0, 128 - m), (0, 0)), constant_values=1.0).reshape(g * 128, -1)
+                y = fp8_gemm_grouped(a, sa, wt, st, tile_group, implementation="pallas")
+                return y.reshape(g, 128, n)[:, :m]
+        try:
+            out = jax.jit(w8a8)(x, wt, st).astype(jnp.float32)
+        except Exception as err:  # noqa: BLE001  (report and go on: the table's other rows still count)
+            yield (name, f"{g}x{m}x{k}x{n}", "n/a", "n/a", f"failed: {type(err).__name__}: {str(err)[:80]}", "", "")
+            continue
+        rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+        t_w8a8 = _us_per_call(w8a8, x, wt, st)
+        t_wo = _us_per_call(lambda x, wq, s: _pallas(x, wq, s, interpret=False), x, wq, s)
+        yield (name, f"{g}x{m}x{k}x{n}", f"{t_wo:.1f}", f"{t_w8a8:.1f}", f"{t_wo / t_w8a8:.2f}x",
+               f"{g * k * n / t_w8a8 / 1e6:.2f}", f"{rel:.1e}")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -159,6 +204,13 @@ def main(argv):
               "| MLP | GxMxKxN | bf16 (XLA) | kernel x2 + silu*up | fused kernel | fused vs bf16 | fused TB/s |",
               "|---|---|---|---|---|---|---|"]
     for row in _swiglu_rows():
+        lines.append("| " + " | ".join(row) + " |")
+        print(lines[-1], flush=True)
+    lines += ["", "W8A8 (activations quantised 1x128, Mosaic GPU FP8 GEMM, weights transposed to [N, K] once) against "
+              "the weight-only kernel, us per call:", "",
+              "| GEMM | GxMxKxN | weight-only kernel | act_quant + FP8 GEMM | W8A8 vs weight-only | W8A8 weight TB/s | "
+              "W8A8 rel. error vs weight-only reference |", "|---|---|---|---|---|---|---|"]
+    for row in _w8a8_rows():
         lines.append("| " + " | ".join(row) + " |")
         print(lines[-1], flush=True)
     table = "\n".join(lines)

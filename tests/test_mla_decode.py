@@ -85,11 +85,12 @@ def test_model_decodes_through_the_kernel(monkeypatch):
     from dsjax.inference import SamplingConfig
     from dsjax.model import mla as mla_mod
 
-    cfg = dsjax.configs.tiny(qk_rope_head_dim=16, kv_lora_rank=32)
-    model = dsjax.Transformer(cfg, rngs=nnx.Rngs(0))
+    cfg = dsjax.configs.tiny(qk_rope_head_dim=16, kv_lora_rank=32, mla_decode_impl="xla")
     prompts = [[1, 5, 9, 22, 40], [1, 7, 3]]
     sc = SamplingConfig(max_new_tokens=6, temperature=0.0, use_eos=False, length_bucket=8)
-    ref = dsjax.generate(model, prompts, sampling=sc)
+    ref = dsjax.generate(dsjax.Transformer(cfg, rngs=nnx.Rngs(0)), prompts, sampling=sc)
+    # the same weights under another config value: the jitted generators trace again (into the patched call)
+    model = dsjax.Transformer(cfg.replace(mla_decode_impl="pallas"), rngs=nnx.Rngs(0))
     calls = []
 
     def through_kernel(q_lat, q_rot, c_kv, k_rot, mask, *, scale, implementation):
@@ -98,7 +99,6 @@ def test_model_decodes_through_the_kernel(monkeypatch):
         return _pallas(q_lat, q_rot, c_kv, k_rot, mask, scale=scale, interpret=True)
 
     monkeypatch.setattr(mla_mod, "mla_decode_attention", through_kernel)
-    jax.clear_caches()                                          # the generators are jitted: trace them again
     got = dsjax.generate(model, prompts, sampling=sc)
     assert calls, "the decode steps did not reach the kernel"
     np.testing.assert_array_equal(got.tokens, ref.tokens)
