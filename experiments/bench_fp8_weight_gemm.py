@@ -98,19 +98,24 @@ def _rows():
         else:
             t_bf = _us_per_call(lambda x, w, i: jnp.einsum("gmk,gkn->gmn", x, jnp.take(w, i, 0)), x, wb, idx)
         t_xla = _us_per_call(lambda x, wq, s, i: fp8_weight_matmul_reference(x, wq, s, i), x, wq, s, idx)
-        lib = (TILE_N, 4, 3)
-        tilings = [lib] + ([t for t in itertools.product((32, 64, 128), (4, 8), (2, 3)) if t != lib]
+        lib = (TILE_N, 4, 3, "bf16")
+        # the tilings, and the library's tiling with float16 MMA operands (E4M3 -> f16 is a single conversion)
+        tilings = [lib] + ([(*t, "bf16") for t in itertools.product((32, 64, 128), (4, 8), (2, 3))
+                            if (*t, "bf16") != lib] + [(TILE_N, 4, 3, "f16"), (TILE_N, 8, 3, "f16")]
                            if FLAGS.sweep else [])
         timed = []
-        for bn, nw, ns in tilings:
-            kw = dict(interpret=False, bn=bn, num_warps=nw, num_stages=ns)
+        for bn, nw, ns, mma in tilings:
+            kw = dict(interpret=False, bn=bn, num_warps=nw, num_stages=ns,
+                      mma_dtype=jnp.float16 if mma == "f16" else None)
             fn = lambda x, wq, s, i, kw=kw: _pallas(x, wq, s, i, **kw)  # noqa: E731
             out = jax.jit(fn)(x, wq, s, idx).astype(jnp.float32)
             err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
-            timed.append((_us_per_call(fn, x, wq, s, idx), (bn, nw, ns), err))
+            timed.append((_us_per_call(fn, x, wq, s, idx), (bn, nw, ns, mma), err))
         t_lib = timed[0][0]
         best = sorted(timed)[:3]
-        desc = "; ".join(f"{bn}/{nw}w/{ns}s {t:.1f} us (err {er:.0e})" for t, (bn, nw, ns), er in best)
+        f16 = [f"{nw}w {t:.1f} us" for t, (_, nw, _, mma), _ in timed if mma == "f16"]
+        desc = "; ".join(f"{bn}/{nw}w/{ns}s{'/f16' if mma == 'f16' else ''} {t:.1f} us (err {er:.0e})"
+                         for t, (bn, nw, ns, mma), er in best) + (f" [f16 MMA: {', '.join(f16)}]" if f16 else "")
         yield (name, f"{g}x{m}x{k}x{n}", f"{t_bf:.1f}", f"{t_xla:.1f}", f"{t_lib:.1f}", f"{t_bf / t_lib:.2f}x",
                f"{2 * wbytes / t_bf / 1e6:.2f}", f"{wbytes / t_lib / 1e6:.2f}", desc)
 

@@ -126,8 +126,11 @@ def _rows(m: int) -> int:
 TILE_N = BLOCK
 
 
-def _kernel(*refs, kb: int, bn: int, indexed: bool, swiglu: bool = False):
-    """One program: x group ``g`` times output columns ``j*bn...`` of its weight (gate *and* up under ``swiglu``)."""
+def _kernel(*refs, kb: int, bn: int, indexed: bool, swiglu: bool = False, mma_dtype=None):
+    """One program: x group ``g`` times output columns ``j*bn...`` of its weight (gate *and* up under ``swiglu``).
+    ``mma_dtype``: the type both operands are converted to for the MMA (default x's); float16 is a sweep option
+    (E4M3 -> float16 is one conversion instruction per two values on sm_89+, E4M3 values are exact in float16, and
+    float16 keeps more of x's bits than bfloat16; but |x| must stay below 65504)."""
     from jax.experimental import pallas as pl
 
     idx_ref, refs = (refs[0], refs[1:]) if indexed else (None, refs)
@@ -139,6 +142,8 @@ def _kernel(*refs, kb: int, bn: int, indexed: bool, swiglu: bool = False):
 
     def body(i, accs):
         xk = x_ref[g, :, pl.ds(i * BLOCK, BLOCK)]              # [Mp, 128] bf16
+        if mma_dtype is not None:
+            xk = xk.astype(mma_dtype)
         out = []
         for (w_ref, s_ref), acc in zip(pairs, accs):
             wk = w_ref[e, pl.ds(i * BLOCK, BLOCK), pl.ds(j * bn, bn)].astype(xk.dtype)   # [128, bn], E4M3 -> bf16
@@ -152,9 +157,9 @@ def _kernel(*refs, kb: int, bn: int, indexed: bool, swiglu: bool = False):
 
 
 def _pallas(x, wq, s, index=None, *, interpret: bool, bn: int = TILE_N, num_warps: int = 4, num_stages: int = 3,
-            up: tuple[jax.Array, jax.Array] | None = None):
-    """The Pallas call; ``bn`` (output columns per program), ``num_warps`` and ``num_stages`` are what a sweep may
-    override. ``up = (uq, us)``: the fused SwiGLU (``wq, s`` the gate)."""
+            up: tuple[jax.Array, jax.Array] | None = None, mma_dtype=None):
+    """The Pallas call; ``bn`` (output columns per program), ``num_warps``, ``num_stages`` and ``mma_dtype`` (see
+    ``_kernel``) are what a sweep may override. ``up = (uq, us)``: the fused SwiGLU (``wq, s`` the gate)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
@@ -164,7 +169,8 @@ def _pallas(x, wq, s, index=None, *, interpret: bool, bn: int = TILE_N, num_warp
     if mp != m:
         x = jnp.pad(x, ((0, 0), (0, mp - m), (0, 0)))
     call = pl.pallas_call(
-        functools.partial(_kernel, kb=k // BLOCK, bn=bn, indexed=index is not None, swiglu=up is not None),
+        functools.partial(_kernel, kb=k // BLOCK, bn=bn, indexed=index is not None, swiglu=up is not None,
+                          mma_dtype=mma_dtype),
         grid=(g, n // bn),
         out_shape=jax.ShapeDtypeStruct((g, mp, n), x.dtype),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),

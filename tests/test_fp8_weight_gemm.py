@@ -79,6 +79,25 @@ def test_fp8_weight_matmul_block_scales_vary_along_k():
     assert _rel(out, _oracle(x, wq, s, None)) < BF16_TOL
 
 
+def test_fp8_weight_kernel_float16_mma_option():
+    """The sweep's float16-operand variant (``mma_dtype``): E4M3 weights are exact in float16 and x keeps more bits
+    than in bfloat16, so it meets the same bound; it lowers for CUDA too."""
+    from jax._src.mesh import AbstractDevice
+
+    x, wq, s, index = _case(3, 5, 256, 384, 4)
+    out = _pallas(x, wq, s, index, interpret=True, mma_dtype=jnp.float16)
+    assert out.dtype == x.dtype and _rel(out, _oracle(x, wq, s, index)) < BF16_TOL
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
+        device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"))
+    args = [jax.ShapeDtypeStruct((64, 32, 1024), jnp.bfloat16), jax.ShapeDtypeStruct((64, 1024, 512),
+                                                                                      jnp.float8_e4m3fn),
+            jax.ShapeDtypeStruct((64, 8, 4), jnp.float32)]
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(functools.partial(_pallas, interpret=False, mma_dtype=jnp.float16)).trace(*args).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert "xla.gpu.triton" in text
+
+
 def test_fp8_weight_kernel_lowers_for_cuda():
     """Without a GPU: the Pallas Triton lowering (E4M3 -> bf16 casts need compute capability >= 8.9) at `small`'s
     decode shapes: experts at batch 32, a projection at batch 1, and the indexed (gathered-experts) form."""

@@ -6,8 +6,11 @@
 #           routing of session 14 neither). HF's batch-32 generate outlived a 280 s limit in session 14: 420 s.
 #   part 2: MTP with 1 and 3 chained drafts, greedy, at batch 1 and 32, with --f32_check (do the BF16 differences
 #           from plain greedy vanish in float32?), then a decode profile at batch 1 and 32 by scope.
-#   part 3: the FP8 weight-only kernel's device-time table and sweep (bench_fp8_weight_gemm), then the train step
-#           against HF (the cross-entropy backward and the group routing changed since the last HF comparison).
+#   part 3: the FP8 weight-only kernel's device-time table and sweep (bench_fp8_weight_gemm; new in session 14: the
+#           float16-MMA variant, which tests whether the E4M3 -> BF16 conversion is what halves the kernel's
+#           bandwidth, and the W8A8 table: act_quant + the Mosaic GPU FP8 GEMM on [N, K] weights, DeepSeek's other
+#           inference scheme), then the train step against HF (the cross-entropy backward and the group routing
+#           changed since the last HF comparison).
 #   run: setsid nohup bash tools/device/next_session.sh 1 > /tmp/x.log 2>&1 < /dev/null & sleep 5; \
 #        bash tools/device/poll.sh 560          (carry: .whl; copy the records out of $OUT by hand)
 source tools/device/setup.sh
