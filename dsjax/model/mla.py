@@ -15,7 +15,8 @@ Algorithm (per layer):
 4. Absorbed path: with ``W_UK = kv_b_proj[:, :, :C]`` ``(R,N,C)`` and ``W_UV = kv_b_proj[:, :, C:]`` ``(R,N,V)``:
    ``q_lat = q_nope . W_UK`` (``bsnc,rnc->bsnr``), scores ``q_lat . c_kv + q_rot . k_rot``, ``o_lat = P . c_kv``
    (``bnst,btr->bsnr``), ``O = o_lat . W_UV`` (``bsnr,rnv->bsnv``). Same function, no K/V expansion: per decoded
-   token the cost is linear in R instead of N*(C+V).
+   token the cost is linear in R instead of N*(C+V). The scores, masked softmax and ``o_lat`` run as one fused
+   kernel on GPUs (``pallas_kernels.mla_decode_attention``, ``cfg.mla_decode_impl``), the einsums elsewhere.
 
 The softmax scale is ``cfg.softmax_scale`` (``(C+P)**-0.5`` times the YaRN ``mscale_all_dim`` correction squared).
 """

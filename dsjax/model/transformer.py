@@ -401,9 +401,11 @@ def unstack_layers(model: Transformer) -> Transformer:
     With ``param_dtype`` wider than the compute ``dtype`` (e.g. float32 master weights, as GRPO rollouts decode),
     the matmul weights that every use casts to ``dtype`` anyway (``Linear`` kernels, the output head, routed-expert
     matrices, the embedding table) are copied already cast: the same values, half the memory and half the bytes
-    each decode step reads. The cast copies pass through one ``lax.optimization_barrier``: without it XLA sinks
-    the cheap-looking converts back into the decode loop (the loop then carries the float32 masters and reads
-    twice the bytes on every step). Router weights, norms and biases keep their dtype. A model built with
+    each decode step reads. The cast copies pass through one ``lax.optimization_barrier`` so that XLA cannot sink
+    the cheap-looking converts back into the decode loop, which would then carry the float32 masters and read twice
+    the bytes on every step: XLA on the CPU does that (its barrier is expanded before the loop passes, so there it
+    happens anyway); on an H200 the compiled loop carries the cast copies. Router weights, norms and biases keep
+    their dtype. A model built with
     ``scan_layers=False`` is copied only for that cast (else returned as is). FP8 training mode (whose GEMMs
     quantise the master copy) is copied as it is. FP8-stored weights stay FP8 (decode-sized products read them
     through the weight-only FP8 kernels), except MLA's ``kv_a_proj_with_mqa`` and ``kv_b_proj``
