@@ -246,6 +246,40 @@ def test_gradients_on_a_mesh_match_one_device():
     _close(jax.device_get(g), jax.device_get(g_ref), rtol=1e-4, atol=1e-7, what="grad")
 
 
+@pytest.mark.parametrize("mesh", [MeshConfig(data=2), MeshConfig(data=2, expert=2)], ids=["data-after_backward", "data-expert-gspmd"])
+def test_packed_cudnn_attention_on_a_mesh_matches_one_device(mesh, monkeypatch):
+    """``attention_impl="auto"`` where cuDNN runs describes each packed row's documents by offsets and lengths: on a
+    batch-sharded mesh -- the per-device backward's shard_map, and XLA's partitioning with an expert axis -- each
+    device's rows keep their own documents, and every gradient equals one device's (cuDNN stood in for on the CPU by
+    a reference written from jax's documented semantics; ``test_model.py`` checks it against the einsum path)."""
+    import jax._src.cudnn.fused_attention_stablehlo as fa
+
+    from cudnn_standin import reference_cudnn
+    from dsjax.model import mla
+
+    calls = []
+    monkeypatch.setattr(fa, "dot_product_attention", reference_cudnn(calls))
+    monkeypatch.setattr(mla, "_cudnn_flash_available", lambda dtype: True)
+    monkeypatch.setattr(mla, "_cudnn_mla_available", lambda: True)
+    monkeypatch.setattr(mla, "_cudnn_packed_available", lambda: True)
+    cfg = _cfg(mesh, attention_impl="auto")
+    batch = _batches(1)[0]
+    batch["segment_ids"][1::2, 5:9] = 3                      # odd rows: a third document, so rows differ per device
+    devices = jax.devices()[:int(np.prod(mesh.sizes))]
+    if mesh.resolved_grad_sync == "after_backward":          # the train step: per-device backward in a shard_map
+        metrics, snaps, _ = _train(cfg, [batch], devices=devices)
+        ref, ref_snaps, _ = _train(_cfg(attention_impl="auto"), [batch])
+        for key in ("loss", "ce", "mtp_loss_1", "grad_norm"):
+            np.testing.assert_allclose(metrics[0][key], ref[0][key], rtol=2e-5, err_msg=key)
+        _close(snaps[1], ref_snaps[1], what="after step 1")
+    else:
+        (l, c), g, (l_ref, c_ref), g_ref = _grads_mesh_and_single(cfg, batch, devices=devices)
+        np.testing.assert_allclose(l, l_ref, rtol=1e-6)
+        np.testing.assert_array_equal(np.asarray(c), np.asarray(c_ref))
+        _close(jax.device_get(g), jax.device_get(g_ref), rtol=1e-4, atol=1e-7, what="grad")
+    assert set(calls) == {"packed"}, calls
+
+
 # ------------------------------------------------------------------------------------------------ dispatch paths
 def _forward(cfg_model, plan, ids):
     model = Transformer(cfg_model, rngs=nnx.Rngs(0))
