@@ -46,6 +46,9 @@ flags.DEFINE_bool("fp8_weights", False, "Also time the same model with its MLA, 
                   "saved as a hub folder and loaded with load_hf(keep_fp8=True). Its roof counts those weights at "
                   "1 byte + scales.")
 flags.DEFINE_bool("hf", False, "Also time HF transformers generate in a subprocess.")
+flags.DEFINE_integer("hf_timeout_s", 1200, "Give up on an HF subprocess after this many seconds: its row reads "
+                     "'timed out' and the table (and --record) still come out. Set it inside the time the whole run "
+                     "has (a device call's limit): a run killed from outside writes nothing.")
 flags.DEFINE_bool("profile", False, "Trace one generate call per batch size and print its device time by scope and "
                   "kernel (per decoded token: divide by new_tokens).")
 flags.DEFINE_bool("record", False, "Append the table to docs/benchmarks.md.")
@@ -143,7 +146,10 @@ def bench_hf(b: int) -> dict:
     cfg = configs.get(FLAGS.config)
     cmd = [sys.executable, str(ROOT / "experiments" / "bench_decode_hf.py"), json.dumps(cfg.to_hf_config()),
            str(b), str(FLAGS.prompt_len), str(FLAGS.new_tokens), str(FLAGS.repeats)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=FLAGS.hf_timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"impl": "HF transformers", "batch": b, "error": f"timed out after {FLAGS.hf_timeout_s} s"}
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
     if res.returncode != 0 or not lines:
         return {"impl": "HF transformers", "batch": b, "error": (res.stderr or res.stdout)[-800:]}

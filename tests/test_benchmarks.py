@@ -1,0 +1,21 @@
+"""The benchmark scripts' own behaviour on the CPU (their numbers come from GPU runs, docs/benchmarks.md)."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_bench_decode_writes_its_table_when_hf_times_out():
+    """A device call once lost bench_decode's whole table because HF's batch-32 generate outlived the call: an HF
+    subprocess that exceeds --hf_timeout_s now gives a 'timed out' row, and the table is still printed."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run([sys.executable, "-m", "experiments.bench_decode", "--config=tiny", "--batch_sizes=1",
+                          "--prompt_len=8", "--new_tokens=4", "--repeats=1", "--hf", "--hf_timeout_s=0"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [ln for ln in res.stdout.splitlines() if ln.startswith("| ")]
+    assert any(ln.startswith("| dsjax | 1 |") for ln in rows), res.stdout
+    assert "| HF transformers | 1 | error: timed out after 0 s |" in res.stdout
