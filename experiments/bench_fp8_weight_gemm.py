@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import datetime
 import itertools
-import time
 
 from absl import app, flags
 
 from experiments.records import append_record
+from experiments.timing import loop_us_per_call
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("repeats", 100, "Calls inside one jitted loop per timing.")
@@ -43,30 +43,8 @@ SHAPES = [("experts, dense path, batch 32: gate/up", 64, 32, 1024, 512, None),
           ("q_b_proj, batch 1", 1, 1, 384, 3072, None)]
 
 
-def _looped(fn, repeats):
-    import jax
-    import jax.numpy as jnp
-    from jax import lax
-
-    def run(x, *args):
-        def body(i, c):
-            y = fn(x * c.astype(x.dtype), *args)
-            return c + 0 * y[0, 0, 0].astype(jnp.float32)
-        return lax.fori_loop(0, repeats, body, jnp.float32(1))
-    return jax.jit(run)
-
-
 def _us_per_call(fn, *args) -> float:
-    import jax
-
-    f = _looped(fn, FLAGS.repeats)
-    jax.block_until_ready(f(*args))
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        best = min(best, time.perf_counter() - t0)
-    return 1e6 * best / FLAGS.repeats
+    return loop_us_per_call(fn, *args, repeats=FLAGS.repeats)
 
 
 def _case(g, m, k, n, e, seed=0):

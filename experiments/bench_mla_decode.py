@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import datetime
 import itertools
-import time
 
 from absl import app, flags
 
 from experiments.records import append_record
+from experiments.timing import loop_us_per_call
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("repeats", 100, "Calls inside one jitted loop per timing.")
@@ -40,25 +40,8 @@ SHAPES = [("small, batch 1", 1, 1, 16, 256, 32, 256),
           ("V3, batch 32, 4k cache", 32, 1, 128, 512, 64, 4096)]
 
 
-def _us_per_call(fn, q, *args) -> float:
-    import jax
-    import jax.numpy as jnp
-    from jax import lax
-
-    def run(q, *args):
-        def body(i, c):
-            y = fn(q * c.astype(q.dtype), *args)
-            return c + 0 * y[0, 0, 0, 0].astype(jnp.float32)
-        return lax.fori_loop(0, FLAGS.repeats, body, jnp.float32(1))
-
-    f = jax.jit(run)
-    jax.block_until_ready(f(q, *args))
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(q, *args))
-        best = min(best, time.perf_counter() - t0)
-    return 1e6 * best / FLAGS.repeats
+def _us_per_call(fn, *args) -> float:
+    return loop_us_per_call(fn, *args, repeats=FLAGS.repeats)
 
 
 def _case(b, s, n, r, p, t):

@@ -78,8 +78,7 @@ def main(argv):
     model = nnx.merge(g, params, rest)
     model32 = None
     if FLAGS.f32_check:   # same weights (float32 masters), float32 compute
-        import dataclasses
-        g32 = split_model(nnx.eval_shape(lambda: dsjax.Transformer(dataclasses.replace(cfg.model, dtype="float32"),
+        g32 = split_model(nnx.eval_shape(lambda: dsjax.Transformer(cfg.model.replace(dtype="float32"),
                                                                     rngs=nnx.Rngs(0))))[0]
         model32 = nnx.merge(g32, params, rest)
 
