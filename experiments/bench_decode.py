@@ -51,6 +51,7 @@ flags.DEFINE_integer("hf_timeout_s", 1200, "Give up on an HF subprocess after th
                      "has (a device call's limit): a run killed from outside writes nothing.")
 flags.DEFINE_bool("profile", False, "Trace one generate call per batch size and print its device time by scope and "
                   "kernel (per decoded token: divide by new_tokens).")
+flags.DEFINE_integer("profile_top", 40, "With --profile: how many of the costliest kernels to list.")
 flags.DEFINE_bool("record", False, "Append the table to docs/benchmarks.md.")
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -114,7 +115,7 @@ def bench_dsjax(model, b: int, label: str = "dsjax", sampling_overrides: list[st
         jax.profiler.stop_trace()
         print(f"--- profile of one generate call, batch {b} ({p} prompt + {n} new tokens; per decode step: divide "
               f"the decode scopes by {n - 1})", flush=True)
-        summarize_trace(tmp, 1, top=40, hlo_text=compiled.as_text(), scopes=DECODE_SCOPES, phases=DECODE_PHASES)
+        summarize_trace(tmp, 1, top=FLAGS.profile_top, hlo_text=compiled.as_text(), scopes=DECODE_SCOPES, phases=DECODE_PHASES)
     dev = jax.devices()[0]
     mem = (dev.memory_stats() or {}).get("peak_bytes_in_use", 0)
     impl = label + (f" (unroll {FLAGS.decode_unroll})" if FLAGS.decode_unroll > 1 else "")

@@ -22,8 +22,9 @@ both float32 accumulators combined in registers: one launch instead of two GEMMs
 Backends (``implementation=``):
 
 * ``"xla"``: the reference -- dequantise to float32 and ``einsum`` (any platform, any shape).
-* ``"pallas"``: a Pallas Triton kernel on GPUs of compute capability >= 8.9 (E4M3 casts): grid ``(G, N / bn)``,
-  a loop over the K blocks; needs ``K`` and ``N`` multiples of 128 and ``M <= 64`` (decode-sized: x's rows are
+* ``"pallas"``: a Pallas Triton kernel on GPUs of compute capability >= 8.9 (E4M3 casts): grid
+  ``(G, N / bn, S)``, a loop over the K blocks of split S (split-K where ``G x N / bn`` would leave SMs idle, as for
+  a batch-1 projection: float32 partials, summed after; :func:`default_splits`); needs ``K`` and ``N`` multiples of 128 and ``M <= 64`` (decode-sized: x's rows are
   padded to a power of two >= 16, the smallest ``dot`` Triton takes). ``interpret=True`` runs it on the CPU.
 * ``"auto"``: Pallas where supported, XLA otherwise.
 
@@ -44,7 +45,7 @@ from jax import lax
 from pallas_kernels import hardware
 
 __all__ = ["fp8_weight_matmul", "fp8_weight_matmul_reference", "fp8_weight_swiglu", "fp8_weight_swiglu_reference",
-           "fp8_weight_kernel_supported", "fp8_weight_kernel_shapes_ok"]
+           "fp8_weight_kernel_supported", "fp8_weight_kernel_shapes_ok", "default_splits"]
 
 BLOCK = 128
 MAX_ROWS = 64
@@ -126,21 +127,25 @@ def _rows(m: int) -> int:
 TILE_N = BLOCK
 
 
-def _kernel(*refs, kb: int, bn: int, indexed: bool, swiglu: bool = False, mma_dtype=None):
-    """One program: x group ``g`` times output columns ``j*bn...`` of its weight (gate *and* up under ``swiglu``).
+def _kernel(*refs, kb: int, bn: int, indexed: bool, swiglu: bool = False, mma_dtype=None, splits: int = 1):
+    """One program: x group ``g`` times output columns ``j*bn...`` of its weight (gate *and* up under ``swiglu``),
+    over the K blocks of split ``program_id(2)`` (``kb`` of them).
     ``mma_dtype``: the type both operands are converted to for the MMA (default x's); float16 is a sweep option
     (E4M3 -> float16 is one conversion instruction per two values on sm_89+, E4M3 values are exact in float16, and
-    float16 keeps more of x's bits than bfloat16; but |x| must stay below 65504)."""
+    float16 keeps more of x's bits than bfloat16; but |x| must stay below 65504).
+    ``splits > 1`` (split-K): the program writes its float32 partial products (gate then up, under ``swiglu``)
+    to ``o [S, G, Mp, N or 2N]``; the caller sums the splits (and applies the SwiGLU)."""
     from jax.experimental import pallas as pl
 
     idx_ref, refs = (refs[0], refs[1:]) if indexed else (None, refs)
     x_ref, o_ref = refs[0], refs[-1]
     pairs = [(refs[1], refs[2])] + ([(refs[3], refs[4])] if swiglu else [])    # (weights, scales) per product
-    g, j = pl.program_id(0), pl.program_id(1)
+    g, j, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     e = idx_ref[g] if indexed else g                            # this program's weight in the stack
     nb = (j * bn) // BLOCK                                     # this program's block-scale column
 
-    def body(i, accs):
+    def body(t, accs):
+        i = sp * kb + t                                        # the K block
         xk = x_ref[g, :, pl.ds(i * BLOCK, BLOCK)]              # [Mp, 128] bf16
         if mma_dtype is not None:
             xk = xk.astype(mma_dtype)
@@ -152,33 +157,69 @@ def _kernel(*refs, kb: int, bn: int, indexed: bool, swiglu: bool = False, mma_dt
 
     zeros = jnp.zeros((x_ref.shape[1], bn), jnp.float32)
     accs = lax.fori_loop(0, kb, body, tuple(zeros for _ in pairs))
+    if splits > 1:
+        n = pairs[0][0].shape[2]
+        for h, acc in enumerate(accs):
+            o_ref[sp, g, :, pl.ds(h * n + j * bn, bn)] = acc
+        return
     y = accs[0] * jax.nn.sigmoid(accs[0]) * accs[1] if swiglu else accs[0]     # silu(gate) * up, in float32
     o_ref[g, :, pl.ds(j * bn, bn)] = y.astype(o_ref.dtype)
 
 
+# Programs the grid should have at least (split-K below it): one per SM of an H100/H200. At batch 1 a plain projection
+# has N/128 programs (8 for a 1024-wide output) that each stream all of K; session 15's decode profile on an H200
+# had such kernels at 0.3 TB/s, slower than XLA's BF16 matrix-vector products.
+MIN_PROGRAMS = 132
+
+
+def default_splits(g: int, n: int, k: int, bn: int = TILE_N, min_programs: int = MIN_PROGRAMS) -> int:
+    """Split-K factor for ``x [G, M, K] @ w [., K, N]``: 1 when the ``G x N/bn`` grid already has ``min_programs``
+    programs, else the smallest divisor of ``K/128`` that brings it there (all of ``K/128`` if none does)."""
+    programs, kb = g * (n // bn), k // BLOCK
+    if programs >= min_programs:
+        return 1
+    for d in range(1, kb + 1):
+        if kb % d == 0 and programs * d >= min_programs:
+            return d
+    return kb
+
+
 def _pallas(x, wq, s, index=None, *, interpret: bool, bn: int = TILE_N, num_warps: int = 4, num_stages: int = 3,
-            up: tuple[jax.Array, jax.Array] | None = None, mma_dtype=None):
-    """The Pallas call; ``bn`` (output columns per program), ``num_warps``, ``num_stages`` and ``mma_dtype`` (see
-    ``_kernel``) are what a sweep may override. ``up = (uq, us)``: the fused SwiGLU (``wq, s`` the gate)."""
+            up: tuple[jax.Array, jax.Array] | None = None, mma_dtype=None, splits: int | None = None):
+    """The Pallas call; ``bn`` (output columns per program), ``num_warps``, ``num_stages``, ``mma_dtype`` (see
+    ``_kernel``) and ``splits`` (split-K factor, a divisor of K/128; default :func:`default_splits`) are what a
+    sweep may override. ``up = (uq, us)``: the fused SwiGLU (``wq, s`` the gate)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
     g, m, k = x.shape
     n = wq.shape[2]
+    kb = k // BLOCK
+    splits = default_splits(g, n, k, bn) if splits is None else splits
+    if splits < 1 or kb % splits:
+        raise ValueError(f"fp8_weight_matmul: splits={splits} must divide K/128 = {kb}")
     mp = _rows(m)
     if mp != m:
         x = jnp.pad(x, ((0, 0), (0, mp - m), (0, 0)))
+    parts = 2 if up is not None else 1
+    out_shape = ((g, mp, n), x.dtype) if splits == 1 else ((splits, g, mp, parts * n), jnp.float32)
     call = pl.pallas_call(
-        functools.partial(_kernel, kb=k // BLOCK, bn=bn, indexed=index is not None, swiglu=up is not None,
-                          mma_dtype=mma_dtype),
-        grid=(g, n // bn),
-        out_shape=jax.ShapeDtypeStruct((g, mp, n), x.dtype),
+        functools.partial(_kernel, kb=kb // splits, bn=bn, indexed=index is not None, swiglu=up is not None,
+                          mma_dtype=mma_dtype, splits=splits),
+        grid=(g, n // bn, splits),
+        out_shape=jax.ShapeDtypeStruct(*out_shape),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
     )
     lead = () if index is None else (index.astype(jnp.int32),)
     extra = () if up is None else (up[0], up[1].astype(jnp.float32))
-    return call(*lead, x, wq, s.astype(jnp.float32), *extra)[:, :m]
+    out = call(*lead, x, wq, s.astype(jnp.float32), *extra)
+    if splits > 1:                                              # the split-K partial sums, added here (XLA fuses
+        out = out.sum(0)                                        # this into one small reduction)
+        if up is not None:
+            out = jax.nn.silu(out[..., :n]) * out[..., n:]
+        out = out.astype(x.dtype)
+    return out[:, :m]
 
 
 def fp8_weight_matmul(x: jax.Array, wq: jax.Array, s: jax.Array, index: jax.Array | None = None, *,

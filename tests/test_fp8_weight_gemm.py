@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import fp8_weight_matmul, fp8_weight_swiglu
-from pallas_kernels.fp8_weight_gemm import _pallas, fp8_weight_kernel_shapes_ok
+from pallas_kernels.fp8_weight_gemm import _pallas, default_splits, fp8_weight_kernel_shapes_ok
 
 BF16_TOL = 5e-3     # bf16 output rounding (2^-8 relative) over exact E4M3 products accumulated in float32
 
@@ -77,6 +77,37 @@ def test_fp8_weight_matmul_block_scales_vary_along_k():
     s = jnp.asarray([[[1.0], [1e-3], [10.0]]], jnp.float32)
     out = fp8_weight_matmul(x, wq, s, implementation="pallas", interpret=True)
     assert _rel(out, _oracle(x, wq, s, None)) < BF16_TOL
+
+
+@pytest.mark.parametrize("swiglu", [False, True])
+@pytest.mark.parametrize("splits", [1, 2, 4])
+def test_fp8_weight_kernel_split_k(splits, swiglu):
+    """Split-K (float32 partial products per K range, summed after; the SwiGLU applied after the sum) meets the
+    oracle's bound at every split factor, with an index picking the weights; a factor not dividing K/128 is an
+    error."""
+    x, wq, s, index = _case(3, 5, 512, 256, 4)
+    if swiglu:
+        _, uq, us, _ = _case(3, 5, 512, 256, 4, seed=1)
+        out = _pallas(x, wq, s, index, interpret=True, up=(uq, us), splits=splits)
+        want = _swiglu_oracle(x, wq, s, uq, us, index)
+    else:
+        out = _pallas(x, wq, s, index, interpret=True, splits=splits)
+        want = _oracle(x, wq, s, index)
+    assert out.shape == (3, 5, 256) and out.dtype == x.dtype
+    assert _rel(out, want) < BF16_TOL
+    with pytest.raises(ValueError, match="must divide K/128"):
+        _pallas(x, wq, s, index, interpret=True, splits=3)
+
+
+def test_fp8_weight_kernel_default_splits():
+    """Split-K only where the grid would leave SMs idle: a batch-1 projection (8 column tiles) splits its K blocks
+    until >= 132 programs; the batch-32 expert GEMMs (64 x 4 tiles) do not split."""
+    assert default_splits(1, 1024, 1024) == 8              # o_proj-like: 8 programs x 8 splits (all of K/128)
+    assert default_splits(6, 512, 1024) == 8               # gathered experts at batch 1: 24 x 8 = 192
+    assert default_splits(6, 1024, 512) == 4               # their down projection: 48 x 4 = 192 (4 = all of K/128)
+    assert default_splits(1, 1024, 2816) == 22             # 8 x 22: 22 = K/128 (divisors 1, 2, 11, 22)
+    assert default_splits(64, 512, 1024) == 1              # 256 programs already
+    assert default_splits(22, 128, 128) == 1               # one K block: nothing to split
 
 
 def test_fp8_weight_kernel_float16_mma_option():
