@@ -11,6 +11,17 @@ every sample is written at cache slot ``P + i`` with position ``len_b + i``. The
 
 ``generate`` (Python) pads and buckets the prompts and calls :func:`generate_tokens` (pure, jitted once per
 ``(batch, bucket, sampling config)``): repeated calls with prompts in the same bucket do not recompile.
+
+On a device mesh (``generate(..., plan=plan)``, or :func:`jit_generate` for the pure function): the same generator,
+jitted with explicit layouts and traced under the plan. The model state is laid out by the rules table
+(:func:`dsjax.sharding.param_shardings`), prompts, lengths, keys, the latent cache and every output by rows over the
+batch axes (data x fsdp x expert), so each device prefills and decodes its own rows; MoE blocks run expert-parallel
+(all-to-all over ``expert``), the absorbed attention per device in a ``shard_map`` (where the Pallas decode kernel
+may run), the rest as XLA partitions it (tensor-split heads, vocabulary, FFN). B must split evenly over the batch
+axes: :func:`generate` pads it (repeating the last prompt), :func:`jit_generate` raises a ``ConfigError``. Greedy
+tokens equal one device's; log-probs agree to float32 summation order. With ``mesh.capacity_factor`` set, the
+expert-parallel dispatch may drop (token, expert) pairs as in training; keep it ``None`` (the default) for exact
+decoding. Without a plan nothing of this runs: the single-device program is unchanged.
 """
 
 from __future__ import annotations
@@ -95,9 +106,14 @@ def _stop_ids(model_cfg, cfg: SamplingConfig) -> tuple[int, ...]:
     return tuple(sorted(set(ids)))
 
 
-def _generate_tokens(graphdef: Any, state: Any, prompts: jax.Array, prompt_lengths: jax.Array, keys: jax.Array, *,
-                     cfg: SamplingConfig, pad_id: int = 0) -> GenerateOutput:
-    """The body of :func:`generate_tokens` (traced by it, and by :func:`jit_generate` under a plan)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "pad_id"))
+def generate_tokens(graphdef: Any, state: Any, prompts: jax.Array, prompt_lengths: jax.Array, keys: jax.Array, *,
+                    cfg: SamplingConfig, pad_id: int = 0) -> GenerateOutput:
+    """Pure generator: ``prompts [B, P]`` (left-padded), ``prompt_lengths [B]``, ``keys [B]`` -> :class:`GenerateOutput`.
+
+    ``graphdef, state = nnx.split(model)``. Sample b's i-th token uses ``jax.random.fold_in(keys[b], i)``. One device
+    (or arrays whose layout ``jax.jit`` infers); :func:`jit_generate` is the same generator laid out on a mesh.
+    """
     model = nnx.merge(graphdef, state)
     mcfg = model.cfg
     b, p = prompts.shape
@@ -148,14 +164,6 @@ def _generate_tokens(graphdef: Any, state: Any, prompts: jax.Array, prompt_lengt
                           prompt_lengths=prompt_lengths.astype(jnp.int32))
 
 
-generate_tokens = jax.jit(_generate_tokens, static_argnames=("graphdef", "cfg", "pad_id"))
-generate_tokens.__doc__ = """Pure generator: ``prompts [B, P]`` (left-padded), ``prompt_lengths [B]``, ``keys [B]`` ->
-:class:`GenerateOutput` (one device; :func:`jit_generate` for a mesh).
-
-``generate_tokens(graphdef, state, prompts, prompt_lengths, keys, *, cfg, pad_id=0)`` with
-``graphdef, state = nnx.split(model)``. Sample b's i-th token uses ``jax.random.fold_in(keys[b], i)``.
-"""
-
 #: Logical axes of :class:`GenerateOutput`'s arrays on a mesh: rows over the batch axes.
 OUTPUT_AXES = GenerateOutput(tokens=("batch", None), lengths=("batch",), logprobs=("batch", None),
                              prompt_lengths=("batch",))
@@ -175,8 +183,8 @@ def jit_generate(plan: Plan, graphdef: Any, state: Any, *, sampling: SamplingCon
     float32 summation order. ``state`` may be abstract (only its structure and ``logical_axes`` are read); the
     jitted function is cached per (plan, graphdef, sampling, pad_id, state layout).
     """
-    fn = functools.partial(_generate_tokens, graphdef, cfg=sampling, pad_id=pad_id)
-    return sharded_generator("generate", fn, plan, state, OUTPUT_AXES, (graphdef, sampling, pad_id))
+    fn = functools.partial(generate_tokens.__wrapped__, graphdef, cfg=sampling, pad_id=pad_id)
+    return sharded_generator("generate_tokens", fn, plan, state, OUTPUT_AXES, (graphdef, sampling, pad_id))
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], bucket: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -92,7 +92,11 @@ def sharded_generator(name: str, fn: Callable, plan: Plan, state: Any, out_axes:
     cache_key = (name, plan, key, treedef, tuple(leaves))
     gen = _CACHE.get(cache_key)
     if gen is None:
-        jitted = jax.jit(plan.wrap(fn), in_shardings=(state_sh, *(plan.sharding(a) for a in BATCH_INPUT_AXES)),
+        def run(state, prompts, prompt_lengths, keys):
+            return fn(state, prompts, prompt_lengths, keys)
+
+        run.__name__ = name                                      # the compiled module's name, as on one device
+        jitted = jax.jit(plan.wrap(run), in_shardings=(state_sh, *(plan.sharding(a) for a in BATCH_INPUT_AXES)),
                          out_shardings=tree_shardings(plan, out_axes))
         gen = ShardedGenerator(jitted=jitted, plan=plan, name=name)
         if len(_CACHE) >= _CACHE_SIZE:

@@ -39,6 +39,10 @@ draft; with k drafts, draft j's verification and the next draft j take 2 + 2j an
 
 ``logprobs`` are those of :func:`~dsjax.inference.sample_tokens`: ``log softmax(logits / temperature)`` of the main
 model at each generated token (``log softmax(logits)`` when greedy).
+
+On a device mesh (``speculative_generate(..., plan=plan)`` or :func:`jit_speculative_generate`): laid out as
+:mod:`dsjax.inference.generate` describes (both latent caches, the main and the MTP one, split by rows; the forward
+count replicated); greedy output equals plain greedy decoding's, as on one device.
 """
 
 from __future__ import annotations
@@ -118,11 +122,13 @@ def _key_id(kind: str, j: int) -> int:
     return base if j == 0 else 2 + 2 * j + (kind == "draft")
 
 
-def _speculative_generate_tokens(graphdef: Any, state: Any, prompts: jax.Array, prompt_lengths: jax.Array,
-                                 keys: jax.Array | None = None, *, cfg: SamplingConfig,
-                                 pad_id: int = 0, draft_tokens: int = 1) -> SpeculativeOutput:
-    """The body of :func:`speculative_generate_tokens` (traced by it, and by :func:`jit_speculative_generate` under
-    a plan)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "pad_id", "draft_tokens"))
+def speculative_generate_tokens(graphdef: Any, state: Any, prompts: jax.Array, prompt_lengths: jax.Array,
+                                keys: jax.Array | None = None, *, cfg: SamplingConfig,
+                                pad_id: int = 0, draft_tokens: int = 1) -> SpeculativeOutput:
+    """Pure speculative generator (see the module docstring); ``prompts [B, P]`` left-padded, ``keys [B]`` one PRNG
+    key per row (needed unless ``cfg`` is greedy); ``draft_tokens`` (k) drafts per verification forward.
+    :func:`jit_speculative_generate` is the same generator laid out on a mesh."""
     greedy = cfg.greedy
     k = draft_tokens
     if not isinstance(k, int) or k < 1:
@@ -252,13 +258,6 @@ def _speculative_generate_tokens(graphdef: Any, state: Any, prompts: jax.Array, 
                              accepted_by_depth=accepted, main_forwards=steps)
 
 
-speculative_generate_tokens = jax.jit(_speculative_generate_tokens,
-                                      static_argnames=("graphdef", "cfg", "pad_id", "draft_tokens"))
-speculative_generate_tokens.__doc__ = """Pure speculative generator (see the module docstring), one device
-(:func:`jit_speculative_generate` for a mesh): ``speculative_generate_tokens(graphdef, state, prompts,
-prompt_lengths, keys=None, *, cfg, pad_id=0, draft_tokens=1)``; ``prompts [B, P]`` left-padded, ``keys [B]`` one PRNG
-key per row (needed unless ``cfg`` is greedy); ``draft_tokens`` (k) drafts per verification forward."""
-
 #: Logical axes of :class:`SpeculativeOutput`'s arrays on a mesh: rows over the batch axes, the forward count
 #: replicated.
 SPECULATIVE_OUTPUT_AXES = SpeculativeOutput(output=OUTPUT_AXES, drafts=("batch",), accepted=("batch",),
@@ -270,11 +269,11 @@ def jit_speculative_generate(plan: Plan, graphdef: Any, state: Any, *, sampling:
     """:func:`speculative_generate_tokens` jitted for a device mesh, as :func:`~dsjax.inference.jit_generate` is
     for :func:`~dsjax.inference.generate_tokens`: ``gen(state, prompts, prompt_lengths, keys) -> SpeculativeOutput``
     with the state laid out per the rules table and rows (inputs, both latent caches, outputs) split over the batch
-    axes; ``main_forwards`` comes back replicated. ``keys [B]`` are required (unused when greedy). Greedy: the same
-    tokens, acceptance counts and forwards as on one device."""
-    fn = functools.partial(_speculative_generate_tokens, graphdef, cfg=sampling, pad_id=pad_id,
+    axes; ``main_forwards`` comes back replicated. ``keys [B]`` are required (unused when greedy). Greedy: the
+    tokens of plain greedy decoding, as on one device."""
+    fn = functools.partial(speculative_generate_tokens.__wrapped__, graphdef, cfg=sampling, pad_id=pad_id,
                            draft_tokens=draft_tokens)
-    return sharded_generator("speculative_generate", fn, plan, state, SPECULATIVE_OUTPUT_AXES,
+    return sharded_generator("speculative_generate_tokens", fn, plan, state, SPECULATIVE_OUTPUT_AXES,
                              (graphdef, sampling, pad_id, draft_tokens))
 
 
