@@ -223,6 +223,6 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, key: jax.A
         return generate_tokens(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), keys, cfg=cfg,
                                pad_id=pad_id)
     gen = jit_generate(plan, graphdef, state, sampling=cfg, pad_id=pad_id)
-    out = gen(*prepare(plan, state, tokens, lengths, keys))
+    out = gen(*prepare(plan, model.cfg, state, tokens, lengths, keys))
     b = len(prompts)
     return out if out.tokens.shape[0] == b else jax.tree.map(lambda x: x[:b], out)

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsjax.configs import ConfigError
-from dsjax.sharding import Plan, param_shardings, shard_params, tree_shardings
+from dsjax.configs import ConfigError, ModelConfig
+from dsjax.sharding import Plan, param_shardings, shard_params, tree_shardings, validate
 
 __all__ = ["check_batch", "ShardedGenerator", "sharded_generator", "pad_rows", "put_rows", "BATCH_INPUT_AXES"]
 
@@ -107,10 +107,13 @@ def sharded_generator(name: str, fn: Callable, plan: Plan, state: Any, out_axes:
     return gen
 
 
-def prepare(plan: Plan, state: Any, prompts: np.ndarray, prompt_lengths: np.ndarray, keys: jax.Array
-            ) -> tuple[Any, jax.Array, jax.Array, jax.Array]:
-    """For the ``plan=`` paths of ``generate`` / ``speculative_generate``: the state placed per the rules table, the
-    batch padded to a multiple of the batch divisor (:func:`pad_rows`) and split over the batch axes."""
+def prepare(plan: Plan, model_cfg: ModelConfig, state: Any, prompts: np.ndarray, prompt_lengths: np.ndarray,
+            keys: jax.Array) -> tuple[Any, jax.Array, jax.Array, jax.Array]:
+    """For the ``plan=`` paths of ``generate`` / ``speculative_generate``: the model checked against the mesh
+    (:func:`dsjax.sharding.validate`: heads, experts, every weight dimension, with a clear error), its state placed per
+    the rules table, the batch padded to a multiple of the batch divisor (:func:`pad_rows`) and split over the batch
+    axes."""
+    validate(model_cfg, plan, state=state)
     prompts, prompt_lengths, keys = pad_rows(len(prompts), plan, jnp.asarray(prompts), jnp.asarray(prompt_lengths),
                                              keys)
     return (shard_params(state, plan), *put_rows(plan, prompts, prompt_lengths, keys))

@@ -294,7 +294,7 @@ def speculative_generate(model: Transformer, prompts: Sequence[Sequence[int]], *
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(len(prompts)))
     if plan is not None:
         gen = jit_speculative_generate(plan, graphdef, state, sampling=cfg, pad_id=pad_id, draft_tokens=draft_tokens)
-        out = gen(*prepare(plan, state, tokens, lengths, keys))
+        out = gen(*prepare(plan, model.cfg, state, tokens, lengths, keys))
         b = len(prompts)
         if out.drafts.shape[0] == b:
             return out
