@@ -5,7 +5,7 @@
     python -m experiments.generate --checkpoint=workdirs/small --jsonl=prompts.jsonl --out=completions.jsonl
     python -m experiments.generate --checkpoint=workdirs/small --prompt="Q: 12+30=?" --speculative   # MTP drafts
     python -m experiments.generate --checkpoint=/models/DeepSeek-V2-Lite --jsonl=p.jsonl --set mesh.expert=4 \
-        --set mesh.data=-1                                              # on a device mesh, as experiments.train takes it
+        --set mesh.data=-1                                    # on a device mesh, flags as experiments.train takes them
 
 The tokenizer comes from the workdir's config (``data.tokenizer``) or the HF folder's ``tokenizer.json``
 (``--tokenizer`` overrides). JSONL mode reads one object per line with a ``prompt`` field and writes the prompt,

@@ -8,7 +8,6 @@ decode kernel takes its shapes. Tolerance on log-probs: 1e-5 absolute (float32; 
 expert-parallel combine and the tensor-split partial sums; measured <= 5e-7).
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 import dsjax
 from dsjax.configs import ConfigError
-from dsjax.inference import (OUTPUT_AXES, SamplingConfig, jit_generate, pad_prompts, speculative_generate)
+from dsjax.inference import OUTPUT_AXES, SamplingConfig, jit_generate, pad_prompts, speculative_generate
 from dsjax.model import LatentCache, cache_shardings
 from dsjax.sharding import LOGICAL_AXES, MESH_AXES, MeshConfig, Plan, make_plan, make_rules, shard_params, use_plan
 
