@@ -6,7 +6,8 @@ Public surface (notebooks and the README use only this):
 * ``dsjax.Transformer(cfg, rngs=nnx.Rngs(0))`` -- the model; ``model(input_ids)`` returns a ``ModelOutput``.
 * ``dsjax.count_params(cfg)`` / ``dsjax.format_param_table(cfg)`` -- parameter accounting without allocation.
 * ``dsjax.load_hf(path)`` / ``dsjax.save_hf(model, cfg, path)`` -- hub-layout safetensors checkpoints (FP8 too).
-* ``dsjax.generate(model, prompts, sampling=dsjax.SamplingConfig(...))`` -- batched decoding on the latent cache.
+* ``dsjax.generate(model, prompts, sampling=dsjax.SamplingConfig(...))`` -- batched decoding on the latent cache
+  (``plan=`` a ``dsjax.sharding.Plan``: on a device mesh).
 * ``dsjax.sharding`` / ``dsjax.MeshConfig`` -- device meshes, the logical-axis rules table and sharding plans.
 """
 

@@ -45,7 +45,7 @@ from dsjax.configs import ConfigError, ModelConfig
 __all__ = ["LOGICAL_AXES", "MESH_AXES", "DEFAULT_RULES", "RULE_PRESETS", "EP_DISPATCH", "MeshConfig", "Plan",
            "make_rules", "make_mesh", "make_plan", "use_plan", "current_plan", "constrain", "validate",
            "logical_to_spec", "param_partition_specs", "flat_param_specs", "sharding_fn", "shard_shape",
-           "BATCH_AXES"]
+           "BATCH_AXES", "tree_shardings", "param_shardings", "shard_params", "map_shards"]
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 #: Mesh axes that split the batch (every one of them sees different tokens).
@@ -74,6 +74,11 @@ LOGICAL_AXES: dict[str, str] = {
     "expert_gate": "routed experts E in the router (kept replicated: tiny, float32)",
     "norm": "RMSNorm scale vectors",
     "layers": "stacked layers of a scanned stack",
+    # the latent KV cache (dsjax.model.cache.LatentCache; its batch axis is "batch")
+    "cache_layers": "decoder layers L of a latent cache",
+    "cache_seq": "cache slots T of a latent cache",
+    "cache_kv_lora": "kv_lora_rank R of the cached latents c_kv",
+    "cache_rope": "qk_rope_head_dim P of the cached rope keys k_rot",
     # activations
     "batch": "sequences of a batch (and the flattened tokens B*S inside MoE blocks)",
     "seq": "positions of a sequence",
@@ -228,6 +233,10 @@ class Plan:
     rules: Mapping[str, Any]
     config: MeshConfig
 
+    def __hash__(self) -> int:
+        # rules is a dict: hash its items, so that a plan can key caches of compiled functions (equal plans, one key)
+        return hash((self.mesh, tuple(sorted(self.rules.items())), self.config))
+
     def spec(self, axes: Sequence[str | None]) -> PartitionSpec:
         return logical_to_spec(tuple(axes), self.rules)
 
@@ -360,6 +369,47 @@ def shard_shape(shape: Sequence[int], spec: PartitionSpec, axis_sizes: Mapping[s
         names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
         out.append(-(-n // math.prod(axis_sizes[a] for a in names)) if names else n)
     return tuple(out)
+
+
+def tree_shardings(plan: Plan, axes_tree: Any) -> Any:
+    """A tree of ``NamedSharding`` from a tree whose leaves are tuples of logical axis names (one per array axis;
+    ``()`` = replicated), e.g. :meth:`dsjax.model.LatentCache.logical_axes`."""
+    return jax.tree.map(plan.sharding, axes_tree, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def param_shardings(state: nnx.State, plan: Plan) -> Any:
+    """A tree of ``NamedSharding`` matching ``state`` (an ``nnx.State``, abstract or concrete): every variable by its
+    ``logical_axes`` through the plan's rules (:func:`param_partition_specs`), the rest replicated."""
+    return jax.tree.map(lambda s: NamedSharding(plan.mesh, s), param_partition_specs(state, plan.rules),
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def shard_params(state: nnx.State, plan: Plan) -> nnx.State:
+    """``state`` placed on the plan's mesh as :func:`param_shardings` says (arrays already laid out that way are not
+    copied). For a model larger than one device, create or load it sharded instead (``dsjax.load_hf(plan=...)``,
+    ``jit(..., out_shardings=param_shardings(...))``)."""
+    return jax.device_put(state, param_shardings(state, plan))
+
+
+def map_shards(fn: Callable, in_axes: Sequence[Sequence[str | None] | None],
+               out_axes: Sequence[str | None] | list[Sequence[str | None]], *, check_vma: bool = True) -> Callable:
+    """``fn`` run on each device's shards under the active plan (``jax.shard_map``, specs from logical axes); ``fn``
+    itself, untouched, without a plan.
+
+    For custom calls XLA's partitioner cannot split (Pallas kernels): inside, ``fn`` sees per-device blocks, e.g.
+    ``[B / batch devices, ...]``. ``in_axes``: one tuple of logical names per positional argument (``None`` or a
+    ``None`` entry: not split, i.e. gathered if the argument arrives split); ``out_axes``: the output's tuple, or a
+    list of tuples for a tuple of outputs. An output axis left unsplit must hold the same values on every device.
+    """
+    plan = current_plan()
+    if plan is None:
+        return fn
+
+    def spec(axes):
+        return PartitionSpec() if axes is None else plan.spec(axes)
+
+    outs = tuple(map(spec, out_axes)) if isinstance(out_axes, list) else spec(out_axes)
+    return jax.shard_map(fn, mesh=plan.mesh, in_specs=tuple(map(spec, in_axes)), out_specs=outs, check_vma=check_vma)
 
 
 # ------------------------------------------------------------------------------------------------ validation

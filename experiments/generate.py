@@ -4,10 +4,17 @@
     python -m experiments.generate --checkpoint=/models/DeepSeek-V2-Lite --prompt="Hello" --temperature=0.7 --top_p=0.9
     python -m experiments.generate --checkpoint=workdirs/small --jsonl=prompts.jsonl --out=completions.jsonl
     python -m experiments.generate --checkpoint=workdirs/small --prompt="Q: 12+30=?" --speculative   # MTP drafts
+    python -m experiments.generate --checkpoint=/models/DeepSeek-V2-Lite --jsonl=p.jsonl --set mesh.expert=4 \
+        --set mesh.data=-1                                    # on a device mesh, flags as experiments.train takes them
 
 The tokenizer comes from the workdir's config (``data.tokenizer``) or the HF folder's ``tokenizer.json``
 (``--tokenizer`` overrides). JSONL mode reads one object per line with a ``prompt`` field and writes the prompt,
 the completion, the number of generated tokens and their summed log-probability.
+
+``--set mesh.<axis>=n`` (repeatable; ``data``, ``fsdp``, ``expert``, ``tensor``, ``rules``, ...: the ``mesh`` fields
+of ``experiments.train``) generates on a device mesh (``dsjax.generate(..., plan=...)``): the weights laid out by the
+rules table (an HF folder is placed on the mesh as it is read), each batch's rows split over data x fsdp x expert
+(padded to a multiple of it). ``--num_cpu_devices`` fakes CPU devices to try a mesh without accelerators.
 """
 
 from __future__ import annotations
@@ -33,12 +40,29 @@ flags.DEFINE_integer("batch_size", 32, "Prompts per generate call in batch mode.
 flags.DEFINE_bool("speculative", False, "MTP self-speculative decoding (needs an MTP module): greedy with "
                   "--temperature=0, else speculative sampling (same output distribution as plain sampling).")
 flags.DEFINE_string("dtype", "bfloat16", "Parameter/compute dtype for HF folders.")
+flags.DEFINE_multi_string("set", [], "Device mesh, as experiments.train takes it: --set mesh.expert=4 --set "
+                          "mesh.data=-1 (repeatable; only mesh.* fields). Default: one device.")
+flags.DEFINE_integer("num_cpu_devices", None, "CPU only: number of (fake) CPU devices, for trying meshes without "
+                     "accelerators.")
 flags.DEFINE_bool("keep_fp8", False, "HF folders: keep the MLA, MLP and expert weights in FP8 with their 128x128 "
                   "block scales (as DeepSeek-V3's checkpoints ship them; BF16 ones are quantised on load), "
                   "dequantised on the fly: about half the weight memory.")
 
 
-def load(checkpoint: str, tokenizer: str | None):
+def mesh_plan(overrides: list[str]):
+    """The :class:`dsjax.sharding.Plan` of ``--set mesh.*`` overrides (typed and validated as experiments.train does
+    them), or None for one device."""
+    from dsjax.sharding import make_plan
+    from dsjax.train import config as tc
+
+    bad = [o for o in overrides if not o.strip().startswith("mesh.")]
+    if bad:
+        raise app.UsageError(f"--set {bad[0]!r}: generation takes only mesh.* fields (e.g. --set mesh.expert=2); "
+                             f"sampling has its own flags")
+    return make_plan(tc.apply_overrides(tc.tiny(), overrides).mesh) if overrides else None
+
+
+def load(checkpoint: str, tokenizer: str | None, plan=None):
     import jax.numpy as jnp
 
     import dsjax
@@ -54,7 +78,7 @@ def load(checkpoint: str, tokenizer: str | None):
         cfg, model = load_params_from_workdir(path)
         tok_spec = tokenizer or cfg.data.tokenizer
     elif (path / "config.json").exists():
-        model = dsjax.load_hf(path, dtype=jnp.dtype(FLAGS.dtype), keep_fp8=FLAGS.keep_fp8)
+        model = dsjax.load_hf(path, dtype=jnp.dtype(FLAGS.dtype), keep_fp8=FLAGS.keep_fp8, plan=plan)
         tok_spec = tokenizer or str(path / "tokenizer.json")
     else:
         raise app.UsageError(f"--checkpoint={checkpoint}: neither a dsjax workdir (checkpoints/) nor an HF folder "
@@ -70,10 +94,19 @@ def main(argv):
         raise app.UsageError("give --prompt (one or more) or --jsonl")
     import jax
 
+    if FLAGS.num_cpu_devices:
+        jax.config.update("jax_num_cpu_devices", FLAGS.num_cpu_devices)
+    from flax import nnx
+
     import dsjax
     from dsjax.inference import speculative_generate
+    from dsjax.sharding import shard_params, validate
 
-    model, tok = load(FLAGS.checkpoint, FLAGS.tokenizer)
+    plan = mesh_plan(FLAGS.set)
+    model, tok = load(FLAGS.checkpoint, FLAGS.tokenizer, plan)
+    if plan is not None:
+        validate(model.cfg, plan, state=nnx.state(model))   # heads, experts, every weight dimension vs the mesh
+        nnx.update(model, shard_params(nnx.state(model), plan))   # once (a workdir loads on one device)
     sampling = dsjax.SamplingConfig(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                                     top_k=FLAGS.top_k, top_p=FLAGS.top_p)
 
@@ -85,11 +118,11 @@ def main(argv):
         prompts = [encode(t) for t in texts]
         t0 = time.perf_counter()
         if FLAGS.speculative:
-            spec = speculative_generate(model, prompts, sampling=sampling,
+            spec = speculative_generate(model, prompts, sampling=sampling, plan=plan,
                                         key=jax.random.fold_in(jax.random.key(FLAGS.seed), batch_index))
             out, extra = spec.output, f", MTP draft acceptance {spec.acceptance_rate:.1%}"
         else:
-            out = dsjax.generate(model, prompts, sampling=sampling,
+            out = dsjax.generate(model, prompts, sampling=sampling, plan=plan,
                                  key=jax.random.fold_in(jax.random.key(FLAGS.seed), batch_index))
             extra = ""
         ids = out.to_lists()

@@ -188,7 +188,9 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.bfloat16, compute_dtype=None, 
     specs = {p: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype) for p, v in flat}
     if sharding_fn is None and plan is not None:
         from dsjax.sharding import sharding_fn as plan_sharding_fn
+        from dsjax.sharding import validate
 
+        validate(cfg, plan, state=abstract_state)   # heads, experts, every weight dimension: a clear error up front
         sharding_fn = plan_sharding_fn(plan)
     shardings = {p: sharding_fn(p, v) for p, v in flat} if sharding_fn is not None else {}
     rules = leaf_rules(cfg, {p: s.shape for p, s in specs.items()})

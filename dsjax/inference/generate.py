@@ -11,6 +11,17 @@ every sample is written at cache slot ``P + i`` with position ``len_b + i``. The
 
 ``generate`` (Python) pads and buckets the prompts and calls :func:`generate_tokens` (pure, jitted once per
 ``(batch, bucket, sampling config)``): repeated calls with prompts in the same bucket do not recompile.
+
+On a device mesh (``generate(..., plan=plan)``, or :func:`jit_generate` for the pure function): the same generator,
+jitted with explicit layouts and traced under the plan. The model state is laid out by the rules table
+(:func:`dsjax.sharding.param_shardings`), prompts, lengths, keys, the latent cache and every output by rows over the
+batch axes (data x fsdp x expert), so each device prefills and decodes its own rows; MoE blocks run expert-parallel
+(all-to-all over ``expert``), the absorbed attention per device in a ``shard_map`` (where the Pallas decode kernel
+may run), the rest as XLA partitions it (tensor-split heads, vocabulary, FFN). B must split evenly over the batch
+axes: :func:`generate` pads it (repeating the last prompt), :func:`jit_generate` raises a ``ConfigError``. Greedy
+tokens equal one device's; log-probs agree to float32 summation order. With ``mesh.capacity_factor`` set, the
+expert-parallel dispatch may drop (token, expert) pairs as in training; keep it ``None`` (the default) for exact
+decoding. Without a plan nothing of this runs: the single-device program is unchanged.
 """
 
 from __future__ import annotations
@@ -25,9 +36,12 @@ import numpy as np
 from flax import nnx
 
 from dsjax.inference.sampling import SamplingConfig, sample_tokens
-from dsjax.model import LatentCache, Transformer, init_cache, padded_cache_length, unstack_layers
+from dsjax.inference.sharded import ShardedGenerator, prepare, sharded_generator
+from dsjax.model import LatentCache, Transformer, constrain_cache, init_cache, padded_cache_length, unstack_layers
+from dsjax.sharding import Plan
 
-__all__ = ["GenerateOutput", "generate", "generate_tokens", "prefill", "decode_step", "pad_prompts"]
+__all__ = ["GenerateOutput", "generate", "generate_tokens", "jit_generate", "prefill", "decode_step", "pad_prompts",
+           "OUTPUT_AXES"]
 
 
 @jax.tree_util.register_dataclass
@@ -97,14 +111,15 @@ def generate_tokens(graphdef: Any, state: Any, prompts: jax.Array, prompt_length
                     cfg: SamplingConfig, pad_id: int = 0) -> GenerateOutput:
     """Pure generator: ``prompts [B, P]`` (left-padded), ``prompt_lengths [B]``, ``keys [B]`` -> :class:`GenerateOutput`.
 
-    ``graphdef, state = nnx.split(model)``. Sample b's i-th token uses ``jax.random.fold_in(keys[b], i)``.
+    ``graphdef, state = nnx.split(model)``. Sample b's i-th token uses ``jax.random.fold_in(keys[b], i)``. One device
+    (or arrays whose layout ``jax.jit`` infers); :func:`jit_generate` is the same generator laid out on a mesh.
     """
     model = nnx.merge(graphdef, state)
     mcfg = model.cfg
     b, p = prompts.shape
     n = cfg.max_new_tokens
     stops = jnp.asarray(_stop_ids(mcfg, cfg) or (-1,), jnp.int32)
-    cache = init_cache(mcfg, b, padded_cache_length(p + n))
+    cache = constrain_cache(init_cache(mcfg, b, padded_cache_length(p + n)))   # rows over the batch axes (a plan)
     with jax.named_scope("prefill"):
         logits, cache = prefill(model, prompts, prompt_lengths, cache, chunk=cfg.prefill_chunk)
     step_keys = lambda i: jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
@@ -149,6 +164,29 @@ def generate_tokens(graphdef: Any, state: Any, prompts: jax.Array, prompt_length
                           prompt_lengths=prompt_lengths.astype(jnp.int32))
 
 
+#: Logical axes of :class:`GenerateOutput`'s arrays on a mesh: rows over the batch axes.
+OUTPUT_AXES = GenerateOutput(tokens=("batch", None), lengths=("batch",), logprobs=("batch", None),
+                             prompt_lengths=("batch",))
+
+
+def jit_generate(plan: Plan, graphdef: Any, state: Any, *, sampling: SamplingConfig, pad_id: int = 0
+                 ) -> ShardedGenerator:
+    """:func:`generate_tokens` jitted for a device mesh: returns ``gen(state, prompts, prompt_lengths, keys) ->
+    GenerateOutput``, the same generator with every array laid out on ``plan``.
+
+    In: ``state`` as :func:`dsjax.sharding.param_shardings` (``shard_params`` places it; ``load_hf(plan=...)`` and
+    sharded training produce it), ``prompts [B, P]``, ``prompt_lengths [B]`` and ``keys [B]`` split by rows over the
+    batch axes (data x fsdp x expert; B a multiple of ``plan.batch_size_divisor``, else a ``ConfigError``). Out: every
+    ``GenerateOutput`` array split by rows likewise (:data:`OUTPUT_AXES`). Inside, the latent cache is laid out by
+    rows too (:func:`dsjax.model.cache_shardings`), MoE blocks run expert-parallel and the absorbed attention runs
+    per device (``shard_map``). Greedy tokens equal :func:`generate_tokens`' on one device; log-probs agree to
+    float32 summation order. ``state`` may be abstract (only its structure and ``logical_axes`` are read); the
+    jitted function is cached per (plan, graphdef, sampling, pad_id, state layout).
+    """
+    fn = functools.partial(generate_tokens.__wrapped__, graphdef, cfg=sampling, pad_id=pad_id)
+    return sharded_generator("generate_tokens", fn, plan, state, OUTPUT_AXES, (graphdef, sampling, pad_id))
+
+
 def pad_prompts(prompts: Sequence[Sequence[int]], bucket: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Left-pads token lists to a common length rounded up to a multiple of ``bucket``: ``(tokens [B, P], lengths)``."""
     if not prompts or any(len(x) == 0 for x in prompts):
@@ -162,7 +200,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], bucket: int, pad_id: int = 0) 
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, key: jax.Array | None = None,
-             sampling: SamplingConfig | None = None, seed: int = 0) -> GenerateOutput:
+             sampling: SamplingConfig | None = None, seed: int = 0, plan: Plan | None = None) -> GenerateOutput:
     """Generates continuations of token-id prompts (batched, different lengths allowed).
 
     Args:
@@ -170,6 +208,10 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, key: jax.A
       prompts: B lists of token ids.
       key: a PRNG key; each sample gets ``fold_in(key, b)``. Default ``jax.random.key(seed)``.
       sampling: a :class:`SamplingConfig` (default: temperature 1, 64 new tokens).
+      plan: a :class:`~dsjax.sharding.Plan` (``make_plan(MeshConfig(...))``) to generate on its mesh
+        (:func:`jit_generate`): the model's variables are placed per the rules table (not copied if already so),
+        the rows split over the batch axes; B is padded to a multiple of ``plan.batch_size_divisor`` by repeating
+        the last prompt (its key too), and the padding rows are dropped from the output. ``None``: one device.
     """
     cfg = sampling or SamplingConfig()
     pad_id = model.cfg.pad_token_id if model.cfg.pad_token_id is not None else 0
@@ -177,4 +219,10 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, key: jax.A
     key = jax.random.key(seed) if key is None else key
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(len(prompts)))
     graphdef, state = nnx.split(model)
-    return generate_tokens(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), keys, cfg=cfg, pad_id=pad_id)
+    if plan is None:
+        return generate_tokens(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), keys, cfg=cfg,
+                               pad_id=pad_id)
+    gen = jit_generate(plan, graphdef, state, sampling=cfg, pad_id=pad_id)
+    out = gen(*prepare(plan, model.cfg, state, tokens, lengths, keys))
+    b = len(prompts)
+    return out if out.tokens.shape[0] == b else jax.tree.map(lambda x: x[:b], out)

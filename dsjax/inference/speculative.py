@@ -39,6 +39,10 @@ draft; with k drafts, draft j's verification and the next draft j take 2 + 2j an
 
 ``logprobs`` are those of :func:`~dsjax.inference.sample_tokens`: ``log softmax(logits / temperature)`` of the main
 model at each generated token (``log softmax(logits)`` when greedy).
+
+On a device mesh (``speculative_generate(..., plan=plan)`` or :func:`jit_speculative_generate`): laid out as
+:mod:`dsjax.inference.generate` describes (both latent caches, the main and the MTP one, split by rows; the forward
+count replicated); greedy output equals plain greedy decoding's, as on one device.
 """
 
 from __future__ import annotations
@@ -51,11 +55,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dsjax.inference.generate import GenerateOutput, _layout, _stop_ids, pad_prompts
+from dsjax.inference.generate import OUTPUT_AXES, GenerateOutput, _layout, _stop_ids, pad_prompts
 from dsjax.inference.sampling import SamplingConfig, _log_probs
-from dsjax.model import Transformer, init_cache, mtp_draft_step, padded_cache_length, unstack_layers
+from dsjax.inference.sharded import ShardedGenerator, prepare, sharded_generator
+from dsjax.model import (Transformer, constrain_cache, init_cache, mtp_draft_step, padded_cache_length,
+                         unstack_layers)
+from dsjax.sharding import Plan
 
-__all__ = ["SpeculativeOutput", "speculative_generate", "speculative_generate_tokens"]
+__all__ = ["SpeculativeOutput", "speculative_generate", "speculative_generate_tokens", "jit_speculative_generate",
+           "SPECULATIVE_OUTPUT_AXES"]
 
 
 @jax.tree_util.register_dataclass
@@ -119,7 +127,8 @@ def speculative_generate_tokens(graphdef: Any, state: Any, prompts: jax.Array, p
                                 keys: jax.Array | None = None, *, cfg: SamplingConfig,
                                 pad_id: int = 0, draft_tokens: int = 1) -> SpeculativeOutput:
     """Pure speculative generator (see the module docstring); ``prompts [B, P]`` left-padded, ``keys [B]`` one PRNG
-    key per row (needed unless ``cfg`` is greedy); ``draft_tokens`` (k) drafts per verification forward."""
+    key per row (needed unless ``cfg`` is greedy); ``draft_tokens`` (k) drafts per verification forward.
+    :func:`jit_speculative_generate` is the same generator laid out on a mesh."""
     greedy = cfg.greedy
     k = draft_tokens
     if not isinstance(k, int) or k < 1:
@@ -135,8 +144,8 @@ def speculative_generate_tokens(graphdef: Any, state: Any, prompts: jax.Array, p
     stops = jnp.asarray(_stop_ids(mcfg, cfg) or (-1,), jnp.int32)
     # the verification writes up to slot cur + k, a chained draft up to cur + 2k - 1
     length = padded_cache_length(p + n + 2 * k)
-    main = init_cache(mcfg, b, length)
-    mtp = init_cache(mcfg.replace(num_hidden_layers=1), b, length)
+    main = constrain_cache(init_cache(mcfg, b, length))        # rows over the batch axes under a plan
+    mtp = constrain_cache(init_cache(mcfg.replace(num_hidden_layers=1), b, length))
     start = (p - prompt_lengths).astype(jnp.int32)  # slot of position 0, per row
 
     # Prefill: the main model over the prompt, then MTP over every prompt position (next token = the prompt's
@@ -249,20 +258,49 @@ def speculative_generate_tokens(graphdef: Any, state: Any, prompts: jax.Array, p
                              accepted_by_depth=accepted, main_forwards=steps)
 
 
+#: Logical axes of :class:`SpeculativeOutput`'s arrays on a mesh: rows over the batch axes, the forward count
+#: replicated.
+SPECULATIVE_OUTPUT_AXES = SpeculativeOutput(output=OUTPUT_AXES, drafts=("batch",), accepted=("batch",),
+                                            accepted_by_depth=("batch", None), main_forwards=())
+
+
+def jit_speculative_generate(plan: Plan, graphdef: Any, state: Any, *, sampling: SamplingConfig, pad_id: int = 0,
+                             draft_tokens: int = 1) -> ShardedGenerator:
+    """:func:`speculative_generate_tokens` jitted for a device mesh, as :func:`~dsjax.inference.jit_generate` is
+    for :func:`~dsjax.inference.generate_tokens`: ``gen(state, prompts, prompt_lengths, keys) -> SpeculativeOutput``
+    with the state laid out per the rules table and rows (inputs, both latent caches, outputs) split over the batch
+    axes; ``main_forwards`` comes back replicated. ``keys [B]`` are required (unused when greedy). Greedy: the
+    tokens of plain greedy decoding, as on one device."""
+    fn = functools.partial(speculative_generate_tokens.__wrapped__, graphdef, cfg=sampling, pad_id=pad_id,
+                           draft_tokens=draft_tokens)
+    return sharded_generator("speculative_generate_tokens", fn, plan, state, SPECULATIVE_OUTPUT_AXES,
+                             (graphdef, sampling, pad_id, draft_tokens))
+
+
 def speculative_generate(model: Transformer, prompts: Sequence[Sequence[int]], *,
                          sampling: SamplingConfig | None = None, key: jax.Array | None = None,
-                         seed: int = 0, draft_tokens: int = 1) -> SpeculativeOutput:
+                         seed: int = 0, draft_tokens: int = 1, plan: Plan | None = None) -> SpeculativeOutput:
     """MTP self-speculative generation of token-id prompts. Greedy (the default, ``temperature=0``): the same
     tokens as greedy :func:`generate`. ``temperature > 0``: speculative sampling, distributed as :func:`generate`'s
     samples with the same ``sampling`` (each row's key ``fold_in(key, b)``, default ``jax.random.key(seed)``).
     ``draft_tokens``: drafts per verification forward (the first from the main model's hidden state, the others
-    chained through the MTP module; see the module docstring)."""
+    chained through the MTP module; see the module docstring). ``plan``: generate on its mesh
+    (:func:`jit_speculative_generate`), the batch padded and the padding dropped as :func:`~dsjax.generate` does."""
     cfg = sampling or SamplingConfig(temperature=0.0)
     pad_id = model.cfg.pad_token_id if model.cfg.pad_token_id is not None else 0
     tokens, lengths = pad_prompts(prompts, cfg.length_bucket, pad_id)
     graphdef, state = nnx.split(model)
     key = jax.random.key(seed) if key is None else key
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(len(prompts)))
+    if plan is not None:
+        gen = jit_speculative_generate(plan, graphdef, state, sampling=cfg, pad_id=pad_id, draft_tokens=draft_tokens)
+        out = gen(*prepare(plan, model.cfg, state, tokens, lengths, keys))
+        b = len(prompts)
+        if out.drafts.shape[0] == b:
+            return out
+        rows = lambda x: x[:b]  # noqa: E731 - the padding rows go; main_forwards is a scalar
+        return dataclasses.replace(out, output=jax.tree.map(rows, out.output), drafts=rows(out.drafts),
+                                   accepted=rows(out.accepted), accepted_by_depth=rows(out.accepted_by_depth))
     return speculative_generate_tokens(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths),
                                        None if cfg.greedy else keys, cfg=cfg, pad_id=pad_id,
                                        draft_tokens=draft_tokens)

@@ -6,6 +6,13 @@ Per token and layer the cache holds only ``c_kv`` (R values, post-norm) and the 
 (P values, post-RoPE): 512 + 64 = 576 values for DeepSeek-V3, i.e. 70,272 bytes per token over 61 layers in BF16,
 against 128 heads x (192 + 128) = 40,960 values per layer for an expanded MHA cache of the same model
 (:func:`cache_bytes_per_token`, :func:`mha_cache_bytes_per_token`).
+
+On a device mesh every array of the cache has logical axis names (:meth:`LatentCache.logical_axes`): ``c_kv``
+``(cache_layers, batch, cache_seq, cache_kv_lora)``, ``k_rot`` ``(cache_layers, batch, cache_seq, cache_rope)``,
+``segment_ids`` ``(batch, cache_seq)``. The rules table (:mod:`dsjax.sharding`) splits ``batch`` over the batch
+axes (data x fsdp x expert) and leaves the ``cache_*`` axes whole, so each device holds the cache of its own rows;
+:func:`cache_shardings` gives the ``NamedSharding`` of each array for a plan, :func:`constrain_cache` pins a cache
+to them inside a jitted function (the identity without an active plan).
 """
 
 from __future__ import annotations
@@ -16,9 +23,10 @@ import jax
 import jax.numpy as jnp
 
 from dsjax.configs import ModelConfig
+from dsjax.sharding import Plan, constrain, tree_shardings
 
 __all__ = ["LatentCache", "init_cache", "cache_bytes_per_token", "mha_cache_bytes_per_token", "write_rows",
-           "padded_cache_length", "CACHE_SLOT_MULTIPLE"]
+           "padded_cache_length", "CACHE_SLOT_MULTIPLE", "cache_shardings", "constrain_cache"]
 
 # Generators allocate caches in multiples of this many slots: the fused decode-attention kernel streams the cache
 # in tiles of up to 64 slots (pallas_kernels.mla_decode); slots past the last written one stay empty (segment 0)
@@ -70,6 +78,25 @@ class LatentCache:
     @property
     def max_length(self) -> int:
         return self.c_kv.shape[2]
+
+    @staticmethod
+    def logical_axes() -> "LatentCache":
+        """A ``LatentCache`` whose fields are the logical axis names of each array (see the module docstring)."""
+        return LatentCache(c_kv=("cache_layers", "batch", "cache_seq", "cache_kv_lora"),
+                           k_rot=("cache_layers", "batch", "cache_seq", "cache_rope"),
+                           segment_ids=("batch", "cache_seq"))
+
+
+def cache_shardings(plan: Plan) -> LatentCache:
+    """A ``LatentCache`` of ``NamedSharding``: each array of a cache laid out on ``plan`` (rows over the batch axes)."""
+    return tree_shardings(plan, LatentCache.logical_axes())
+
+
+def constrain_cache(cache: LatentCache) -> LatentCache:
+    """``cache`` with its arrays constrained to their logical axes under the active plan; the identity without one."""
+    axes = LatentCache.logical_axes()
+    return LatentCache(c_kv=constrain(cache.c_kv, axes.c_kv), k_rot=constrain(cache.k_rot, axes.k_rot),
+                       segment_ids=constrain(cache.segment_ids, axes.segment_ids))
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_length: int, dtype=None) -> LatentCache:

@@ -20,6 +20,7 @@ from pallas_kernels import fp8_linear, fp8_weight_matmul, fp8_weight_swiglu, wei
 from pallas_kernels.fp8_weight_gemm import fp8_weight_kernel_supported
 
 from dsjax.configs import ModelConfig
+from dsjax.sharding import current_plan
 
 __all__ = [
     "RoutingBias",
@@ -109,8 +110,11 @@ def use_fp8_weight_kernel(x_shape: tuple[int, int, int], w_shape: tuple[int, int
     """Whether a decode-sized product ``x [G, M, K] @ w [E, K, N]`` with FP8-stored weights (``fp8_block``, the
     checkpoint's block size) runs the weight-only FP8 kernel, which reads the FP8 bytes and dequantises in registers,
     instead of dequantising the weights to a BF16 copy first. Needs DeepSeek's 128x128 blocks and the kernel's GPU
-    and shape conditions (``pallas_kernels.fp8_weight_gemm``)."""
-    return fp8_block == (128, 128) and fp8_weight_kernel_supported(x_shape, w_shape)
+    and shape conditions (``pallas_kernels.fp8_weight_gemm``), and no active sharding plan: the kernel is a custom
+    call XLA's partitioner cannot split, and the weights it would read may be split along K (``fsdp``) or N
+    (``tensor``), so on a mesh the product takes the XLA path (dequantise, then a matmul GSPMD partitions)."""
+    return (fp8_block == (128, 128) and current_plan() is None
+            and fp8_weight_kernel_supported(x_shape, w_shape))
 
 
 def fp8_weight_dot(x: jax.Array, wq: jax.Array, scale: jax.Array, index: jax.Array | None = None) -> jax.Array:

@@ -17,6 +17,9 @@ Algorithm (per layer):
    (``bnst,btr->bsnr``), ``O = o_lat . W_UV`` (``bsnr,rnv->bsnv``). Same function, no K/V expansion: per decoded
    token the cost is linear in R instead of N*(C+V). The scores, masked softmax and ``o_lat`` run as one fused
    kernel on GPUs (``pallas_kernels.mla_decode_attention``, ``cfg.mla_decode_impl``), the einsums elsewhere.
+   Under a sharding plan that core runs in a ``shard_map`` over the batch axes (and the ``act_heads`` rule's axes):
+   each device attends over its own rows of the batch-split cache, with whichever implementation ``"auto"`` picks
+   for the per-device shapes, so the kernel never runs on all-gathered operands.
 
 The softmax scale is ``cfg.softmax_scale`` (``(C+P)**-0.5`` times the YaRN ``mscale_all_dim`` correction squared).
 """
@@ -34,6 +37,7 @@ from dsjax.configs import ModelConfig
 from dsjax.model.cache import write_layer_rows
 from dsjax.model.layers import Linear, RMSNorm, dtype_of
 from dsjax.model.rope import apply_rope
+from dsjax.sharding import map_shards
 from pallas_kernels.hardware import hopper_or_newer
 from pallas_kernels.mla_decode import mla_decode_attention
 
@@ -284,8 +288,18 @@ class MLA(nnx.Module):
         q_lat = jnp.einsum("bsnc,rnc->bsnr", q_nope, w_uk)
         mask = _causal(q_lat.shape[1], c_kv.shape[1]) if mask is None else mask
         mask = jnp.broadcast_to(mask, (q_lat.shape[0], *mask.shape[1:]))
-        o_lat = mla_decode_attention(q_lat, q_rot.astype(q_lat.dtype), c_kv, k_rot, mask,
-                                     scale=self.cfg.softmax_scale, implementation=self.cfg.mla_decode_impl)
+        scale, impl = self.cfg.softmax_scale, self.cfg.mla_decode_impl
+
+        def core(q_lat, q_rot, c_kv, k_rot, mask):
+            return mla_decode_attention(q_lat, q_rot, c_kv, k_rot, mask, scale=scale, implementation=impl)
+
+        # Under a sharding plan each device attends for its own rows (and, with a tensor axis, its heads) in a
+        # shard_map: the Pallas kernel is a custom call XLA's partitioner cannot split (it would gather the cache and
+        # run the whole batch everywhere). Without a plan, map_shards returns `core` itself. check_vma off: a
+        # pallas_call's outputs carry no varying-axes type (decoding takes no gradient through it).
+        q_axes, kv_axes = ("batch", None, "act_heads", None), ("batch", None, None)
+        o_lat = map_shards(core, (q_axes, q_axes, kv_axes, kv_axes, kv_axes), q_axes, check_vma=False)(
+            q_lat, q_rot.astype(q_lat.dtype), c_kv, k_rot, mask)
         return jnp.einsum("bsnr,rnv->bsnv", o_lat, w_uv)
 
     # ----------------------------------------------------------------- layer call
