@@ -45,6 +45,9 @@ flags.DEFINE_bool("fp8_weights", False, "Also time the same model with its MLA, 
                   "FP8 (E4M3, 128x128 block scales, as DeepSeek-V3's checkpoints ship; dequantised on the fly): "
                   "saved as a hub folder and loaded with load_hf(keep_fp8=True). Its roof counts those weights at "
                   "1 byte + scales.")
+flags.DEFINE_string("mesh", "", "Also time generation on a device mesh, e.g. 'data=2' or 'expert=2' (MeshConfig fields, "
+                    "comma-separated; dsjax.generate's plan= path, jit_generate). Its prefill column is a generate "
+                    "of one new token; its decode rate the difference to the full generate.")
 flags.DEFINE_bool("hf", False, "Also time HF transformers generate in a subprocess.")
 flags.DEFINE_integer("hf_timeout_s", 1200, "Give up on an HF subprocess after this many seconds: its row reads "
                      "'timed out' and the table (and --record) still come out. Set it inside the time the whole run "
@@ -123,6 +126,52 @@ def bench_dsjax(model, b: int, label: str = "dsjax", sampling_overrides: list[st
             # a generate no longer than its own prefill (timing noise at toy sizes) gives no decode rate
             "decode_tok_s": b * (n - 1) / (t_all - t_pre) if t_all > t_pre else float("nan"), "total_s": t_all,
             "cache_bytes_per_seq": (p + n) * cache_bytes_per_token(cfg, "bfloat16"), "peak_gib": mem / 2**30}
+
+
+def bench_mesh(model, b: int, mesh: str) -> dict:
+    """``bench_dsjax`` on a device mesh: greedy generation through ``jit_generate`` with the model state laid out by
+    the rules table and the rows split over the batch axes."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dsjax.inference import SamplingConfig, jit_generate
+    from dsjax.inference.sharded import put_rows
+    from dsjax.model import cache_bytes_per_token
+    from dsjax.sharding import MeshConfig, make_plan, shard_params
+    from dsjax.train.config import apply_overrides, split_overrides
+
+    plan = make_plan(apply_overrides(MeshConfig(), split_overrides(mesh)))
+    cfg = model.cfg
+    p, n = FLAGS.prompt_len, FLAGS.new_tokens
+    prompts = jax.random.randint(jax.random.key(b), (b, p), 3, cfg.vocab_size, jnp.int32)
+    lengths = jnp.full((b,), p, jnp.int32)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(0), jnp.arange(b))
+    graphdef, state = nnx.split(model)
+    state = shard_params(state, plan)
+    sampling = SamplingConfig(max_new_tokens=n, temperature=0.0, use_eos=False, length_bucket=p)
+    gen_all = jit_generate(plan, graphdef, state, sampling=sampling)
+    gen_one = jit_generate(plan, graphdef, state, sampling=dataclasses.replace(sampling, max_new_tokens=1))
+    inputs = put_rows(plan, prompts, lengths, keys)
+
+    def best(fn):
+        jax.block_until_ready(fn())
+        times = []
+        for _ in range(FLAGS.repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    t_pre = best(lambda: gen_one(state, *inputs).tokens)
+    t_all = best(lambda: gen_all(state, *inputs).tokens)
+    mem = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0)
+    return {"impl": f"dsjax, mesh {mesh}", "batch": b, "prefill_tok_s": b * p / t_pre,
+            "decode_tok_s": b * (n - 1) / (t_all - t_pre) if t_all > t_pre else float("nan"), "total_s": t_all,
+            "cache_bytes_per_seq": (p + n) * cache_bytes_per_token(cfg, "bfloat16"), "peak_gib": mem / 2**30,
+            "devices": plan.mesh.size}
 
 
 def copy_bandwidth() -> float:
@@ -208,6 +257,12 @@ def main(argv):
             except Exception as e:  # noqa: BLE001
                 rows.append({"impl": label, "batch": b, "error": f"{type(e).__name__}: {e}"[:300]})
             print(json.dumps(rows[-1]), flush=True)
+        if FLAGS.mesh:
+            try:
+                rows.append(bench_mesh(model, b, FLAGS.mesh))
+            except Exception as e:  # noqa: BLE001
+                rows.append({"impl": f"dsjax, mesh {FLAGS.mesh}", "batch": b, "error": f"{type(e).__name__}: {e}"[:300]})
+            print(json.dumps(rows[-1]), flush=True)
         if FLAGS.hf:
             rows.append(bench_hf(b))
             print(json.dumps(rows[-1]), flush=True)
@@ -220,6 +275,11 @@ def main(argv):
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['impl']} | {r['batch']} | error: {r['error'][:100]} | | | | | | | |")
+            continue
+        if "devices" in r:                  # a mesh: no one-device roof (per-device bytes and bandwidth differ)
+            lines.append(f"| {r['impl']} ({r['devices']} devices) | {r['batch']} | {r['prefill_tok_s']:,.0f} | "
+                         f"{r['decode_tok_s']:,.1f} | | | | | {r['cache_bytes_per_seq'] / 2**20:.2f} | "
+                         f"{r['peak_gib']:.1f} (device 0) |")
             continue
         roof = r["batch"] * bw / dsjax.decode_bytes_per_step(cfg, r["batch"], context,
                                                             fp8_weights=r["impl"] == FP8_LABEL)["total"]

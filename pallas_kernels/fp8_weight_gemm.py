@@ -166,7 +166,8 @@ def _kernel(*refs, kb: int, bn: int, indexed: bool, swiglu: bool = False, mma_dt
     o_ref[g, :, pl.ds(j * bn, bn)] = y.astype(o_ref.dtype)
 
 
-# Programs the grid should have at least (split-K below it): one per SM of an H100/H200. At batch 1 a plain projection
+# Programs the grid should have at least (split-K below it): one per SM (132 on an H100/H200; the device's own count
+# where the kernel runs, hardware.num_sms). At batch 1 a plain projection
 # has N/128 programs (8 for a 1024-wide output) that each stream all of K; session 15's decode profile on an H200
 # had such kernels at 0.3 TB/s, slower than XLA's BF16 matrix-vector products.
 MIN_PROGRAMS = 132
@@ -195,7 +196,7 @@ def _pallas(x, wq, s, index=None, *, interpret: bool, bn: int = TILE_N, num_warp
     g, m, k = x.shape
     n = wq.shape[2]
     kb = k // BLOCK
-    splits = default_splits(g, n, k, bn) if splits is None else splits
+    splits = default_splits(g, n, k, bn, hardware.num_sms(MIN_PROGRAMS)) if splits is None else splits
     if splits < 1 or kb % splits:
         raise ValueError(f"fp8_weight_matmul: splits={splits} must divide K/128 = {kb}")
     mp = _rows(m)

@@ -10,7 +10,7 @@ import re
 
 import jax
 
-__all__ = ["gpu_compute_capability", "is_hopper", "hopper_or_newer"]
+__all__ = ["gpu_compute_capability", "is_hopper", "hopper_or_newer", "num_sms"]
 
 
 def gpu_compute_capability() -> tuple[int, int] | None:
@@ -35,3 +35,12 @@ def hopper_or_newer() -> bool:
     """The first device is an NVIDIA GPU of compute capability 9.0 or newer."""
     cc = gpu_compute_capability()
     return cc is not None and cc[0] >= 9
+
+
+def num_sms(default: int = 132) -> int:
+    """Streaming multiprocessors of the first device if it is an NVIDIA GPU (``core_count``), else ``default`` (132:
+    an H100 SXM / H200, the cards the kernels' tilings were swept on). Kernel tiling rules that size their grids to
+    the SM count (split-K, flash-decoding splits) read it here."""
+    if gpu_compute_capability() is None:
+        return default
+    return int(getattr(jax.devices()[0], "core_count", 0) or default)

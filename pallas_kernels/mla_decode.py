@@ -41,6 +41,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import hardware
+
 __all__ = ["mla_decode_attention", "mla_decode_reference", "kernel_shapes_ok", "kernel_supported", "default_tiling"]
 
 Implementation = Literal["auto", "xla", "pallas"]
@@ -158,7 +160,7 @@ def _pallas(q_lat, q_rot, c_kv, k_rot, mask, *, scale: float, interpret: bool, b
 
     b, s, n, r = q_lat.shape
     t = c_kv.shape[1]
-    d_bh, d_bt, d_splits = default_tiling(b, s, n, r, t)
+    d_bh, d_bt, d_splits = default_tiling(b, s, n, r, t, hardware.num_sms())
     bh, bt, splits = bh or d_bh, bt or d_bt, splits or d_splits
     if t % (bt * splits):
         raise ValueError(f"mla_decode_attention: T = {t} is not a multiple of bt * splits = {bt} * {splits}")

@@ -110,6 +110,18 @@ def test_fp8_weight_kernel_default_splits():
     assert default_splits(22, 128, 128) == 1               # one K block: nothing to split
 
 
+def test_kernel_grids_read_the_sm_count(monkeypatch):
+    """The split rules size grids to the device's SMs (``hardware.num_sms``): 132 (H100/H200) without a GPU, the
+    GPU's own ``core_count`` on one."""
+    from pallas_kernels import hardware
+
+    assert hardware.num_sms() == 132 and hardware.num_sms(100) == 100
+    monkeypatch.setattr(hardware, "gpu_compute_capability", lambda: (8, 9))
+    monkeypatch.setattr(jax, "devices", lambda *a: [type("Dev", (), {"core_count": 142})()])
+    assert hardware.num_sms() == 142
+    assert default_splits(1, 1024, 1024, min_programs=hardware.num_sms()) == 8
+
+
 def test_fp8_weight_kernel_float16_mma_option():
     """The sweep's float16-operand variant (``mma_dtype``): E4M3 weights are exact in float16 and x keeps more bits
     than in bfloat16, so it meets the same bound; it lowers for CUDA too."""
