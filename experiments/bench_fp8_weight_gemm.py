@@ -15,9 +15,12 @@ Each row is one ``x [G, M, K] @ W [G|E, K, N]`` of a decode step:
 * a third: DeepSeek's W8A8 inference scheme on the same weights (x quantised 1x128, the Mosaic GPU blockwise FP8
   GEMM reading E4M3 weights on FP8 tensor cores) against the weight-only kernel: whether decoding should take it.
 
-Decode GEMMs take 10-50 us, so one call per dispatch measures the launch: each time is ``--repeats`` calls inside
-one jitted ``fori_loop`` (the input scaled by a loop-carried scalar so XLA cannot hoist the call), best of 3,
-divided by the repeats. The loop's own scaling kernel is in every row alike. TB/s counts the weight bytes read.
+Decode GEMMs take 3-50 us, so one call per dispatch measures the launch. ``--timer=kernels`` (default) sums the
+CUPTI durations of the kernels each call launches (``experiments.timing.kernel_us_per_call``: the op's padding and
+split-K sum included, no launch or loop overhead); ``--timer=loop`` times ``--repeats`` calls inside one jitted
+``fori_loop`` (best of 3, divided by the repeats; it carries ~11 us of loop overhead per call, session 15). TB/s
+counts the weight bytes read. The sweep covers the tile width, warps, stages, float16 MMA operands and the split-K
+factor (``splits``; the library's rule is ``pallas_kernels.fp8_weight_gemm.default_splits``).
 """
 
 from __future__ import annotations
@@ -28,10 +31,12 @@ import itertools
 from absl import app, flags
 
 from experiments.records import append_record
-from experiments.timing import loop_us_per_call
+from experiments.timing import kernel_us_per_call, loop_us_per_call
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("repeats", 100, "Calls inside one jitted loop per timing.")
+flags.DEFINE_enum("timer", "kernels", ["kernels", "loop"], "kernels: CUPTI kernel time per call from a profiler "
+                  "trace; loop: calls inside one jitted fori_loop (includes the loop's overhead).")
 flags.DEFINE_bool("sweep", True, "Also time the kernel's other tilings.")
 flags.DEFINE_bool("record", False, "Append the table to docs/benchmarks.md.")
 
@@ -40,10 +45,14 @@ SHAPES = [("experts, dense path, batch 32: gate/up", 64, 32, 1024, 512, None),
           ("experts, dense path, batch 32: down", 64, 32, 512, 1024, None),
           ("experts, gathered, batch 1: gate/up", 6, 1, 1024, 512, 64),
           ("dense MLP up, batch 32", 1, 32, 1024, 2816 // 128 * 128, None),
-          ("q_b_proj, batch 1", 1, 1, 384, 3072, None)]
+          ("q_b_proj, batch 1", 1, 1, 384, 3072, None),
+          ("o_proj, batch 1", 1, 1, 1024, 1024, None),
+          ("experts, gathered, batch 1: down", 6, 1, 512, 1024, 64)]
 
 
 def _us_per_call(fn, *args) -> float:
+    if FLAGS.timer == "kernels":
+        return kernel_us_per_call(fn, *args)
     return loop_us_per_call(fn, *args, repeats=FLAGS.repeats)
 
 
@@ -64,7 +73,9 @@ def _rows():
     import jax
     import jax.numpy as jnp
 
-    from pallas_kernels.fp8_weight_gemm import TILE_N, _pallas, fp8_weight_matmul_reference
+    from pallas_kernels import hardware
+    from pallas_kernels.fp8_weight_gemm import (MIN_PROGRAMS, TILE_N, _pallas, default_splits,
+                                                fp8_weight_matmul_reference)
 
     for name, g, m, k, n, e in SHAPES:
         x, wq, s, idx = _case(g, m, k, n, e)
@@ -76,24 +87,31 @@ def _rows():
         else:
             t_bf = _us_per_call(lambda x, w, i: jnp.einsum("gmk,gkn->gmn", x, jnp.take(w, i, 0)), x, wb, idx)
         t_xla = _us_per_call(lambda x, wq, s, i: fp8_weight_matmul_reference(x, wq, s, i), x, wq, s, idx)
-        lib = (TILE_N, 4, 3, "bf16")
-        # the tilings, and the library's tiling with float16 MMA operands (E4M3 -> f16 is a single conversion)
-        tilings = [lib] + ([(*t, "bf16") for t in itertools.product((32, 64, 128), (4, 8), (2, 3))
-                            if (*t, "bf16") != lib] + [(TILE_N, 4, 3, "f16"), (TILE_N, 8, 3, "f16")]
+        kb = k // 128
+        lib = (TILE_N, 4, 3, "bf16", None)                   # None: the library's split rule (default_splits)
+        # the tilings, the library's tiling with float16 MMA operands (E4M3 -> f16 is a single conversion), and
+        # with each split-K factor dividing K/128
+        tilings = [lib] + ([(*t, "bf16", None) for t in itertools.product((32, 64, 128), (4, 8), (2, 3))
+                            if (*t, "bf16", None) != lib] + [(TILE_N, 4, 3, "f16", None), (TILE_N, 8, 3, "f16", None)]
+                           + [(TILE_N, 4, 3, "bf16", sp) for sp in (1, 2, 4, 8, 16) if kb % sp == 0]
                            if FLAGS.sweep else [])
         timed = []
-        for bn, nw, ns, mma in tilings:
+        for bn, nw, ns, mma, sp in tilings:
             kw = dict(interpret=False, bn=bn, num_warps=nw, num_stages=ns,
-                      mma_dtype=jnp.float16 if mma == "f16" else None)
+                      mma_dtype=jnp.float16 if mma == "f16" else None, splits=sp)
             fn = lambda x, wq, s, i, kw=kw: _pallas(x, wq, s, i, **kw)  # noqa: E731
             out = jax.jit(fn)(x, wq, s, idx).astype(jnp.float32)
             err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
-            timed.append((_us_per_call(fn, x, wq, s, idx), (bn, nw, ns, mma), err))
+            timed.append((_us_per_call(fn, x, wq, s, idx), (bn, nw, ns, mma, sp), err))
         t_lib = timed[0][0]
-        best = sorted(timed)[:3]
-        f16 = [f"{nw}w {t:.1f} us" for t, (_, nw, _, mma), _ in timed if mma == "f16"]
-        desc = "; ".join(f"{bn}/{nw}w/{ns}s{'/f16' if mma == 'f16' else ''} {t:.1f} us (err {er:.0e})"
-                         for t, (bn, nw, ns, mma), er in best) + (f" [f16 MMA: {', '.join(f16)}]" if f16 else "")
+        best = sorted(timed, key=lambda r: r[0])[:3]
+        f16 = [f"{nw}w {t:.1f} us" for t, (_, nw, _, mma, _), _ in timed if mma == "f16"]
+        splits = [f"{sp}: {t:.1f}" for t, (*_, sp), _ in timed if sp is not None]
+        lib_sp = default_splits(g, n, k, TILE_N, hardware.num_sms(MIN_PROGRAMS))
+        desc = "; ".join(f"{bn}/{nw}w/{ns}s{'/f16' if mma == 'f16' else ''}{'' if sp is None else f'/k{sp}'} "
+                         f"{t:.1f} us (err {er:.0e})" for t, (bn, nw, ns, mma, sp), er in best) + \
+            (f" [f16 MMA: {', '.join(f16)}]" if f16 else "") + \
+            (f" [split-K (library: {lib_sp}): {', '.join(splits)} us]" if splits else "")
         yield (name, f"{g}x{m}x{k}x{n}", f"{t_bf:.1f}", f"{t_xla:.1f}", f"{t_lib:.1f}", f"{t_bf / t_lib:.2f}x",
                f"{2 * wbytes / t_bf / 1e6:.2f}", f"{wbytes / t_lib / 1e6:.2f}", desc)
 
@@ -177,9 +195,11 @@ def main(argv):
     print(f"device: {dev.device_kind}, jax {jax.__version__}", flush=True)
     if jax.default_backend() != "gpu":
         raise app.UsageError("bench_fp8_weight_gemm times the Triton kernel: run it on a GPU")
-    lines = [f"Device time per call ({FLAGS.repeats} calls in one jitted loop), us:", "",
+    timer = ("kernel time per call (CUPTI, every kernel the call launches)" if FLAGS.timer == "kernels" else
+             f"device time per call ({FLAGS.repeats} calls in one jitted loop)")
+    lines = [f"{timer[0].upper()}{timer[1:]}, us:", "",
              "| GEMM | GxMxKxN | bf16 einsum | xla dequant | kernel | kernel vs bf16 | bf16 TB/s | kernel TB/s | "
-             "fastest tilings (bn / warps / stages) |", "|---|---|---|---|---|---|---|---|---|"]
+             "fastest tilings (bn / warps / stages / split-K) |", "|---|---|---|---|---|---|---|---|---|"]
     for row in _rows():
         lines.append("| " + " | ".join(row) + " |")
         print(lines[-1], flush=True)

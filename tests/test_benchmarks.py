@@ -19,3 +19,15 @@ def test_bench_decode_writes_its_table_when_hf_times_out():
     rows = [ln for ln in res.stdout.splitlines() if ln.startswith("| ")]
     assert any(ln.startswith("| dsjax | 1 |") for ln in rows), res.stdout
     assert "| HF transformers | 1 | error: timed out after 0 s |" in res.stdout
+
+
+def test_kernel_timer_reads_a_trace_and_is_nan_without_a_gpu():
+    """experiments.timing.kernel_us_per_call traces the calls and sums device 0's GPU kernels: on the CPU the trace
+    has no GPU plane, so it reports NaN rather than a made-up time."""
+    import math
+
+    import jax.numpy as jnp
+
+    from experiments.timing import kernel_us_per_call
+
+    assert math.isnan(kernel_us_per_call(lambda x: x * 2, jnp.ones(8), iters=2))
