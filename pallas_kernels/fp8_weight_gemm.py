@@ -167,9 +167,9 @@ def _kernel(*refs, kb: int, bn: int, indexed: bool, swiglu: bool = False, mma_dt
 
 
 # Programs the grid should have at least (split-K below it): one per SM (132 on an H100/H200; the device's own count
-# where the kernel runs, hardware.num_sms). At batch 1 a plain projection
-# has N/128 programs (8 for a 1024-wide output) that each stream all of K; session 15's decode profile on an H200
-# had such kernels at 0.3 TB/s, slower than XLA's BF16 matrix-vector products.
+# where the kernel runs, hardware.num_sms). At batch 1 a plain projection has N/128 programs (8 for a 1024-wide
+# output) that each stream all of K; session 15's decode profile on an H200 had such kernels at 0.3 TB/s, slower
+# than XLA's BF16 matrix-vector products. With the split, FP8-stored weights decoded 1.16x faster than BF16 at batch 1.
 MIN_PROGRAMS = 132
 
 
