@@ -45,9 +45,9 @@ flags.DEFINE_bool("fp8_weights", False, "Also time the same model with its MLA, 
                   "FP8 (E4M3, 128x128 block scales, as DeepSeek-V3's checkpoints ship; dequantised on the fly): "
                   "saved as a hub folder and loaded with load_hf(keep_fp8=True). Its roof counts those weights at "
                   "1 byte + scales.")
-flags.DEFINE_string("mesh", "", "Also time generation on a device mesh, e.g. 'data=2' or 'expert=2' (MeshConfig fields, "
-                    "comma-separated; dsjax.generate's plan= path, jit_generate). Its prefill column is a generate "
-                    "of one new token; its decode rate the difference to the full generate.")
+flags.DEFINE_string("mesh", "", "Also time generation on a device mesh, e.g. 'data=2' or 'expert=2' (MeshConfig "
+                    "fields, comma-separated; dsjax.generate's plan= path, jit_generate). Its prefill column is a "
+                    "generate of one new token; its decode rate the difference to the full generate.")
 flags.DEFINE_bool("hf", False, "Also time HF transformers generate in a subprocess.")
 flags.DEFINE_integer("hf_timeout_s", 1200, "Give up on an HF subprocess after this many seconds: its row reads "
                      "'timed out' and the table (and --record) still come out. Set it inside the time the whole run "
@@ -118,7 +118,8 @@ def bench_dsjax(model, b: int, label: str = "dsjax", sampling_overrides: list[st
         jax.profiler.stop_trace()
         print(f"--- profile of one generate call, batch {b} ({p} prompt + {n} new tokens; per decode step: divide "
               f"the decode scopes by {n - 1})", flush=True)
-        summarize_trace(tmp, 1, top=FLAGS.profile_top, hlo_text=compiled.as_text(), scopes=DECODE_SCOPES, phases=DECODE_PHASES)
+        summarize_trace(tmp, 1, top=FLAGS.profile_top, hlo_text=compiled.as_text(), scopes=DECODE_SCOPES,
+                        phases=DECODE_PHASES)
     dev = jax.devices()[0]
     mem = (dev.memory_stats() or {}).get("peak_bytes_in_use", 0)
     impl = label + (f" (unroll {FLAGS.decode_unroll})" if FLAGS.decode_unroll > 1 else "")
@@ -261,7 +262,8 @@ def main(argv):
             try:
                 rows.append(bench_mesh(model, b, FLAGS.mesh))
             except Exception as e:  # noqa: BLE001
-                rows.append({"impl": f"dsjax, mesh {FLAGS.mesh}", "batch": b, "error": f"{type(e).__name__}: {e}"[:300]})
+                rows.append({"impl": f"dsjax, mesh {FLAGS.mesh}", "batch": b,
+                             "error": f"{type(e).__name__}: {e}"[:300]})
             print(json.dumps(rows[-1]), flush=True)
         if FLAGS.hf:
             rows.append(bench_hf(b))

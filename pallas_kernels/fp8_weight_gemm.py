@@ -24,8 +24,9 @@ Backends (``implementation=``):
 * ``"xla"``: the reference -- dequantise to float32 and ``einsum`` (any platform, any shape).
 * ``"pallas"``: a Pallas Triton kernel on GPUs of compute capability >= 8.9 (E4M3 casts): grid
   ``(G, N / bn, S)``, a loop over the K blocks of split S (split-K where ``G x N / bn`` would leave SMs idle, as for
-  a batch-1 projection: float32 partials, summed after; :func:`default_splits`); needs ``K`` and ``N`` multiples of 128 and ``M <= 64`` (decode-sized: x's rows are
-  padded to a power of two >= 16, the smallest ``dot`` Triton takes). ``interpret=True`` runs it on the CPU.
+  a batch-1 projection: float32 partials, summed after; :func:`default_splits`); needs ``K`` and ``N`` multiples
+  of 128 and ``M <= 64`` (decode-sized: x's rows are padded to a power of two >= 16, the smallest ``dot`` Triton
+  takes). ``interpret=True`` runs it on the CPU.
 * ``"auto"``: Pallas where supported, XLA otherwise.
 
 Pallas' Triton backend is deprecated in jax 0.11 (lowering warns); the project pins jax 0.11.2, where it lowers and
