@@ -185,7 +185,10 @@ def test_training_on_a_mesh_matches_one_device(sizes, reference):
     _close(snaps[2], ref_snaps[2], rtol=1e-4, atol=1e-5, what=f"after step {STEPS}")
 
 
-@pytest.mark.parametrize("sync,dtype", [("after_backward", None), ("after_backward", "bfloat16"),
+# the float32 after-backward sync runs with --runslow (CI time): the bfloat16 one here and
+# test_after_backward_with_chunked_loss_and_micro_batches (float32) take the same shard_map path
+@pytest.mark.parametrize("sync,dtype", [pytest.param("after_backward", None, marks=pytest.mark.slow),
+                                        ("after_backward", "bfloat16"),
                                         pytest.param("gspmd", None, marks=pytest.mark.slow)])
 def test_after_backward_grad_sync_matches_one_device(sync, dtype, reference):
     """``MeshConfig(grad_sync="after_backward")`` (what ``auto`` picks for pure data parallelism): per-device
