@@ -70,20 +70,56 @@ def split_variant(text: str) -> tuple[list[str], list[str]]:
             [x.removeprefix("sampling.") for x in items if x.startswith("sampling.")])
 
 
-def bench_dsjax(model, b: int, label: str = "dsjax", sampling_overrides: list[str] = ()) -> dict:
+def _inputs(cfg, b: int):
+    """Random ``[b, prompt_len]`` prompts (all full length), their lengths and one PRNG key per row."""
     import jax
     import jax.numpy as jnp
+
+    p = FLAGS.prompt_len
+    prompts = jax.random.randint(jax.random.key(b), (b, p), 3, cfg.vocab_size, jnp.int32)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(0), jnp.arange(b))
+    return prompts, jnp.full((b,), p, jnp.int32), keys
+
+
+def _best(fn) -> float:
+    """Best wall-clock seconds of ``fn()`` over ``--repeats`` calls after a compile + warm-up call."""
+    import jax
+
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(FLAGS.repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def _row(impl: str, cfg, b: int, t_pre: float, t_all: float, **extra) -> dict:
+    """A table row: prefill and decode rates from the prefill-only and full generate times, cache and memory."""
+    import jax
+
+    from dsjax.model import cache_bytes_per_token
+
+    p, n = FLAGS.prompt_len, FLAGS.new_tokens
+    mem = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0)
+    return {"impl": impl, "batch": b, "prefill_tok_s": b * p / t_pre,
+            # a generate no longer than its own prefill (timing noise at toy sizes) gives no decode rate
+            "decode_tok_s": b * (n - 1) / (t_all - t_pre) if t_all > t_pre else float("nan"), "total_s": t_all,
+            "cache_bytes_per_seq": (p + n) * cache_bytes_per_token(cfg, "bfloat16"), "peak_gib": mem / 2**30,
+            **extra}
+
+
+def bench_dsjax(model, b: int, label: str = "dsjax", sampling_overrides: list[str] = ()) -> dict:
+    import jax
     from flax import nnx
 
     from dsjax.inference import SamplingConfig, generate_tokens, prefill
-    from dsjax.model import cache_bytes_per_token, init_cache
+    from dsjax.model import init_cache
     from dsjax.train.config import apply_overrides
 
     cfg = model.cfg
     p, n = FLAGS.prompt_len, FLAGS.new_tokens
-    prompts = jax.random.randint(jax.random.key(b), (b, p), 3, cfg.vocab_size, jnp.int32)
-    lengths = jnp.full((b,), p, jnp.int32)
-    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(0), jnp.arange(b))
+    prompts, lengths, keys = _inputs(cfg, b)
     graphdef, state = nnx.split(model)
     sampling = apply_overrides(SamplingConfig(max_new_tokens=n, temperature=0.0, use_eos=False, length_bucket=p,
                                               decode_unroll=FLAGS.decode_unroll), list(sampling_overrides))
@@ -93,17 +129,8 @@ def bench_dsjax(model, b: int, label: str = "dsjax", sampling_overrides: list[st
         m = nnx.merge(graphdef, state)
         return prefill(m, prompts, lengths, init_cache(cfg, b, p + n), chunk=sampling.prefill_chunk)[0]
 
-    def best(fn):
-        jax.block_until_ready(fn())  # compile + warm up
-        times = []
-        for _ in range(FLAGS.repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    t_pre = best(lambda: only_prefill(state, prompts))
-    t_all = best(lambda: generate_tokens(graphdef, state, prompts, lengths, keys, cfg=sampling).tokens)
+    t_pre = _best(lambda: only_prefill(state, prompts))
+    t_all = _best(lambda: generate_tokens(graphdef, state, prompts, lengths, keys, cfg=sampling).tokens)
     if FLAGS.profile:
         import tempfile
 
@@ -120,13 +147,8 @@ def bench_dsjax(model, b: int, label: str = "dsjax", sampling_overrides: list[st
               f"the decode scopes by {n - 1})", flush=True)
         summarize_trace(tmp, 1, top=FLAGS.profile_top, hlo_text=compiled.as_text(), scopes=DECODE_SCOPES,
                         phases=DECODE_PHASES)
-    dev = jax.devices()[0]
-    mem = (dev.memory_stats() or {}).get("peak_bytes_in_use", 0)
     impl = label + (f" (unroll {FLAGS.decode_unroll})" if FLAGS.decode_unroll > 1 else "")
-    return {"impl": impl, "batch": b, "prefill_tok_s": b * p / t_pre,
-            # a generate no longer than its own prefill (timing noise at toy sizes) gives no decode rate
-            "decode_tok_s": b * (n - 1) / (t_all - t_pre) if t_all > t_pre else float("nan"), "total_s": t_all,
-            "cache_bytes_per_seq": (p + n) * cache_bytes_per_token(cfg, "bfloat16"), "peak_gib": mem / 2**30}
+    return _row(impl, cfg, b, t_pre, t_all)
 
 
 def bench_mesh(model, b: int, mesh: str) -> dict:
@@ -134,45 +156,24 @@ def bench_mesh(model, b: int, mesh: str) -> dict:
     the rules table and the rows split over the batch axes."""
     import dataclasses
 
-    import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     from dsjax.inference import SamplingConfig, jit_generate
     from dsjax.inference.sharded import put_rows
-    from dsjax.model import cache_bytes_per_token
     from dsjax.sharding import MeshConfig, make_plan, shard_params
     from dsjax.train.config import apply_overrides, split_overrides
 
     plan = make_plan(apply_overrides(MeshConfig(), split_overrides(mesh)))
-    cfg = model.cfg
-    p, n = FLAGS.prompt_len, FLAGS.new_tokens
-    prompts = jax.random.randint(jax.random.key(b), (b, p), 3, cfg.vocab_size, jnp.int32)
-    lengths = jnp.full((b,), p, jnp.int32)
-    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(0), jnp.arange(b))
     graphdef, state = nnx.split(model)
     state = shard_params(state, plan)
-    sampling = SamplingConfig(max_new_tokens=n, temperature=0.0, use_eos=False, length_bucket=p)
+    sampling = SamplingConfig(max_new_tokens=FLAGS.new_tokens, temperature=0.0, use_eos=False,
+                              length_bucket=FLAGS.prompt_len)
     gen_all = jit_generate(plan, graphdef, state, sampling=sampling)
     gen_one = jit_generate(plan, graphdef, state, sampling=dataclasses.replace(sampling, max_new_tokens=1))
-    inputs = put_rows(plan, prompts, lengths, keys)
-
-    def best(fn):
-        jax.block_until_ready(fn())
-        times = []
-        for _ in range(FLAGS.repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    t_pre = best(lambda: gen_one(state, *inputs).tokens)
-    t_all = best(lambda: gen_all(state, *inputs).tokens)
-    mem = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0)
-    return {"impl": f"dsjax, mesh {mesh}", "batch": b, "prefill_tok_s": b * p / t_pre,
-            "decode_tok_s": b * (n - 1) / (t_all - t_pre) if t_all > t_pre else float("nan"), "total_s": t_all,
-            "cache_bytes_per_seq": (p + n) * cache_bytes_per_token(cfg, "bfloat16"), "peak_gib": mem / 2**30,
-            "devices": plan.mesh.size}
+    inputs = put_rows(plan, *_inputs(model.cfg, b))
+    t_pre = _best(lambda: gen_one(state, *inputs).tokens)
+    t_all = _best(lambda: gen_all(state, *inputs).tokens)
+    return _row(f"dsjax, mesh {mesh}", model.cfg, b, t_pre, t_all, devices=plan.mesh.size)
 
 
 def copy_bandwidth() -> float:
