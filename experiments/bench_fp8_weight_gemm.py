@@ -3,7 +3,8 @@ in device time, with a sweep of the kernel's tilings.
 
     python -m experiments.bench_fp8_weight_gemm --record
 
-Each row is one ``x [G, M, K] @ W [G|E, K, N]`` of a decode step:
+Each row is one ``x [G, M, K] @ W^T`` of a decode step, ``W [G|E, N, K]`` the checkpoint's ``[out, in]``
+layout (the FP8 kernels' layout; XLA's BF16 einsum gets the weights as ``[K, N]``, as BF16 models store them):
 
 * ``bf16 einsum``: XLA's GEMM on BF16 weights (what a BF16-weights model runs);
 * ``xla dequant``: ``fp8_weight_matmul(implementation="xla")``: dequantise the E4M3 weights, then an XLA einsum
@@ -19,8 +20,8 @@ Decode GEMMs take 3-50 us, so one call per dispatch measures the launch. ``--tim
 CUPTI durations of the kernels each call launches (``experiments.timing.kernel_us_per_call``: the op's padding and
 split-K sum included, no launch or loop overhead); ``--timer=loop`` times ``--repeats`` calls inside one jitted
 ``fori_loop`` (best of 3, divided by the repeats; it carries ~11 us of loop overhead per call, session 15). TB/s
-counts the weight bytes read. The sweep covers the tile width, warps, stages, float16 MMA operands and the split-K
-factor (``splits``; the library's rule is ``pallas_kernels.fp8_weight_gemm.default_splits``).
+counts the weight bytes read. The sweep covers the tile width, warps, stages, the MMA operand type (float16, the
+library's, or bfloat16) and the split-K factor (``splits``; the library's rule is ``pallas_kernels.fp8_weight_gemm.default_splits``).
 """
 
 from __future__ import annotations
@@ -63,10 +64,18 @@ def _case(g, m, k, n, e, seed=0):
     e = e or g
     kx, kw, ks, ki = jax.random.split(jax.random.key(seed), 4)
     x = jax.random.normal(kx, (g, m, k), jnp.bfloat16)
-    wq = jnp.clip(jax.random.normal(kw, (e, k, n)) * 100, -448, 448).astype(jnp.float8_e4m3fn)
-    s = jax.random.uniform(ks, (e, k // 128, n // 128), minval=1e-4, maxval=1e-3)
+    wq = jnp.clip(jax.random.normal(kw, (e, n, k)) * 100, -448, 448).astype(jnp.float8_e4m3fn)    # [out, in]
+    s = jax.random.uniform(ks, (e, n // 128, k // 128), minval=1e-4, maxval=1e-3)
     idx = None if e == g else jax.random.randint(ki, (g,), 0, e)
     return x, wq, s, idx
+
+
+def _bf16_weights(wq, s):
+    """The dequantised BF16 copy of ``wq [G, N, K]`` in the ``[G, K, N]`` layout BF16 models store."""
+    import jax.numpy as jnp
+
+    w = wq.astype(jnp.float32) * jnp.repeat(jnp.repeat(s, 128, 1), 128, 2)
+    return jnp.swapaxes(w, 1, 2).astype(jnp.bfloat16)
 
 
 def _rows():
@@ -74,12 +83,12 @@ def _rows():
     import jax.numpy as jnp
 
     from pallas_kernels import hardware
-    from pallas_kernels.fp8_weight_gemm import (MIN_PROGRAMS, TILE_N, _pallas, default_splits,
+    from pallas_kernels.fp8_weight_gemm import (MIN_PROGRAMS, MMA_DTYPE, TILE_N, _pallas, default_splits,
                                                 fp8_weight_matmul_reference)
 
     for name, g, m, k, n, e in SHAPES:
         x, wq, s, idx = _case(g, m, k, n, e)
-        wb = (wq.astype(jnp.float32) * jnp.repeat(jnp.repeat(s, 128, 1), 128, 2)).astype(jnp.bfloat16)
+        wb = _bf16_weights(wq, s)                                          # [G, K, N]
         ref = fp8_weight_matmul_reference(x, wq, s, idx).astype(jnp.float32)
         wbytes = g * k * n
         if idx is None:
@@ -88,29 +97,29 @@ def _rows():
             t_bf = _us_per_call(lambda x, w, i: jnp.einsum("gmk,gkn->gmn", x, jnp.take(w, i, 0)), x, wb, idx)
         t_xla = _us_per_call(lambda x, wq, s, i: fp8_weight_matmul_reference(x, wq, s, i), x, wq, s, idx)
         kb = k // 128
-        lib = (TILE_N, 4, 3, "bf16", None)                   # None: the library's split rule (default_splits)
-        # the tilings, the library's tiling with float16 MMA operands (E4M3 -> f16 is a single conversion), and
-        # with each split-K factor dividing K/128
-        tilings = [lib] + ([(*t, "bf16", None) for t in itertools.product((32, 64, 128), (4, 8), (2, 3))
-                            if (*t, "bf16", None) != lib] + [(TILE_N, 4, 3, "f16", None), (TILE_N, 8, 3, "f16", None)]
-                           + [(TILE_N, 4, 3, "bf16", sp) for sp in (1, 2, 4, 8, 16) if kb % sp == 0]
+        lib = (TILE_N, 4, 3, MMA_DTYPE, None)                # None: the library's split rule (default_splits)
+        other = "bf16" if MMA_DTYPE == "f16" else "f16"
+        # the tilings, the library's tiling with the other MMA operand type, and with each split-K factor
+        # dividing K/128
+        tilings = [lib] + ([(*t, MMA_DTYPE, None) for t in itertools.product((32, 64, 128), (4, 8), (2, 3, 4))
+                            if (*t, MMA_DTYPE, None) != lib] + [(TILE_N, 4, 3, other, None), (TILE_N, 8, 3, other, None)]
+                           + [(TILE_N, 4, 3, MMA_DTYPE, sp) for sp in (1, 2, 4, 8, 16) if kb % sp == 0]
                            if FLAGS.sweep else [])
         timed = []
         for bn, nw, ns, mma, sp in tilings:
-            kw = dict(interpret=False, bn=bn, num_warps=nw, num_stages=ns,
-                      mma_dtype=jnp.float16 if mma == "f16" else None, splits=sp)
+            kw = dict(interpret=False, bn=bn, num_warps=nw, num_stages=ns, mma_dtype=mma, splits=sp)
             fn = lambda x, wq, s, i, kw=kw: _pallas(x, wq, s, i, **kw)  # noqa: E731
             out = jax.jit(fn)(x, wq, s, idx).astype(jnp.float32)
             err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
             timed.append((_us_per_call(fn, x, wq, s, idx), (bn, nw, ns, mma, sp), err))
         t_lib = timed[0][0]
         best = sorted(timed, key=lambda r: r[0])[:3]
-        f16 = [f"{nw}w {t:.1f} us" for t, (_, nw, _, mma, _), _ in timed if mma == "f16"]
+        alt = [f"{nw}w {t:.1f} us" for t, (_, nw, _, mma, _), _ in timed if mma != MMA_DTYPE]
         splits = [f"{sp}: {t:.1f}" for t, (*_, sp), _ in timed if sp is not None]
         lib_sp = default_splits(g, n, k, TILE_N, hardware.num_sms(MIN_PROGRAMS))
-        desc = "; ".join(f"{bn}/{nw}w/{ns}s{'/f16' if mma == 'f16' else ''}{'' if sp is None else f'/k{sp}'} "
+        desc = "; ".join(f"{bn}/{nw}w/{ns}s/{mma}{'' if sp is None else f'/k{sp}'} "
                          f"{t:.1f} us (err {er:.0e})" for t, (bn, nw, ns, mma, sp), er in best) + \
-            (f" [f16 MMA: {', '.join(f16)}]" if f16 else "") + \
+            (f" [{other} MMA: {', '.join(alt)}]" if alt else "") + \
             (f" [split-K (library: {lib_sp}): {', '.join(splits)} us]" if splits else "")
         yield (name, f"{g}x{m}x{k}x{n}", f"{t_bf:.1f}", f"{t_xla:.1f}", f"{t_lib:.1f}", f"{t_bf / t_lib:.2f}x",
                f"{2 * wbytes / t_bf / 1e6:.2f}", f"{wbytes / t_lib / 1e6:.2f}", desc)
@@ -128,9 +137,7 @@ def _swiglu_rows():
             continue
         x, gq, gs, idx = _case(g, m, k, n, e)
         _, uq, us, _ = _case(g, m, k, n, e, seed=1)
-        deq = lambda q, s: (q.astype(jnp.float32) * jnp.repeat(jnp.repeat(s, 128, 1), 128, 2)).astype(  # noqa: E731
-            jnp.bfloat16)
-        wg, wu = deq(gq, gs), deq(uq, us)
+        wg, wu = _bf16_weights(gq, gs), _bf16_weights(uq, us)
         pick = (lambda w, i: w) if idx is None else (lambda w, i: jnp.take(w, i, 0))  # noqa: E731
         mm = lambda x, w: jnp.einsum("gmk,gkn->gmn", x, w)  # noqa: E731
         t_bf = _us_per_call(lambda x, a, b, i: jax.nn.silu(mm(x, pick(a, i))) * mm(x, pick(b, i)), x, wg, wu, idx)
@@ -147,7 +154,7 @@ def _w8a8_rows():
     """DeepSeek's other FP8 inference scheme on the same weights: quantise the activations 1x128 too and run the
     Mosaic GPU blockwise FP8 GEMM (``pallas_kernels.fp8_gemm`` / ``fp8_gemm_grouped``, FP8 tensor cores, the
     weights read as E4M3 with no conversion). Its weights must be ``[N, K]`` (FP8 wgmma reads both operands
-    K-major): transposed once here, as decoding would do once per call. Each group's rows are padded to the
+    K-major), the layout FP8-stored weights have. Each group's rows are padded to the
     kernel's 128-row tiles. Times the quantisation of x and the GEMM, against the weight-only kernel."""
     import jax
     import jax.numpy as jnp
@@ -160,7 +167,7 @@ def _w8a8_rows():
             continue
         x, wq, s, _ = _case(g, m, k, n, e)
         ref = fp8_weight_matmul_reference(x, wq, s).astype(jnp.float32)
-        wt, st = jnp.swapaxes(wq, 1, 2), jnp.swapaxes(s, 1, 2)                  # [G, N, K], [G, N/128, K/128]
+        wt, st = wq, s                                                          # [G, N, K], [G, N/128, K/128]
         if g == 1:
             def w8a8(x, wt, st):
                 a, sa = act_quant(x[0])
@@ -209,7 +216,7 @@ def main(argv):
     for row in _swiglu_rows():
         lines.append("| " + " | ".join(row) + " |")
         print(lines[-1], flush=True)
-    lines += ["", "W8A8 (activations quantised 1x128, Mosaic GPU FP8 GEMM, weights transposed to [N, K] once) against "
+    lines += ["", "W8A8 (activations quantised 1x128, Mosaic GPU FP8 GEMM on the [N, K] weights) against "
               "the weight-only kernel, us per call:", "",
               "| GEMM | GxMxKxN | weight-only kernel | act_quant + FP8 GEMM | W8A8 vs weight-only | W8A8 weight TB/s | "
               "W8A8 rel. error vs weight-only reference |", "|---|---|---|---|---|---|---|"]

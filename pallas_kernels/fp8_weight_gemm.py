@@ -1,22 +1,32 @@
 """Weight-only FP8 GEMM for decoding: BF16 activations times E4M3 weights with 128x128 block scales, the weights
 dequantised inside the kernel (never written back in BF16).
 
-``y[g] = x[g] @ dequant(wq[g], s[g])`` with ``dequant(wq, s)[k, n] = wq[k, n] * s[k // 128, n // 128]``.
+``y[g] = x[g] @ dequant(wq[g], s[g])^T`` with ``dequant(wq, s)[n, k] = wq[n, k] * s[n // 128, k // 128]``.
 
 Letters: ``G`` a leading batch of independent weights (routed experts; 1 for a plain projection), ``M`` rows of x
 (tokens of a decode step), ``K`` the contraction, ``N`` output features, ``Kb = K / 128``, ``Nb = N / 128``.
-``x [G, M, K]`` bf16/fp16, ``wq [E, K, N]`` float8_e4m3fn (the kernel layout ``[in, out]``, as dsjax stores
-weights), ``s [E, Kb, Nb]`` float32 -> ``[G, M, N]`` in x's dtype, accumulated in float32; ``E == G``, or an
-``index [G]`` names the weight of each x group (``y[g] = x[g] @ dequant(wq[index[g]], s[index[g]])``).
+``x [G, M, K]`` bf16/fp16, ``wq [E, N, K]`` float8_e4m3fn (``[out, in]``: the layout checkpoints store and dsjax
+keeps FP8-stored weights in), ``s [E, Nb, Kb]`` float32 (the checkpoint's ``weight_scale_inv``) -> ``[G, M, N]`` in
+x's dtype, accumulated in float32; ``E == G``, or an ``index [G]`` names the weight of each x group
+(``y[g] = x[g] @ dequant(wq[index[g]], s[index[g]])^T``).
 
 Why: a decode step reads every weight it touches once and does little arithmetic, so FP8 weights could halve its
 bytes; dequantising them with XLA first (``wq * s`` then a BF16 GEMM) writes and re-reads a BF16 copy and made FP8
-decoding *slower* than BF16 on an H100 (docs/benchmarks.md). Here each program loads its 128 x ``bn`` FP8 weight
+decoding *slower* than BF16 on an H100 (docs/benchmarks.md). Here each program loads its ``bn`` x 128 FP8 weight
 tiles, converts them in registers, multiplies, and scales the float32 partial product of each 128-wide K block by
 its block scale (the weights' scales vary along K, so they cannot be applied after the sum).
 
+Two choices measured on an H200 (session 16, CUPTI kernel time, `small`'s batch-32 expert GEMMs, 64 x 32 x 1024 x
+512): the weight tile read K-contiguous (``[out, in]``) instead of N-contiguous (``[in, out]``), and float16 MMA
+operands (E4M3 -> float16 is one conversion instruction per two values; to bfloat16 it takes a float32 detour):
+20.6 us ([in, out], bf16) -> 16.0 ([out, in], bf16) -> 12.5 ([out, in], f16), against 18.6 us for XLA's BF16 GEMM of
+the same shape. float16 has 5 exponent bits where bf16 activations have 8, so x goes in scaled per row by a power of
+two that puts its largest magnitude in ``[2^14, 2^15)`` (exact: only the exponent changes; values below ``2^-24`` of
+the row's maximum lose bits), and the float32 result is scaled back: no overflow for any finite bf16 input, and
+float16's 11-bit significand keeps all of bf16's 8.
+
 ``fp8_weight_swiglu(x, gq, gs, uq, us, index)`` is the SwiGLU front half of an MLP or expert in one kernel:
-``silu(x @ dequant(gq, gs)) * (x @ dequant(uq, us))`` (``[G, M, F]``; gate and up weights of one shape), x read once,
+``silu(x @ dequant(gq, gs)^T) * (x @ dequant(uq, us)^T)`` (``[G, M, F]``; gate and up weights of one shape), x read once,
 both float32 accumulators combined in registers: one launch instead of two GEMMs and an elementwise kernel.
 
 Backends (``implementation=``):
@@ -55,7 +65,7 @@ Implementation = Literal["auto", "xla", "pallas"]
 
 def _check(x, wq, s, index):
     if x.ndim != 3 or wq.ndim != 3 or s.ndim != 3:
-        raise ValueError(f"fp8_weight_matmul expects x [G, M, K], wq [E, K, N], s [E, Kb, Nb]; got {x.shape}, "
+        raise ValueError(f"fp8_weight_matmul expects x [G, M, K], wq [E, N, K], s [E, Nb, Kb]; got {x.shape}, "
                          f"{wq.shape}, {s.shape}")
     g, m, k = x.shape
     if index is None and wq.shape[0] != g:
@@ -63,12 +73,13 @@ def _check(x, wq, s, index):
                          f"a weight of the stack per x group")
     if index is not None and index.shape != (g,):
         raise ValueError(f"fp8_weight_matmul: index {index.shape} should be [G] = ({g},), one weight per x group")
-    if wq.shape[1] != k:
-        raise ValueError(f"fp8_weight_matmul: x {x.shape} and wq {wq.shape} disagree on K (wq is [E, K, N], the "
-                         f"[in, out] layout)")
-    want = (wq.shape[0], -(-k // BLOCK), -(-wq.shape[2] // BLOCK))
+    if wq.shape[2] != k:
+        raise ValueError(f"fp8_weight_matmul: x {x.shape} and wq {wq.shape} disagree on K (wq is [E, N, K], the "
+                         f"checkpoint's [out, in] layout)")
+    want = (wq.shape[0], -(-wq.shape[1] // BLOCK), -(-k // BLOCK))
     if s.shape != want:
-        raise ValueError(f"fp8_weight_matmul: scales {s.shape} should be {want} (one per 128x128 weight block)")
+        raise ValueError(f"fp8_weight_matmul: scales {s.shape} should be {want} (one per 128x128 weight block, "
+                         f"[E, N/128, K/128] as weight_scale_inv)")
 
 
 def fp8_weight_matmul_reference(x: jax.Array, wq: jax.Array, s: jax.Array, index: jax.Array | None = None
@@ -79,18 +90,18 @@ def fp8_weight_matmul_reference(x: jax.Array, wq: jax.Array, s: jax.Array, index
 
 
 def _matmul_f32(x, wq, s, index):
-    """``x @ dequant(wq, s)`` in float32 (the references' product)."""
+    """``x @ dequant(wq, s)^T`` in float32 (the references' product)."""
     if index is not None:
         wq, s = jnp.take(wq, index, axis=0), jnp.take(s, index, axis=0)
-    k, n = wq.shape[1:]
-    full = jnp.repeat(jnp.repeat(s.astype(jnp.float32), BLOCK, axis=1), BLOCK, axis=2)[:, :k, :n]
-    return jnp.einsum("gmk,gkn->gmn", x.astype(jnp.float32), wq.astype(jnp.float32) * full,
+    n, k = wq.shape[1:]
+    full = jnp.repeat(jnp.repeat(s.astype(jnp.float32), BLOCK, axis=1), BLOCK, axis=2)[:, :n, :k]
+    return jnp.einsum("gmk,gnk->gmn", x.astype(jnp.float32), wq.astype(jnp.float32) * full,
                       precision=lax.Precision.HIGHEST)
 
 
 def fp8_weight_swiglu_reference(x: jax.Array, gq: jax.Array, gs: jax.Array, uq: jax.Array, us: jax.Array,
                                 index: jax.Array | None = None) -> jax.Array:
-    """``silu(x @ G) * (x @ U)`` in float32 on the dequantised weights, cast to x's dtype (``[G, M, F]``)."""
+    """``silu(x @ G^T) * (x @ U^T)`` in float32 on the dequantised weights, cast to x's dtype (``[G, M, F]``)."""
     _check_pair(x, gq, gs, uq, us, index)
     return (jax.nn.silu(_matmul_f32(x, gq, gs, index)) * _matmul_f32(x, uq, us, index)).astype(x.dtype)
 
@@ -103,13 +114,13 @@ def _check_pair(x, gq, gs, uq, us, index):
 
 
 def fp8_weight_kernel_shapes_ok(x_shape, wq_shape) -> bool:
-    """Whether the Pallas kernel takes ``x [G, M, K] @ wq [E, K, N]``: K and N multiples of 128, M <= 64."""
+    """Whether the Pallas kernel takes ``x [G, M, K]`` times ``wq [E, N, K]``: K and N multiples of 128, M <= 64."""
     _, m, k = x_shape
-    return k % BLOCK == 0 and wq_shape[2] % BLOCK == 0 and 0 < m <= MAX_ROWS
+    return k % BLOCK == 0 and wq_shape[1] % BLOCK == 0 and 0 < m <= MAX_ROWS
 
 
 def fp8_weight_kernel_supported(x_shape, wq_shape) -> bool:
-    """Whether the Pallas kernel runs ``x [G, M, K] @ wq [E, K, N]`` on the current default backend (a GPU of
+    """Whether the Pallas kernel runs ``x [G, M, K]`` times ``wq [E, N, K]`` on the current default backend (a GPU of
     compute capability >= 8.9, for its E4M3 casts)."""
     cc = hardware.gpu_compute_capability()
     return (fp8_weight_kernel_shapes_ok(x_shape, wq_shape) and jax.default_backend() == "gpu" and cc is not None
@@ -122,44 +133,59 @@ def _rows(m: int) -> int:
 
 
 # Output columns per program: 128, one block scale's width. An H200 sweep of device time at `small`'s decode shapes
-# (session 13, 100 calls inside one jit) found 128 fastest or level everywhere: 64 and 32 columns took up to 1.3x and
-# 1.8x longer on the batch-32 expert GEMMs and 1.45x on the batch-1 gathered ones; the converted weight as the MMA's
-# first operand (y^T = w^T x^T) was slower on the large shapes too.
+# (session 13, 100 calls inside one jit, weights then [in, out]) found 128 fastest or level everywhere: 64 and 32
+# columns took up to 1.3x and 1.8x longer on the batch-32 expert GEMMs and 1.45x on the batch-1 gathered ones.
 TILE_N = BLOCK
+# float16 MMA operands, x scaled per row into float16's range (module docstring); "bf16" is the sweep's alternative
+MMA_DTYPE = "f16"
+_F16_TOP = 15          # a scaled row's largest magnitude lies in [2^14, 2^15), below float16's 65504
 
 
-def _kernel(*refs, kb: int, bn: int, indexed: bool, swiglu: bool = False, mma_dtype=None, splits: int = 1):
-    """One program: x group ``g`` times output columns ``j*bn...`` of its weight (gate *and* up under ``swiglu``),
-    over the K blocks of split ``program_id(2)`` (``kb`` of them).
-    ``mma_dtype``: the type both operands are converted to for the MMA (default x's); float16 is a sweep option
-    (E4M3 -> float16 is one conversion instruction per two values on sm_89+, E4M3 values are exact in float16, and
-    float16 keeps more of x's bits than bfloat16; but |x| must stay below 65504).
+def _row_scale(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(x * 2^e` in float16, 2^-e [G, M] float32)`` with one power of two ``2^e`` per row of ``x [G, M, K]``
+    that puts the row's largest magnitude in ``[2^14, 2^15)`` (all-zero rows: ``e = 15``). Exact: only exponents
+    change (values below ``2^-24`` of the row's maximum become float16 subnormals and lose bits)."""
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1)
+    _, ex = jnp.frexp(amax)                                      # amax < 2^ex
+    e = jnp.clip(_F16_TOP - ex, -120, 120).astype(jnp.int32)
+    up = lax.bitcast_convert_type((e + 127) << 23, jnp.float32)  # 2^e, 2^-e as float32 bit patterns
+    down = lax.bitcast_convert_type((127 - e) << 23, jnp.float32)
+    return (x.astype(jnp.float32) * up[..., None]).astype(jnp.float16), down
+
+
+def _kernel(*refs, kb: int, bn: int, indexed: bool, swiglu: bool = False, scaled: bool = False, splits: int = 1):
+    """One program: x group ``g`` times output rows ``j*bn...`` of its weight (gate *and* up under ``swiglu``),
+    over the K blocks of split ``program_id(2)`` (``kb`` of them). The weight tile is ``[bn, 128]`` (K contiguous),
+    converted to x's dtype (float16 when ``scaled``: then x arrives scaled per row and ``r [G, Mp]`` holds the
+    inverse scales, applied to the float32 accumulators).
     ``splits > 1`` (split-K): the program writes its float32 partial products (gate then up, under ``swiglu``)
     to ``o [S, G, Mp, N or 2N]``; the caller sums the splits (and applies the SwiGLU)."""
     from jax.experimental import pallas as pl
 
     idx_ref, refs = (refs[0], refs[1:]) if indexed else (None, refs)
     x_ref, o_ref = refs[0], refs[-1]
+    r_ref = refs[-2] if scaled else None
     pairs = [(refs[1], refs[2])] + ([(refs[3], refs[4])] if swiglu else [])    # (weights, scales) per product
     g, j, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     e = idx_ref[g] if indexed else g                            # this program's weight in the stack
-    nb = (j * bn) // BLOCK                                     # this program's block-scale column
+    nb = (j * bn) // BLOCK                                     # this program's block-scale row
 
     def body(t, accs):
         i = sp * kb + t                                        # the K block
-        xk = x_ref[g, :, pl.ds(i * BLOCK, BLOCK)]              # [Mp, 128] bf16
-        if mma_dtype is not None:
-            xk = xk.astype(mma_dtype)
+        xk = x_ref[g, :, pl.ds(i * BLOCK, BLOCK)]              # [Mp, 128]
         out = []
         for (w_ref, s_ref), acc in zip(pairs, accs):
-            wk = w_ref[e, pl.ds(i * BLOCK, BLOCK), pl.ds(j * bn, bn)].astype(xk.dtype)   # [128, bn], E4M3 -> bf16
-            out.append(acc + jnp.dot(xk, wk, preferred_element_type=jnp.float32) * s_ref[e, i, nb])
+            wk = w_ref[e, pl.ds(j * bn, bn), pl.ds(i * BLOCK, BLOCK)].astype(xk.dtype)   # [bn, 128], E4M3 -> x's
+            out.append(acc + jnp.dot(xk, wk.T, preferred_element_type=jnp.float32) * s_ref[e, nb, i])
         return tuple(out)
 
     zeros = jnp.zeros((x_ref.shape[1], bn), jnp.float32)
     accs = lax.fori_loop(0, kb, body, tuple(zeros for _ in pairs))
+    if scaled:
+        r = r_ref[g, :][:, None]                               # [Mp, 1] the rows' inverse scales
+        accs = tuple(acc * r for acc in accs)
     if splits > 1:
-        n = pairs[0][0].shape[2]
+        n = pairs[0][0].shape[1]
         for h, acc in enumerate(accs):
             o_ref[sp, g, :, pl.ds(h * n + j * bn, bn)] = acc
         return
@@ -175,7 +201,7 @@ MIN_PROGRAMS = 132
 
 
 def default_splits(g: int, n: int, k: int, bn: int = TILE_N, min_programs: int = MIN_PROGRAMS) -> int:
-    """Split-K factor for ``x [G, M, K] @ w [., K, N]``: 1 when the ``G x N/bn`` grid already has ``min_programs``
+    """Split-K factor for ``x [G, M, K]`` times ``w [., N, K]``: 1 when the ``G x N/bn`` grid already has ``min_programs``
     programs, else the smallest divisor of ``K/128`` that brings it there (all of ``K/128`` if none does)."""
     programs, kb = g * (n // bn), k // BLOCK
     if programs >= min_programs:
@@ -187,27 +213,36 @@ def default_splits(g: int, n: int, k: int, bn: int = TILE_N, min_programs: int =
 
 
 def _pallas(x, wq, s, index=None, *, interpret: bool, bn: int = TILE_N, num_warps: int = 4, num_stages: int = 3,
-            up: tuple[jax.Array, jax.Array] | None = None, mma_dtype=None, splits: int | None = None):
-    """The Pallas call; ``bn`` (output columns per program), ``num_warps``, ``num_stages``, ``mma_dtype`` (see
-    ``_kernel``) and ``splits`` (split-K factor, a divisor of K/128; default :func:`default_splits`) are what a
-    sweep may override. ``up = (uq, us)``: the fused SwiGLU (``wq, s`` the gate)."""
+            up: tuple[jax.Array, jax.Array] | None = None, mma_dtype: str = MMA_DTYPE, splits: int | None = None):
+    """The Pallas call; ``bn`` (output rows of the weight per program), ``num_warps``, ``num_stages``,
+    ``mma_dtype`` (``"f16"``: x scaled per row into float16, see the module docstring; ``"bf16"``: x as it is) and
+    ``splits`` (split-K factor, a divisor of K/128; default :func:`default_splits`) are what a sweep may override.
+    ``up = (uq, us)``: the fused SwiGLU (``wq, s`` the gate)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
+    if mma_dtype not in ("f16", "bf16"):
+        raise ValueError(f"fp8_weight_matmul: mma_dtype={mma_dtype!r}; use 'f16' or 'bf16'")
     g, m, k = x.shape
-    n = wq.shape[2]
+    n = wq.shape[1]
     kb = k // BLOCK
     splits = default_splits(g, n, k, bn, hardware.num_sms(MIN_PROGRAMS)) if splits is None else splits
     if splits < 1 or kb % splits:
         raise ValueError(f"fp8_weight_matmul: splits={splits} must divide K/128 = {kb}")
     mp = _rows(m)
-    if mp != m:
-        x = jnp.pad(x, ((0, 0), (0, mp - m), (0, 0)))
+    xin = jnp.pad(x, ((0, 0), (0, mp - m), (0, 0))) if mp != m else x
+    scaled = mma_dtype == "f16"
+    extra_in = ()
+    if scaled:
+        xin, r = _row_scale(xin)
+        extra_in = (r,)
+    else:
+        xin = xin.astype(jnp.bfloat16)
     parts = 2 if up is not None else 1
     out_shape = ((g, mp, n), x.dtype) if splits == 1 else ((splits, g, mp, parts * n), jnp.float32)
     call = pl.pallas_call(
         functools.partial(_kernel, kb=kb // splits, bn=bn, indexed=index is not None, swiglu=up is not None,
-                          mma_dtype=mma_dtype, splits=splits),
+                          scaled=scaled, splits=splits),
         grid=(g, n // bn, splits),
         out_shape=jax.ShapeDtypeStruct(*out_shape),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
@@ -215,7 +250,7 @@ def _pallas(x, wq, s, index=None, *, interpret: bool, bn: int = TILE_N, num_warp
     )
     lead = () if index is None else (index.astype(jnp.int32),)
     extra = () if up is None else (up[0], up[1].astype(jnp.float32))
-    out = call(*lead, x, wq, s.astype(jnp.float32), *extra)
+    out = call(*lead, xin, wq, s.astype(jnp.float32), *extra, *extra_in)
     if splits > 1:                                              # the split-K partial sums, added here (XLA fuses
         out = out.sum(0)                                        # this into one small reduction)
         if up is not None:
@@ -226,12 +261,12 @@ def _pallas(x, wq, s, index=None, *, interpret: bool, bn: int = TILE_N, num_warp
 
 def fp8_weight_matmul(x: jax.Array, wq: jax.Array, s: jax.Array, index: jax.Array | None = None, *,
                       implementation: Implementation = "auto", interpret: bool = False) -> jax.Array:
-    """``x [G, M, K] @ dequant(wq [E, K, N], s [E, Kb, Nb]) -> [G, M, N]`` (see the module docstring).
+    """``x [G, M, K] @ dequant(wq [E, N, K], s [E, Nb, Kb])^T -> [G, M, N]`` (see the module docstring).
 
     Args:
       x: activations, bf16 or fp16.
-      wq: float8_e4m3fn weights in the ``[in, out]`` layout (``E == G`` without ``index``).
-      s: float32 block scales (``weight_scale_inv`` transposed to that layout), one per 128x128 block.
+      wq: float8_e4m3fn weights in the checkpoint's ``[out, in]`` layout (``E == G`` without ``index``).
+      s: float32 block scales (the checkpoint's ``weight_scale_inv``), one per 128x128 block.
       index: optional ``[G]`` int, the weight of the stack each x group multiplies (decoding at batch 1: the chosen
         experts, read in place instead of gathered first).
       implementation: ``"auto"`` (the Pallas kernel where :func:`fp8_weight_kernel_supported`, else XLA),
@@ -247,7 +282,7 @@ def fp8_weight_matmul(x: jax.Array, wq: jax.Array, s: jax.Array, index: jax.Arra
 def fp8_weight_swiglu(x: jax.Array, gq: jax.Array, gs: jax.Array, uq: jax.Array, us: jax.Array,
                       index: jax.Array | None = None, *, implementation: Implementation = "auto",
                       interpret: bool = False) -> jax.Array:
-    """``silu(x @ dequant(gq, gs)) * (x @ dequant(uq, us)) -> [G, M, F]`` in x's dtype: an MLP's or expert's
+    """``silu(x @ dequant(gq, gs)^T) * (x @ dequant(uq, us)^T) -> [G, M, F]`` in x's dtype: an MLP's or expert's
     gate and up projections and their SwiGLU in one kernel (see the module docstring). Arguments as
     :func:`fp8_weight_matmul`, with ``gq, gs`` the gate's weights and scales and ``uq, us`` the up projection's."""
     _check_pair(x, gq, gs, uq, us, index)

@@ -21,8 +21,8 @@ def _case(g, m, k, n, e=None, seed=0):
     e = g if e is None else e
     x = jax.random.normal(kx, (g, m, k), jnp.bfloat16)
     # clipped to E4M3's range as quantisation does: an unclipped cast turns |w| > 448 into NaN
-    wq = jnp.clip(jax.random.normal(kw, (e, k, n)) * 100, -448, 448).astype(jnp.float8_e4m3fn)
-    s = jax.random.uniform(ks, (e, -(-k // 128), -(-n // 128)), minval=1e-4, maxval=1e-3)
+    wq = jnp.clip(jax.random.normal(kw, (e, n, k)) * 100, -448, 448).astype(jnp.float8_e4m3fn)    # [out, in]
+    s = jax.random.uniform(ks, (e, -(-n // 128), -(-k // 128)), minval=1e-4, maxval=1e-3)
     index = None if e == g else jax.random.randint(ki, (g,), 0, e)
     return x, wq, s, index
 
@@ -31,9 +31,9 @@ def _oracle(x, wq, s, index):
     x, wq, s = (np.asarray(a, np.float64) for a in (x.astype(jnp.float32), wq.astype(jnp.float32), s))
     if index is not None:
         wq, s = wq[np.asarray(index)], s[np.asarray(index)]
-    k, n = wq.shape[1:]
-    w = wq * np.repeat(np.repeat(s, 128, axis=1), 128, axis=2)[:, :k, :n]
-    return np.einsum("gmk,gkn->gmn", x, w)
+    n, k = wq.shape[1:]
+    w = wq * np.repeat(np.repeat(s, 128, axis=1), 128, axis=2)[:, :n, :k]
+    return np.einsum("gmk,gnk->gmn", x, w)
 
 
 def _rel(a, b):
@@ -68,13 +68,13 @@ def test_fp8_weight_swiglu_matches_float64(impl, g, m, k, n, e):
     assert out.shape == (g, m, n) and out.dtype == x.dtype
     assert _rel(out, _swiglu_oracle(x, gq, gs, uq, us, index)) < BF16_TOL
     with pytest.raises(ValueError, match="one shape"):
-        fp8_weight_swiglu(x, gq, gs, uq[..., :128], us[..., :1], index)
+        fp8_weight_swiglu(x, gq, gs, uq[:, :128], us[:, :1], index)
 
 
 def test_fp8_weight_matmul_block_scales_vary_along_k():
     """Each 128-wide K block has its own scale: a kernel that applied one scale after the K sum would fail."""
     x, wq, _, _ = _case(1, 4, 384, 128)
-    s = jnp.asarray([[[1.0], [1e-3], [10.0]]], jnp.float32)
+    s = jnp.asarray([[[1.0, 1e-3, 10.0]]], jnp.float32)
     out = fp8_weight_matmul(x, wq, s, implementation="pallas", interpret=True)
     assert _rel(out, _oracle(x, wq, s, None)) < BF16_TOL
 
@@ -122,23 +122,50 @@ def test_kernel_grids_read_the_sm_count(monkeypatch):
     assert default_splits(1, 1024, 1024, min_programs=hardware.num_sms()) == 8
 
 
-def test_fp8_weight_kernel_float16_mma_option():
-    """The sweep's float16-operand variant (``mma_dtype``): E4M3 weights are exact in float16 and x keeps more bits
-    than in bfloat16, so it meets the same bound; it lowers for CUDA too."""
+@pytest.mark.parametrize("mma", ["f16", "bf16"])
+def test_fp8_weight_kernel_mma_dtypes(mma):
+    """Both MMA operand types meet the oracle's bound: float16 (the default; x scaled per row by a power of two)
+    and bfloat16 (the sweep's alternative); both lower for CUDA."""
     from jax._src.mesh import AbstractDevice
 
     x, wq, s, index = _case(3, 5, 256, 384, 4)
-    out = _pallas(x, wq, s, index, interpret=True, mma_dtype=jnp.float16)
+    out = _pallas(x, wq, s, index, interpret=True, mma_dtype=mma)
     assert out.dtype == x.dtype and _rel(out, _oracle(x, wq, s, index)) < BF16_TOL
     mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
         device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"))
-    args = [jax.ShapeDtypeStruct((64, 32, 1024), jnp.bfloat16), jax.ShapeDtypeStruct((64, 1024, 512),
+    args = [jax.ShapeDtypeStruct((64, 32, 1024), jnp.bfloat16), jax.ShapeDtypeStruct((64, 512, 1024),
                                                                                       jnp.float8_e4m3fn),
-            jax.ShapeDtypeStruct((64, 8, 4), jnp.float32)]
+            jax.ShapeDtypeStruct((64, 4, 8), jnp.float32)]
     with jax.sharding.use_abstract_mesh(mesh):
-        text = jax.jit(functools.partial(_pallas, interpret=False, mma_dtype=jnp.float16)).trace(*args).lower(
+        text = jax.jit(functools.partial(_pallas, interpret=False, mma_dtype=mma)).trace(*args).lower(
             lowering_platforms=("cuda",)).as_text()
     assert "xla.gpu.triton" in text
+    with pytest.raises(ValueError, match="mma_dtype"):
+        _pallas(x, wq, s, index, interpret=True, mma_dtype="f32")
+
+
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_fp8_weight_kernel_float16_operands_never_overflow(swiglu):
+    """float16 MMA operands hold only up to 65504, bf16 activations up to ~3e38: rows with magnitudes of 1e30 (1e5
+    under the SwiGLU), 1e6 (7e4), 1, 1e-8 and 1e-30, and an all-zero row, all meet the oracle's bound, row by row,
+    because each row enters scaled by its own power of two and leaves unscaled."""
+    x, wq, s, index = _case(2, 6, 256, 256, 4)
+    top = 1e5 if swiglu else 1e30               # silu(g) * u of a 1e30 row overflows any float
+    mags = jnp.asarray([top, 1e6 if not swiglu else 7e4, 1.0, 1e-8, 1e-30, 0.0], jnp.float32)[None, :, None]
+    x = (x.astype(jnp.float32) * mags).astype(jnp.bfloat16)
+    s = s * 1e-3                                # keep the large rows' products inside float32
+    if swiglu:
+        _, uq, us, _ = _case(2, 6, 256, 256, 4, seed=1)
+        got = np.asarray(jnp.asarray(_pallas(x, wq, s, index, interpret=True, up=(uq, us * 1e-3)), jnp.float32))
+        with np.errstate(over="ignore"):
+            want = _swiglu_oracle(x, wq, s, uq, us * 1e-3, index)
+    else:
+        got = np.asarray(jnp.asarray(_pallas(x, wq, s, index, interpret=True), jnp.float32))
+        want = _oracle(x, wq, s, index)
+    assert np.isfinite(got).all()
+    for row in range(4 if swiglu else 5):       # silu(g) * u of the 1e-30 row (~1e-66) underflows float32
+        assert _rel(got[:, row], want[:, row]) < BF16_TOL, row
+    assert (got[:, 5] == 0).all()
 
 
 def test_fp8_weight_kernel_lowers_for_cuda():
@@ -151,8 +178,8 @@ def test_fp8_weight_kernel_lowers_for_cuda():
     for g, m, k, n, indexed, swiglu in [(64, 32, 1024, 1024, False, False), (1, 1, 1024, 1536, False, False),
                                         (6, 1, 1024, 512, True, False), (64, 32, 1024, 512, False, True),
                                         (6, 1, 1024, 512, True, True)]:
-        w = jax.ShapeDtypeStruct((g, k, n), jnp.float8_e4m3fn)
-        sc = jax.ShapeDtypeStruct((g, k // 128, n // 128), jnp.float32)
+        w = jax.ShapeDtypeStruct((g, n, k), jnp.float8_e4m3fn)
+        sc = jax.ShapeDtypeStruct((g, n // 128, k // 128), jnp.float32)
         args = [jax.ShapeDtypeStruct((g, m, k), jnp.bfloat16), w, sc]
         if indexed:
             args.append(jax.ShapeDtypeStruct((g,), jnp.int32))
@@ -186,7 +213,7 @@ def test_fp8_weight_matmul_errors():
     with pytest.raises(TypeError, match="float8_e4m3fn"):
         fp8_weight_matmul(x, wq.astype(jnp.bfloat16), s)
     with pytest.raises(ValueError, match="multiples of 128"):
-        fp8_weight_matmul(x[..., :200], wq[:, :200], s, implementation="pallas", interpret=True)
+        fp8_weight_matmul(x[..., :200], wq[..., :200], s, implementation="pallas", interpret=True)
     with pytest.raises(ValueError, match="interpret=True"):
         fp8_weight_matmul(x, wq, s, implementation="pallas")
     assert fp8_weight_matmul(x, wq, s).shape == (2, 3, 256)          # "auto" on the CPU: the XLA reference

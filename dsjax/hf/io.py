@@ -117,18 +117,14 @@ class _Assembler:
 def _to_leaf(rule: TensorRule, arr: np.ndarray) -> np.ndarray:
     if rule.kind == "linear":
         return arr.T.reshape(rule.sub_shape)
-    if rule.kind == "scale":
-        return arr.T
-    return arr.reshape(rule.sub_shape)
+    return arr.reshape(rule.sub_shape)          # copy, scale and FP8-stored weights keep the hub layout
 
 
 def _from_leaf(rule: TensorRule, sub: np.ndarray) -> np.ndarray:
     if rule.kind == "linear":
         n_in = math.prod(rule.sub_shape[:rule.n_in])
         return np.ascontiguousarray(sub.reshape(n_in, -1).T)
-    if rule.kind == "scale":
-        return np.ascontiguousarray(sub.T)
-    return np.ascontiguousarray(sub)
+    return np.ascontiguousarray(sub.reshape(rule.hf_shape))
 
 
 def _report(missing, unexpected, mismatched, path) -> None:

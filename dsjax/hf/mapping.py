@@ -7,12 +7,14 @@ dsjax leaf                                  hub tensor (``[out, in]`` weights)
 ==========================================  ================================================================
 ``embed_tokens.embedding [V, D]``           ``model.embed_tokens.weight`` (as is)
 ``layers.{i}.<module>.kernel (*I, *O)``     ``model.layers.{i}.<module>.weight`` transposed, reshaped
-``layers.{i}.<module>.scale_inv``           ``model.layers.{i}.<module>.weight_scale_inv`` transposed (FP8)
+``layers.{i}.<module>.kernel (*O, *I)``     the same, FP8-stored: ``weight`` as it is (``[out, in]``), reshaped
+``layers.{i}.<module>.scale_inv``           ``model.layers.{i}.<module>.weight_scale_inv`` as it is (FP8)
 ``layers.{i}.<norm>.weight``                ``model.layers.{i}.<norm>.weight``
 ``layers.{i}.mlp.gate.weight [D, E]``       ``model.layers.{i}.mlp.gate.weight [E, D]``
 ``...mlp.gate.e_score_correction_bias``     same name (float32)
 ``...mlp.experts.gate_proj [E, D, F]``      ``...mlp.experts.{e}.gate_proj.weight [F, D]`` for each e
-``...mlp.experts.gate_proj_scale_inv``      ``...mlp.experts.{e}.gate_proj.weight_scale_inv`` (FP8)
+``...mlp.experts.gate_proj [E, F, D]``      the same, FP8-stored: each expert's ``weight`` as it is
+``...mlp.experts.gate_proj_scale_inv``      ``...mlp.experts.{e}.gate_proj.weight_scale_inv`` (FP8, as it is)
 ``dense_layers`` / ``moe_layers`` (scan)    the same per layer, stacked on a leading axis (layer ``k + j``)
 ``norm.weight``, ``lm_head.kernel [D, V]``  ``model.norm.weight``, ``lm_head.weight [V, D]``
 ``mtp.{j}.enorm/hnorm/eh_proj``             ``model.layers.{L+j}.enorm/hnorm/eh_proj`` (L = num_hidden_layers)
@@ -47,9 +49,10 @@ class TensorRule:
       hf_name: the hub tensor name.
       leaf: the dsjax state path (tuple of keys / indices).
       index: leading indices inside the leaf this tensor fills (stacked layer, expert); ``()`` = whole leaf.
-      kind: ``"copy"`` (same layout), ``"linear"`` (hub ``[out, in]`` = transpose of the flattened kernel) or
-        ``"scale"`` (block scales, transposed).
-      n_in: number of leading "input" axes of the leaf slice (``linear`` only).
+      kind: ``"copy"`` (same layout), ``"linear"`` (hub ``[out, in]`` = transpose of the flattened kernel),
+        ``"fp8"`` (an FP8-stored weight: hub ``[out, in]`` reshaped to the leaf's ``(*O, *I)``) or ``"scale"``
+        (block scales, the hub layout).
+      n_in: number of "input" axes of the leaf slice (``linear``: the leading ones; ``fp8``: the trailing ones).
       sub_shape: shape of the leaf slice this tensor fills.
     """
 
@@ -65,7 +68,10 @@ class TensorRule:
         if self.kind == "copy":
             return self.sub_shape
         if self.kind == "scale":
-            return tuple(reversed(self.sub_shape))
+            return self.sub_shape
+        if self.kind == "fp8":
+            n_out = len(self.sub_shape) - self.n_in
+            return (math.prod(self.sub_shape[:n_out]), math.prod(self.sub_shape[n_out:]))
         n_in = math.prod(self.sub_shape[:self.n_in])
         n_out = math.prod(self.sub_shape[self.n_in:])
         return (n_out, n_in)
@@ -106,7 +112,16 @@ def _layer_rules(prefix: str, leaf: tuple, rel: tuple[str, ...], index: tuple, s
 
 
 def leaf_rules(cfg: ModelConfig, leaves: dict[tuple, tuple[int, ...]]) -> list[TensorRule]:
-    """All tensor rules for a model whose state leaves (path -> shape) are ``leaves``."""
+    """All tensor rules for a model whose state leaves (path -> shape) are ``leaves``. A weight with a block-scale
+    sibling (``scale_inv`` in its module, ``<name>_scale_inv`` beside an expert stack) is FP8-stored: kind
+    ``"fp8"``, in the hub's own layout."""
+    rules = _rules(cfg, leaves)
+    fp8 = {p[:-1] + (("kernel",) if p[-1] == "scale_inv" else (p[-1][:-len("_scale_inv")],))
+           for p in leaves if isinstance(p[-1], str) and p[-1].endswith("scale_inv")}
+    return [dataclasses.replace(r, kind="fp8") if r.kind == "linear" and r.leaf in fp8 else r for r in rules]
+
+
+def _rules(cfg: ModelConfig, leaves: dict[tuple, tuple[int, ...]]) -> list[TensorRule]:
     k, n = cfg.first_k_dense_replace, cfg.num_hidden_layers
     rules: list[TensorRule] = []
     for path, shape in leaves.items():

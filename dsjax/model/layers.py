@@ -107,7 +107,7 @@ class RMSNorm(nnx.Module):
 
 def use_fp8_weight_kernel(x_shape: tuple[int, int, int], w_shape: tuple[int, int, int],
                           fp8_block: tuple[int, int] | None) -> bool:
-    """Whether a decode-sized product ``x [G, M, K] @ w [E, K, N]`` with FP8-stored weights (``fp8_block``, the
+    """Whether a decode-sized product of ``x [G, M, K]`` and FP8-stored weights ``w [E, N, K]`` (``fp8_block``, the
     checkpoint's block size) runs the weight-only FP8 kernel, which reads the FP8 bytes and dequantises in registers,
     instead of dequantising the weights to a BF16 copy first. Needs DeepSeek's 128x128 blocks and the kernel's GPU
     and shape conditions (``pallas_kernels.fp8_weight_gemm``), and no active sharding plan: the kernel is a custom
@@ -118,14 +118,14 @@ def use_fp8_weight_kernel(x_shape: tuple[int, int, int], w_shape: tuple[int, int
 
 
 def fp8_weight_dot(x: jax.Array, wq: jax.Array, scale: jax.Array, index: jax.Array | None = None) -> jax.Array:
-    """``x [G, M, K] @ dequant(wq [E, K, N], scale [E, K/128, N/128]) -> [G, M, N]`` through the weight-only FP8
+    """``x [G, M, K] @ dequant(wq [E, N, K], scale [E, N/128, K/128])^T -> [G, M, N]`` through the weight-only FP8
     kernel (call it where :func:`use_fp8_weight_kernel` holds)."""
     return fp8_weight_matmul(x, wq, scale, index, implementation="pallas")
 
 
 def fp8_weight_swiglu_dot(x: jax.Array, gq: jax.Array, gs: jax.Array, uq: jax.Array, us: jax.Array,
                           index: jax.Array | None = None) -> jax.Array:
-    """``silu(x @ dequant(gq, gs)) * (x @ dequant(uq, us)) -> [G, M, F]``: gate, up and SwiGLU in one weight-only
+    """``silu(x @ dequant(gq, gs)^T) * (x @ dequant(uq, us)^T) -> [G, M, F]``: gate, up and SwiGLU in one weight-only
     FP8 kernel launch (call it where :func:`use_fp8_weight_kernel` holds for the gate)."""
     return fp8_weight_swiglu(x, gq, gs, uq, us, index, implementation="pallas")
 
@@ -134,9 +134,11 @@ class Linear(nnx.Module):
     """A bias-optional linear map ``[..., *I] -> [..., *O]`` with a kernel of shape ``(*I, *O)``.
 
     ``kernel`` is the transpose of the HF ``weight`` (``[out, in]``), reshaped to the feature groups, e.g. MLA's
-    ``q_b_proj`` has kernel ``(R_q, N, H)``. When the weight is kept in FP8 (``fp8=True``), ``kernel`` holds
-    float8_e4m3fn values and ``scale_inv`` the float32 block scales over the flattened ``(prod I, prod O)``
-    matrix; the kernel is dequantised on the fly (the FP8 GEMM kernels replace that in the FP8 path), except for
+    ``q_b_proj`` has kernel ``(R_q, N, H)``. When the weight is kept in FP8 (``fp8_block`` given), ``kernel`` holds
+    float8_e4m3fn values in the checkpoint's own layout, the HF ``weight`` reshaped to ``(*O, *I)`` (``q_b_proj``:
+    ``(N, H, R_q)``), and ``scale_inv`` the checkpoint's float32 block scales over the flattened
+    ``(prod O, prod I)`` matrix (``weight_scale_inv``): the layout the FP8 kernels read (K contiguous); the kernel is
+    dequantised on the fly (the FP8 GEMM kernels replace that in the FP8 path), except for
     decode-sized inputs on a GPU, which go through the weight-only FP8 kernel (:func:`fp8_weight_dot`).
     ``fp8_compute=True`` (FP8 *training*, ``ModelConfig.fp8``) runs the map through ``pallas_kernels.fp8_linear``:
     E4M3 forward and backward GEMMs on the flattened ``(prod I, prod O)`` kernel.
@@ -152,39 +154,39 @@ class Linear(nnx.Module):
         self.fp8_block = fp8_block
         self.fp8_compute = fp8_compute
         shape = self.in_features + self.out_features
-        axes = tuple(in_axes) + tuple(out_axes)
+        self.kernel_axes = tuple(in_axes) + tuple(out_axes)          # of the (*I, *O) compute-layout kernel
         if fp8_block is None:
-            self.kernel = make_param(rngs, _normal(init_std), shape, param_dtype, axes)
+            self.kernel = make_param(rngs, _normal(init_std), shape, param_dtype, self.kernel_axes)
             self.scale_inv = None
-        else:
-            self.kernel = make_param(None, 0.0, shape, jnp.float8_e4m3fn, axes)
-            rows = math.ceil(math.prod(self.in_features) / fp8_block[1])
-            cols = math.ceil(math.prod(self.out_features) / fp8_block[0])
+        else:   # the checkpoint's [out, in] layout, reshaped to (*O, *I); scales [ceil(O/bo), ceil(I/bi)]
+            self.kernel = make_param(None, 0.0, self.out_features + self.in_features, jnp.float8_e4m3fn,
+                                     tuple(out_axes) + tuple(in_axes))
+            rows = math.ceil(math.prod(self.out_features) / fp8_block[0])
+            cols = math.ceil(math.prod(self.in_features) / fp8_block[1])
             self.scale_inv = make_param(None, 1.0, (rows, cols), jnp.float32, (None, None), var_type=FP8Scale)
         self.bias = make_param(None, 0.0, self.out_features, param_dtype, tuple(out_axes)) if use_bias else None
 
     def weight(self) -> jax.Array:
         """The kernel in the compute dtype (dequantised when stored in FP8)."""
         w = self.kernel.get_value()
-        if self.scale_inv is not None:
+        if self.scale_inv is not None:      # FP8: the [out, in] matrix, dequantised, then transposed to (*I, *O)
             n_in, n_out = math.prod(self.in_features), math.prod(self.out_features)
-            # Block scales are defined on the HF [out, in] matrix; our kernel is its transpose.
-            w2 = weight_dequant(w.reshape(n_in, n_out).T, self.scale_inv.get_value().T, block_size=self.fp8_block,
+            w2 = weight_dequant(w.reshape(n_out, n_in), self.scale_inv.get_value(), block_size=self.fp8_block,
                                 out_dtype=jnp.float32)
-            w = w2.T.reshape(w.shape)
+            w = w2.T.reshape(self.in_features + self.out_features)
         return w.astype(self.dtype)
 
     def fp8_decode_operands(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array] | None:
-        """``(x [1, rows, K], kernel [1, K, N], scales [1, K/128, N/128])`` for the weight-only FP8 kernels when the
+        """``(x [1, rows, K], kernel [1, N, K], scales [1, N/128, K/128])`` for the weight-only FP8 kernels when the
         kernel is stored in FP8, the compute dtype is 16-bit and ``x`` is decode-sized
         (:func:`use_fp8_weight_kernel`); else None."""
         if self.scale_inv is None or jnp.dtype(self.dtype).itemsize != 2:
             return None
         k, n = math.prod(self.in_features), math.prod(self.out_features)
         rows = math.prod(x.shape[:x.ndim - len(self.in_features)])
-        if not use_fp8_weight_kernel((1, rows, k), (1, k, n), self.fp8_block):
+        if not use_fp8_weight_kernel((1, rows, k), (1, n, k), self.fp8_block):
             return None
-        return (x.astype(self.dtype).reshape(1, rows, k), self.kernel.get_value().reshape(1, k, n),
+        return (x.astype(self.dtype).reshape(1, rows, k), self.kernel.get_value().reshape(1, n, k),
                 self.scale_inv.get_value()[None])
 
     def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:

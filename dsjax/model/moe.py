@@ -205,8 +205,10 @@ def expert_ffn(xs: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array, group
 class RoutedExperts(nnx.Module):
     """E SwiGLU experts stored as ``gate_proj/up_proj [E, D, F]`` and ``down_proj [E, F, D]``.
 
-    With ``fp8_block`` set, weights are float8_e4m3fn with ``*_scale_inv [E, ceil(D/b), ceil(F/b)]``-style block
-    scales (defined on each expert's HF ``[out, in]`` matrix) and are dequantised before the grouped matmuls.
+    With ``fp8_block`` set, weights are float8_e4m3fn in the checkpoint's own ``[out, in]`` layout per expert
+    (``gate_proj/up_proj [E, F, D]``, ``down_proj [E, D, F]``: K contiguous, as the FP8 kernels read them) with
+    ``*_scale_inv [E, ceil(out/bo), ceil(in/bi)]`` block scales (each expert's ``weight_scale_inv``); they are
+    dequantised (and transposed) before the grouped matmuls, or read as they are by the weight-only FP8 kernels.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, fp8_block: tuple[int, int] | None = None):
@@ -221,15 +223,17 @@ class RoutedExperts(nnx.Module):
             if fp8_block is None:
                 setattr(self, name, make_param(rngs, init, shape, dtype_of(cfg.param_dtype), axes))
                 setattr(self, name + "_scale_inv", None)
-            else:
+            else:   # [E, out, in]
                 bo, bi = fp8_block
-                setattr(self, name, make_param(None, 0.0, shape, jnp.float8_e4m3fn, axes))
-                sshape = (e, -(-shape[1] // bi), -(-shape[2] // bo))
+                setattr(self, name, make_param(None, 0.0, (e, shape[2], shape[1]), jnp.float8_e4m3fn,
+                                               (axes[0], axes[2], axes[1])))
+                sshape = (e, -(-shape[2] // bo), -(-shape[1] // bi))
                 setattr(self, name + "_scale_inv", make_param(None, 1.0, sshape, jnp.float32, ("expert", None, None),
                                                               var_type=FP8Scale))
 
     def _w(self, name: str, experts: jax.Array | None = None) -> jax.Array:
-        """The compute-dtype weights of all experts, or of ``experts`` (ids, gathered *before* the cast/dequant)."""
+        """The compute-dtype weights of all experts, or of ``experts`` (ids, gathered *before* the cast/dequant), in
+        the ``[E, in, out]`` compute layout (FP8-stored ``[E, out, in]`` weights dequantised and transposed)."""
         w = getattr(self, name).get_value()
         s = getattr(self, name + "_scale_inv")
         if experts is not None:
@@ -237,8 +241,8 @@ class RoutedExperts(nnx.Module):
         if s is not None:
             bo, bi = self.fp8_block
             s = s.get_value() if experts is None else jnp.take(s.get_value(), experts, axis=0)
-            full = jnp.repeat(jnp.repeat(s, bi, axis=1), bo, axis=2)[:, :w.shape[1], :w.shape[2]]
-            w = w.astype(jnp.float32) * full
+            full = jnp.repeat(jnp.repeat(s, bo, axis=1), bi, axis=2)[:, :w.shape[1], :w.shape[2]]
+            w = jnp.swapaxes(w.astype(jnp.float32) * full, 1, 2)
         return w.astype(dtype_of(self.cfg.dtype))
 
     def __call__(self, x: jax.Array, indices: jax.Array, weights: jax.Array, *, decode: bool = False) -> jax.Array:
@@ -266,8 +270,14 @@ class RoutedExperts(nnx.Module):
         y = _permute(ys, inverse, order).reshape(t, k, -1)       # back to token order
         return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights).astype(dt)
 
+    def _w_shape(self, name: str) -> tuple[int, int]:
+        """``(in, out)`` of one expert's ``name`` matrix in the compute layout."""
+        d, f = self.cfg.hidden_size, self.cfg.moe_intermediate_size
+        return (f, d) if name == "down_proj" else (d, f)
+
     def _fp8_kernel(self, x_shape: tuple[int, int, int], name: str) -> bool:
-        """Whether ``x [G, M, K]`` times the FP8-stored ``name`` weights runs the weight-only FP8 kernel."""
+        """Whether ``x [G, M, K]`` times the FP8-stored ``name`` weights (``[E, N, K]``) runs the weight-only FP8
+        kernel."""
         return self.fp8_block is not None and layers.use_fp8_weight_kernel(
             x_shape, getattr(self, name).get_value().shape, self.fp8_block)
 
@@ -297,7 +307,7 @@ class RoutedExperts(nnx.Module):
             xg = jnp.broadcast_to(x.astype(dt)[:, None, None], (t, k, 1, x.shape[-1])).reshape(t * k, 1, -1)
             y = self._fp8_mm(self._fp8_swiglu(xg, flat), "down_proj", flat).reshape(t, k, -1)
             return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights).astype(dt)
-        w = lambda name: self._w(name, flat).reshape(t, k, *getattr(self, name).shape[1:])  # noqa: E731
+        w = lambda name: self._w(name, flat).reshape(t, k, *self._w_shape(name))  # noqa: E731
         xd = x.astype(dt)
         h = jax.nn.silu(jnp.einsum("td,tkdf->tkf", xd, w("gate_proj"))) * jnp.einsum("td,tkdf->tkf", xd,
                                                                                      w("up_proj"))

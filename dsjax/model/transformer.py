@@ -457,6 +457,6 @@ def dequantize_for_decoding(model: Transformer) -> Transformer:
         for name in _DEQUANTIZED_FOR_DECODING:
             lin = getattr(layer.self_attn, name)
             if lin.scale_inv is not None:
-                lin.kernel = nnx.Param(lin.weight(), logical_axes=lin.kernel.logical_axes)
+                lin.kernel = nnx.Param(lin.weight(), logical_axes=lin.kernel_axes)
                 lin.scale_inv = None
     return model
