@@ -45,6 +45,10 @@ flags.DEFINE_bool("fp8_weights", False, "Also time the same model with its MLA, 
                   "FP8 (E4M3, 128x128 block scales, as DeepSeek-V3's checkpoints ship; dequantised on the fly): "
                   "saved as a hub folder and loaded with load_hf(keep_fp8=True). Its roof counts those weights at "
                   "1 byte + scales.")
+flags.DEFINE_multi_integer("fp8_kernel_min_rows", [], "With --fp8_weights: time the FP8 model once per value of "
+                           "dsjax.model.layers.FP8_KERNEL_MIN_ROWS (products with fewer rows per group take XLA's "
+                           "dequantise + einsum instead of the weight-only kernel; 1 = the kernel always) instead of "
+                           "once at the library's value.")
 flags.DEFINE_string("mesh", "", "Also time generation on a device mesh, e.g. 'data=2' or 'expert=2' (MeshConfig "
                     "fields, comma-separated; dsjax.generate's plan= path, jit_generate). Its prefill column is a "
                     "generate of one new token; its decode rate the difference to the full generate.")
@@ -109,7 +113,26 @@ def _row(impl: str, cfg, b: int, t_pre: float, t_all: float, **extra) -> dict:
             **extra}
 
 
-def bench_dsjax(model, b: int, label: str = "dsjax", sampling_overrides: list[str] = ()) -> dict:
+def bench_dsjax(model, b: int, label: str = "dsjax", sampling_overrides: list[str] = (), fp8_min_rows=None) -> dict:
+    """One row: ``model`` generating at batch ``b``; ``fp8_min_rows`` sets ``layers.FP8_KERNEL_MIN_ROWS`` for this
+    row (jit caches cleared before and after: the setting is read when a step is traced)."""
+    import jax
+
+    from dsjax.model import layers
+
+    if fp8_min_rows is None:
+        return _bench_dsjax(model, b, label, sampling_overrides)
+    saved = layers.FP8_KERNEL_MIN_ROWS
+    layers.FP8_KERNEL_MIN_ROWS = fp8_min_rows
+    jax.clear_caches()
+    try:
+        return _bench_dsjax(model, b, label, sampling_overrides)
+    finally:
+        layers.FP8_KERNEL_MIN_ROWS = saved
+        jax.clear_caches()
+
+
+def _bench_dsjax(model, b: int, label: str, sampling_overrides) -> dict:
     import jax
     from flax import nnx
 
@@ -241,9 +264,11 @@ def main(argv):
     for text in FLAGS.variant:
         model_over, sampling_over = split_variant(text)
         variants.append((f"dsjax, {text}", dsjax.Transformer(apply_overrides(cfg, model_over), rngs=nnx.Rngs(0))
-                         if model_over else model, sampling_over))
+                         if model_over else model, sampling_over, None))
     if FLAGS.fp8_weights:
-        variants.append((FP8_LABEL, fp8_weights_model(model), []))
+        fp8_model = fp8_weights_model(model)
+        for rows in FLAGS.fp8_kernel_min_rows or [None]:
+            variants.append((FP8_LABEL + ("" if rows is None else f", kernel from {rows} rows"), fp8_model, [], rows))
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind}, jax {jax.__version__}", flush=True)
     rows = []
@@ -253,9 +278,9 @@ def main(argv):
         except Exception as e:  # noqa: BLE001
             rows.append({"impl": "dsjax", "batch": b, "error": f"{type(e).__name__}: {str(e)[:300]}"})
         print(json.dumps(rows[-1]), flush=True)
-        for label, variant, sampling_over in variants:
+        for label, variant, sampling_over, fp8_min_rows in variants:
             try:
-                rows.append(bench_dsjax(variant, b, label, sampling_over))
+                rows.append(bench_dsjax(variant, b, label, sampling_over, fp8_min_rows))
             except Exception as e:  # noqa: BLE001
                 rows.append({"impl": label, "batch": b, "error": f"{type(e).__name__}: {e}"[:300]})
             print(json.dumps(rows[-1]), flush=True)
@@ -285,7 +310,7 @@ def main(argv):
                          f"{r['peak_gib']:.1f} (device 0) |")
             continue
         roof = r["batch"] * bw / dsjax.decode_bytes_per_step(cfg, r["batch"], context,
-                                                            fp8_weights=r["impl"] == FP8_LABEL)["total"]
+                                                            fp8_weights=r["impl"].startswith(FP8_LABEL))["total"]
         ours = r["impl"].startswith("dsjax") and r["batch"] in hf
         ratio = f"{r['decode_tok_s'] / hf[r['batch']]['decode_tok_s']:.1f}x" if ours else ""
         roof_hf = f"{roof / hf[r['batch']]['decode_tok_s']:.1f}x" if ours else ""

@@ -20,10 +20,12 @@ Two choices measured on an H200 (session 16, CUPTI kernel time, `small`'s batch-
 512): the weight tile read K-contiguous (``[out, in]``) instead of N-contiguous (``[in, out]``), and float16 MMA
 operands (E4M3 -> float16 is one conversion instruction per two values; to bfloat16 it takes a float32 detour):
 20.6 us ([in, out], bf16) -> 16.0 ([out, in], bf16) -> 12.5 ([out, in], f16), against 18.6 us for XLA's BF16 GEMM of
-the same shape. float16 has 5 exponent bits where bf16 activations have 8, so x goes in scaled per row by a power of
-two that puts its largest magnitude in ``[2^14, 2^15)`` (exact: only the exponent changes; values below ``2^-24`` of
-the row's maximum lose bits), and the float32 result is scaled back: no overflow for any finite bf16 input, and
-float16's 11-bit significand keeps all of bf16's 8.
+the same shape. float16 has 5 exponent bits where bf16 activations have 8, so inside the kernel each x tile is
+scaled per row by a power of two that puts its largest magnitude in ``[2^14, 2^15)`` (exact: only the exponent
+changes; values below ``2^-24`` of the row's maximum lose bits), and that K block's float32 partial product is
+scaled back with its block scale: no overflow for any finite bf16 input, and float16's 11-bit significand keeps all
+of bf16's 8. (Scaling x with XLA ops before the call instead cost a few small kernels per projection: batch-1
+decoding with FP8-stored weights fell from 1.16x to 0.89x of BF16, session 16.)
 
 ``fp8_weight_swiglu(x, gq, gs, uq, us, index)`` is the SwiGLU front half of an MLP or expert in one kernel:
 ``silu(x @ dequant(gq, gs)^T) * (x @ dequant(uq, us)^T)`` (``[G, M, F]``; gate and up weights of one shape), x read once,
@@ -141,30 +143,32 @@ MMA_DTYPE = "f16"
 _F16_TOP = 15          # a scaled row's largest magnitude lies in [2^14, 2^15), below float16's 65504
 
 
-def _row_scale(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(x * 2^e` in float16, 2^-e [G, M] float32)`` with one power of two ``2^e`` per row of ``x [G, M, K]``
-    that puts the row's largest magnitude in ``[2^14, 2^15)`` (all-zero rows: ``e = 15``). Exact: only exponents
-    change (values below ``2^-24`` of the row's maximum become float16 subnormals and lose bits)."""
-    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1)
-    _, ex = jnp.frexp(amax)                                      # amax < 2^ex
-    e = jnp.clip(_F16_TOP - ex, -120, 120).astype(jnp.int32)
-    up = lax.bitcast_convert_type((e + 127) << 23, jnp.float32)  # 2^e, 2^-e as float32 bit patterns
-    down = lax.bitcast_convert_type((127 - e) << 23, jnp.float32)
-    return (x.astype(jnp.float32) * up[..., None]).astype(jnp.float16), down
+def _f16_operand(xk: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(xk * 2^e` in float16, 2^-e [rows] float32)`` with one power of two ``2^e`` per row of the x tile
+    ``xk [Mp, 128]`` that puts the row's largest magnitude in ``[2^14, 2^15)``, read off the float32 exponent
+    bits (jnp ops the Triton lowering takes; ``2^e`` clipped to ``[2^-126, 2^126]``, all-zero rows included).
+    Exact: only exponents change (values below ``2^-24`` of the row's maximum become float16 subnormals)."""
+    xf = xk.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(xf), axis=1)                                  # [Mp], in [2^(ex-127), 2^(ex-126))
+    ex = (lax.bitcast_convert_type(amax, jnp.int32) >> 23) & 0xFF        # biased exponent
+    up = jnp.clip(127 + _F16_TOP + 126 - ex, 1, 253)                     # biased exponent of 2^e
+    scale = lax.bitcast_convert_type(up << 23, jnp.float32)
+    inverse = lax.bitcast_convert_type((254 - up) << 23, jnp.float32)    # 2^-e
+    return (xf * scale[:, None]).astype(jnp.float16), inverse
 
 
 def _kernel(*refs, kb: int, bn: int, indexed: bool, swiglu: bool = False, scaled: bool = False, splits: int = 1):
     """One program: x group ``g`` times output rows ``j*bn...`` of its weight (gate *and* up under ``swiglu``),
     over the K blocks of split ``program_id(2)`` (``kb`` of them). The weight tile is ``[bn, 128]`` (K contiguous),
-    converted to x's dtype (float16 when ``scaled``: then x arrives scaled per row and ``r [G, Mp]`` holds the
-    inverse scales, applied to the float32 accumulators).
+    converted to the MMA operand type: bfloat16, or float16 when ``scaled``, each x tile then scaled per row by a
+    power of two (:func:`_f16_operand`) whose inverse multiplies that K block's float32 partial product along with
+    the block scale.
     ``splits > 1`` (split-K): the program writes its float32 partial products (gate then up, under ``swiglu``)
     to ``o [S, G, Mp, N or 2N]``; the caller sums the splits (and applies the SwiGLU)."""
     from jax.experimental import pallas as pl
 
     idx_ref, refs = (refs[0], refs[1:]) if indexed else (None, refs)
     x_ref, o_ref = refs[0], refs[-1]
-    r_ref = refs[-2] if scaled else None
     pairs = [(refs[1], refs[2])] + ([(refs[3], refs[4])] if swiglu else [])    # (weights, scales) per product
     g, j, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     e = idx_ref[g] if indexed else g                            # this program's weight in the stack
@@ -173,17 +177,21 @@ def _kernel(*refs, kb: int, bn: int, indexed: bool, swiglu: bool = False, scaled
     def body(t, accs):
         i = sp * kb + t                                        # the K block
         xk = x_ref[g, :, pl.ds(i * BLOCK, BLOCK)]              # [Mp, 128]
+        if scaled:
+            xk, inverse = _f16_operand(xk)
+        else:
+            xk = xk.astype(jnp.bfloat16)
         out = []
         for (w_ref, s_ref), acc in zip(pairs, accs):
-            wk = w_ref[e, pl.ds(j * bn, bn), pl.ds(i * BLOCK, BLOCK)].astype(xk.dtype)   # [bn, 128], E4M3 -> x's
-            out.append(acc + jnp.dot(xk, wk.T, preferred_element_type=jnp.float32) * s_ref[e, nb, i])
+            wk = w_ref[e, pl.ds(j * bn, bn), pl.ds(i * BLOCK, BLOCK)].astype(xk.dtype)   # [bn, 128], E4M3 -> MMA
+            d = jnp.dot(xk, wk.T, preferred_element_type=jnp.float32) * s_ref[e, nb, i]
+            if scaled:   # after the block scale: s * 2^-e alone may be a float32 subnormal (flushed to zero)
+                d = d * inverse[:, None]
+            out.append(acc + d)
         return tuple(out)
 
     zeros = jnp.zeros((x_ref.shape[1], bn), jnp.float32)
     accs = lax.fori_loop(0, kb, body, tuple(zeros for _ in pairs))
-    if scaled:
-        r = r_ref[g, :][:, None]                               # [Mp, 1] the rows' inverse scales
-        accs = tuple(acc * r for acc in accs)
     if splits > 1:
         n = pairs[0][0].shape[1]
         for h, acc in enumerate(accs):
@@ -231,18 +239,11 @@ def _pallas(x, wq, s, index=None, *, interpret: bool, bn: int = TILE_N, num_warp
         raise ValueError(f"fp8_weight_matmul: splits={splits} must divide K/128 = {kb}")
     mp = _rows(m)
     xin = jnp.pad(x, ((0, 0), (0, mp - m), (0, 0))) if mp != m else x
-    scaled = mma_dtype == "f16"
-    extra_in = ()
-    if scaled:
-        xin, r = _row_scale(xin)
-        extra_in = (r,)
-    else:
-        xin = xin.astype(jnp.bfloat16)
     parts = 2 if up is not None else 1
     out_shape = ((g, mp, n), x.dtype) if splits == 1 else ((splits, g, mp, parts * n), jnp.float32)
     call = pl.pallas_call(
         functools.partial(_kernel, kb=kb // splits, bn=bn, indexed=index is not None, swiglu=up is not None,
-                          scaled=scaled, splits=splits),
+                          scaled=mma_dtype == "f16", splits=splits),
         grid=(g, n // bn, splits),
         out_shape=jax.ShapeDtypeStruct(*out_shape),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
@@ -250,7 +251,7 @@ def _pallas(x, wq, s, index=None, *, interpret: bool, bn: int = TILE_N, num_warp
     )
     lead = () if index is None else (index.astype(jnp.int32),)
     extra = () if up is None else (up[0], up[1].astype(jnp.float32))
-    out = call(*lead, xin, wq, s.astype(jnp.float32), *extra, *extra_in)
+    out = call(*lead, xin, wq, s.astype(jnp.float32), *extra)
     if splits > 1:                                              # the split-K partial sums, added here (XLA fuses
         out = out.sum(0)                                        # this into one small reduction)
         if up is not None:

@@ -327,3 +327,24 @@ def test_unstacking_an_fp8_model_dequantizes_what_decoding_would_every_step(tmp_
             assert orig.scale_inv is not None
             np.testing.assert_array_equal(flat.layers[1].self_attn.kv_b_proj.kernel[...], orig.weight())
             np.testing.assert_array_equal(got, want)
+
+
+def test_single_row_fp8_products_take_xla_and_larger_ones_the_kernel(monkeypatch):
+    """``layers.FP8_KERNEL_MIN_ROWS``: a decode-sized FP8 product with one row per group (batch-1 decoding) takes the
+    XLA form (a matrix-vector reduction that reads the E4M3 weights), two or more rows the weight-only kernel; 1
+    sends every product to the kernel. Both forms compute the same maths (the kernel tests above)."""
+    from dsjax.model import layers
+
+    seen = []
+    monkeypatch.setattr(layers, "fp8_weight_matmul", lambda *a, implementation: seen.append(implementation))
+    monkeypatch.setattr(layers, "fp8_weight_swiglu", lambda *a, implementation: seen.append(implementation))
+    w, s = jnp.zeros((1, 128, 128), jnp.float8_e4m3fn), jnp.ones((1, 1, 1))
+    for rows in (1, 2, 32):
+        x = jnp.zeros((1, rows, 128), jnp.bfloat16)
+        layers.fp8_weight_dot(x, w, s)
+        layers.fp8_weight_swiglu_dot(x, w, s, w, s)
+    assert seen == ["xla"] * 2 + ["pallas"] * 4
+    monkeypatch.setattr(layers, "FP8_KERNEL_MIN_ROWS", 1)
+    seen.clear()
+    layers.fp8_weight_dot(jnp.zeros((1, 1, 128), jnp.bfloat16), w, s)
+    assert seen == ["pallas"]
