@@ -242,6 +242,34 @@ def test_unstacked_layers_decode_like_the_scanned_model():
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
 
 
+def test_unstacked_model_carries_mla_decode_copies():
+    """``unstack_layers`` gives every MLA module (layers and MTP blocks) its decoding copies: ``W_UK``/``W_UV``
+    equal to ``kv_b_proj``'s halves and ``qkv_a`` equal to the two down-projection kernels side by side, so the
+    decode loop re-derives neither; the forward is unchanged, an unscanned model's own modules stay untouched, and
+    a prepared model is returned as is."""
+    from dsjax.model import unstack_layers
+    from dsjax.model.layers import DecodeCopy
+
+    for scan in (True, False):
+        model = dsjax.Transformer(dsjax.configs.tiny(scan_layers=scan, num_nextn_predict_layers=1),
+                                  rngs=nnx.Rngs(5))
+        flat = unstack_layers(model)
+        mlas = [layer.self_attn for layer in flat.layers] + [flat.mtp[0].block.self_attn]
+        c = model.cfg.qk_nope_head_dim
+        for attn in mlas:
+            w = attn.kv_b_proj.weight()
+            assert isinstance(attn.w_uk, DecodeCopy) and isinstance(attn.qkv_a, DecodeCopy)
+            np.testing.assert_array_equal(attn.w_uk[...], w[..., :c])
+            np.testing.assert_array_equal(attn.w_uv[...], w[..., c:])
+            np.testing.assert_array_equal(attn.qkv_a[...], np.concatenate(
+                [attn.q_a_proj.weight(), attn.kv_a_proj_with_mqa.weight()], axis=-1))
+        if not scan:
+            assert model.layers[0].self_attn.w_uk is None
+        assert unstack_layers(flat) is flat
+        ids = jnp.asarray([[1, 5, 9, 22, 40, 3, 7, 8]])
+        np.testing.assert_allclose(_forward(flat, ids), _forward(model, ids), atol=1e-5)
+
+
 def test_unstacked_master_weights_are_copied_in_the_compute_dtype():
     """float32 master weights with bf16 compute (GRPO rollouts): the unstacked copy holds the matmul weights in bf16
     (half the memory and the decode reads), exactly the cast each use makes, and the router and norms in float32.

@@ -25,6 +25,7 @@ from dsjax.sharding import current_plan
 __all__ = [
     "RoutingBias",
     "FP8Scale",
+    "DecodeCopy",
     "dtype_of",
     "make_param",
     "RMSNorm",
@@ -44,6 +45,11 @@ class RoutingBias(nnx.Variable):
 
 class FP8Scale(nnx.Variable):
     """Block scales (``weight_scale_inv``) of a weight kept in FP8; non-trainable."""
+
+
+class DecodeCopy(nnx.Variable):
+    """A weight derived from a model's parameters for decoding (e.g. MLA's ``W_UK``/``W_UV`` halves of ``kv_b_proj``),
+    made once per generate call by ``dsjax.model.unstack_layers``; never trained or saved."""
 
 
 def dtype_of(name: str) -> jnp.dtype:

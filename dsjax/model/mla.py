@@ -35,7 +35,7 @@ from flax import nnx
 
 from dsjax.configs import ModelConfig
 from dsjax.model.cache import write_layer_rows
-from dsjax.model.layers import Linear, RMSNorm, dtype_of
+from dsjax.model.layers import DecodeCopy, Linear, RMSNorm, dtype_of
 from dsjax.model.rope import apply_rope
 from dsjax.sharding import map_shards
 from pallas_kernels.hardware import hopper_or_newer
@@ -176,24 +176,63 @@ class MLA(nnx.Module):
                                 fp8_compute=cfg.fp8_compute("kv_b_proj"), **kw)
         self.o_proj = Linear((n, cfg.v_head_dim), d, in_axes=("heads", "v_head"), out_axes=("embed",),
                              use_bias=cfg.attention_bias, fp8_compute=cfg.fp8_compute("o_proj"), **kw)
+        # Decoding copies (DecodeCopy variables; set by `add_decode_copies`, None otherwise): W_UK and W_UV as their
+        # own arrays, and q_a_proj's and kv_a_proj_with_mqa's kernels side by side for one GEMM.
+        self.w_uk, self.w_uv, self.qkv_a = nnx.data(None), nnx.data(None), nnx.data(None)
+
+    def add_decode_copies(self) -> list:
+        """Gives this module the weights decoding would otherwise re-derive on every step, as
+        :class:`~dsjax.model.layers.DecodeCopy` variables: ``w_uk [R, N, C]`` and ``w_uv [R, N, V]``, the halves of
+        ``kv_b_proj`` that the absorbed attention folds into the query and the output, and -- when both are plain
+        (not FP8, no bias) -- ``qkv_a [D, Q + R + P]``, ``q_a_proj``'s and ``kv_a_proj_with_mqa``'s kernels side by
+        side, so that both projections of ``x`` are one GEMM. XLA would slice ``kv_b_proj`` and concatenate the two
+        kernels (its dot merger) inside the decode loop, a copy of each per layer and step: it does not hoist slices
+        out of loops. Returns the new variables (to pass through one ``optimization_barrier``)."""
+        w = self.kv_b_proj.weight()
+        c = self.cfg.qk_nope_head_dim
+        axes = self.kv_b_proj.kernel_axes
+        self.w_uk = DecodeCopy(w[..., :c], logical_axes=axes)
+        self.w_uv = DecodeCopy(w[..., c:], logical_axes=axes)
+        made = [self.w_uk, self.w_uv]
+        a, kv = self.q_a_proj, self.kv_a_proj_with_mqa
+        if (a is not None and all(m.scale_inv is None and m.bias is None and not m.fp8_compute for m in (a, kv))
+                and a.dtype == kv.dtype):
+            self.qkv_a = DecodeCopy(jnp.concatenate([a.weight(), kv.weight()], axis=-1),
+                                    logical_axes=("embed", None))
+            made.append(self.qkv_a)
+        return made
 
     # ----------------------------------------------------------------- projections
-    def project_q(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``x [B,S,D] -> (q_nope [B,S,N,C], q_rot [B,S,N,P])`` with RoPE applied to ``q_rot``."""
+    def project_q(self, x: jax.Array, cos: jax.Array, sin: jax.Array, q_a: jax.Array | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
+        """``x [B,S,D] -> (q_nope [B,S,N,C], q_rot [B,S,N,P])`` with RoPE applied to ``q_rot`` (``q_a``: the
+        ``q_a_proj(x)`` output when already computed)."""
         if self.q_proj is not None:
             q = self.q_proj(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x) if q_a is None else q_a))
         c = self.cfg.qk_nope_head_dim
         return q[..., :c], apply_rope(q[..., c:], cos, sin)
 
-    def project_latent(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``x [B,T,D] -> (c_kv [B,T,R] post-norm, k_rot [B,T,P] post-RoPE)``: the cacheable per-token state."""
-        kv = self.kv_a_proj_with_mqa(x)
+    def project_latent(self, x: jax.Array, cos: jax.Array, sin: jax.Array, kv: jax.Array | None = None
+                       ) -> tuple[jax.Array, jax.Array]:
+        """``x [B,T,D] -> (c_kv [B,T,R] post-norm, k_rot [B,T,P] post-RoPE)``: the cacheable per-token state
+        (``kv``: the ``kv_a_proj_with_mqa(x)`` output when already computed)."""
+        kv = self.kv_a_proj_with_mqa(x) if kv is None else kv
         r = self.cfg.kv_lora_rank
         return self.kv_a_layernorm(kv[..., :r]), apply_rope(kv[..., r:], cos, sin)
 
+    def _project(self, x, cos, sin):
+        """``(q_nope, q_rot), (c_kv, k_rot)``: with a ``qkv_a`` decode copy, both down-projections as one GEMM."""
+        if self.qkv_a is None:
+            return self.project_q(x, cos, sin), self.project_latent(x, cos, sin)
+        y = jnp.einsum("...d,de->...e", x.astype(self.q_a_proj.dtype), self.qkv_a.get_value())
+        q = self.cfg.q_lora_rank
+        return self.project_q(x, cos, sin, y[..., :q]), self.project_latent(x, cos, sin, y[..., q:])
+
     def _w_uk_uv(self) -> tuple[jax.Array, jax.Array]:
+        if self.w_uk is not None:
+            return self.w_uk.get_value(), self.w_uv.get_value()
         w = self.kv_b_proj.weight()  # (R, N, C+V)
         c = self.cfg.qk_nope_head_dim
         return w[..., :c], w[..., c:]
@@ -314,8 +353,7 @@ class MLA(nnx.Module):
         row ``[B]``) of layer ``layer`` only, attention runs over all ``T`` cached tokens of that layer
         (``mask [B,S,T]``) and ``latent`` is the updated stack (so a decode step never copies every layer's cache).
         """
-        q_nope, q_rot = self.project_q(x, cos, sin)
-        c_kv, k_rot = self.project_latent(x, cos, sin)
+        (q_nope, q_rot), (c_kv, k_rot) = self._project(x, cos, sin)
         latent = (c_kv, k_rot)
         if cache is not None:
             idx = 0 if cache_index is None else cache_index

@@ -406,17 +406,21 @@ def unstack_layers(model: Transformer) -> Transformer:
     the bytes on every step: XLA on the CPU does that (its barrier is expanded before the loop passes, so there it
     happens anyway); on an H200 the compiled loop carries the cast copies. Router weights, norms and biases keep
     their dtype. A model built with
-    ``scan_layers=False`` is copied only for that cast (else returned as is). FP8 training mode (whose GEMMs
-    quantise the master copy) is copied as it is. FP8-stored weights stay FP8 (decode-sized products read them
+    ``scan_layers=False`` is copied only for that cast (else its module graph is copied, sharing the arrays). FP8
+    training mode (whose GEMMs quantise the master copy) is copied as it is. Every MLA module gets its decoding
+    copies (:func:`add_decode_copies`); a model that has them is returned as is. FP8-stored weights stay FP8 (decode-sized products read them
     through the weight-only FP8 kernels), except MLA's ``kv_a_proj_with_mqa`` and ``kv_b_proj``
     (:func:`dequantize_for_decoding`), which decoding would otherwise dequantise on every step; an unscanned FP8
     model is copied for that.
     """
     cfg = model.cfg
+    if _has_decode_copies(model):
+        return model
     compute = dtype_of(cfg.dtype)
     cast = not cfg.fp8 and model.fp8_block is None and compute != dtype_of(cfg.param_dtype)
     if not cfg.scan_layers and not cast:
-        return model if model.fp8_block is None else dequantize_for_decoding(nnx.merge(*nnx.split(model)))
+        flat = nnx.merge(*nnx.split(model))          # a copy of the module graph; the arrays are shared
+        return add_decode_copies(flat if model.fp8_block is None else dequantize_for_decoding(flat))
     flat_cfg = dataclasses.replace(cfg, scan_layers=False)
     graphdef, target = nnx.split(abstract_model(flat_cfg, fp8=model.fp8_block is not None))
     src = dict(nnx.to_flat_state(nnx.state(model)))
@@ -435,7 +439,27 @@ def unstack_layers(model: Transformer) -> Transformer:
             values[p] = v
     out = {path: t.replace(values[path]) for path, t in nnx.to_flat_state(target)}
     flat = nnx.merge(graphdef, nnx.State.from_flat_path(out))
-    return flat if model.fp8_block is None else dequantize_for_decoding(flat)
+    return add_decode_copies(flat if model.fp8_block is None else dequantize_for_decoding(flat))
+
+
+def _mla_modules(model: Transformer) -> list:
+    return [layer.self_attn for layer in [*(model.layers or ()), *(m.block for m in model.mtp)]]
+
+
+def _has_decode_copies(model: Transformer) -> bool:
+    mlas = [] if model.cfg.scan_layers else _mla_modules(model)
+    return bool(mlas) and all(m.w_uk is not None for m in mlas)
+
+
+def add_decode_copies(model: Transformer) -> Transformer:
+    """Gives every MLA module of an unscanned model its decoding copies (:meth:`MLA.add_decode_copies`: ``W_UK``
+    and ``W_UV`` split out of ``kv_b_proj``, the two down-projection kernels side by side), made here once instead
+    of inside the decode loop on every step, passed through one ``lax.optimization_barrier`` so that XLA cannot
+    sink them back into the loop. Changes ``model`` in place and returns it."""
+    made = [v for mla in _mla_modules(model) for v in mla.add_decode_copies()]
+    for var, value in zip(made, jax.lax.optimization_barrier([v.get_value() for v in made])):
+        var.set_value(value)
+    return model
 
 
 # FP8-stored projections that decoding uses only through their dequantised weights: the absorbed attention folds
