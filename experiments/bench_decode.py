@@ -271,6 +271,7 @@ def main(argv):
             variants.append((FP8_LABEL + ("" if rows is None else f", kernel from {rows} rows"), fp8_model, [], rows))
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind}, jax {jax.__version__}", flush=True)
+    bw = copy_bandwidth()   # first, so the table follows the last row at once (a limit once struck in between)
     rows = []
     for b in [int(x) for x in FLAGS.batch_sizes.split(",")]:
         try:
@@ -294,7 +295,6 @@ def main(argv):
         if FLAGS.hf:
             rows.append(bench_hf(b))
             print(json.dumps(rows[-1]), flush=True)
-    bw = copy_bandwidth()
     context = FLAGS.prompt_len + FLAGS.new_tokens / 2
     hf = {r["batch"]: r for r in rows if r["impl"] == "HF transformers" and "error" not in r}
     lines = ["| impl | batch | prefill tok/s | decode tok/s | decode vs HF | roof tok/s | % of roof | roof vs HF | "

@@ -1,27 +1,29 @@
 # Ready device calls (next session), each under a 10-minute call:
-#   part 1 (one GPU): decoding at batch 1 and 32 against HF with BF16 and FP8-stored weights, recorded: session 15's
-#           split-K in the weight-only FP8 kernel made FP8 weights 1.16x faster than BF16 at batch 1 (0.85x at 32)
-#           but that call had no HF run and no --record. Then a batch-1 profile of both (what is left at batch 1).
+#   part 1 (one GPU): did session 16's decode copies (unstack_layers -> add_decode_copies: W_UK/W_UV and the merged
+#           q_a|kv_a kernel made once per call) remove the per-step slices and the dot-merger concatenation from the
+#           compiled batch-32 loop? (tools/decode_hlo_ops.py: look for [256,16,64] slices and a [1024,672]
+#           concatenate inside the while body); then decoding at batch 1 and 32 against HF with BF16 and FP8-stored
+#           weights, recorded, and a batch-32 profile of both (session 16's FP8 numbers came from calls on different
+#           machines: 1.37x / 1.05x BF16 in one process).
 #   part 2 (nvidia-h200-x2 or h100-x2: two GPUs): generation on a mesh against one device in one process
 #           (bench_decode --mesh; session 15's sharded generation is tested for equality on 2 H200s but not timed):
 #           data=2 (each GPU decodes half the rows) and expert=2 (the all-to-all per decode step).
-#   part 3 (one GPU): the weight-only FP8 kernel's table in CUPTI kernel time (bench_fp8_weight_gemm's new default
-#           --timer=kernels; the loop timer's ~11 us per call hid the batch-1 problem split-K fixed) with the split-K
-#           sweep (is 132 programs the right threshold? does the batch-32 expert GEMM gain from 2 splits?), then the
-#           MLA decode-kernel sweep with V3's batch-32 row (64-head blocks / 8 warps), cut off by session 15's limit.
+#   part 3 (one GPU): the MLA decode-kernel sweep with V3's batch-32 row (cut off by the 150 s / 200 s limits of
+#           sessions 15 and 16), then the weight-only FP8 kernel's table again (session 16 recorded it once).
 #   run: setsid nohup bash tools/device/next_session.sh 1 > /tmp/x.log 2>&1 < /dev/null & sleep 5; \
 #        bash tools/device/poll.sh 560          (carry: .whl; copy the records out of $OUT by hand)
 source tools/device/setup.sh
 if [ "$1" = 1 ]; then
-  timeout 330 python3 -m experiments.bench_decode --batch_sizes=1,32 --fp8_weights --hf --hf_timeout_s=120 \
+  timeout 90 python3 tools/decode_hlo_ops.py small 32 > /tmp/hlo_ops.txt 2>&1
+  timeout 330 python3 -m experiments.bench_decode --batch_sizes=1,32 --fp8_weights --hf --hf_timeout_s=90 \
       --record > /tmp/decode.txt 2>&1
   cp docs/benchmarks.md /tmp/bm_after_decode.md.txt
-  timeout 150 python3 -m experiments.bench_decode --batch_sizes=1 --fp8_weights --profile --profile_top=60 \
+  timeout 120 python3 -m experiments.bench_decode --batch_sizes=32 --fp8_weights --profile --profile_top=30 \
       --repeats=1 > /tmp/decode_prof.txt 2>&1
 elif [ "$1" = 3 ]; then
-  timeout 330 python3 -m experiments.bench_fp8_weight_gemm --record > /tmp/fp8w_bench.txt 2>&1
-  cp docs/benchmarks.md /tmp/bm_after_fp8w.md.txt
-  timeout 200 python3 -m experiments.bench_mla_decode --record > /tmp/mla_bench.txt 2>&1
+  timeout 330 python3 -m experiments.bench_mla_decode --record > /tmp/mla_bench.txt 2>&1
+  cp docs/benchmarks.md /tmp/bm_after_mla.md.txt
+  timeout 200 python3 -m experiments.bench_fp8_weight_gemm --record > /tmp/fp8w_bench.txt 2>&1
 else
   timeout 260 python3 -m experiments.bench_decode --batch_sizes=32,128 --mesh=data=2 --repeats=2 \
       > /tmp/mesh_data.txt 2>&1
