@@ -171,6 +171,18 @@ def test_fp8_checkpoint_dequantised_or_kept(tmp_path):
     kept = dsjax.load_hf(tmp_path / "fp8", dtype=jnp.float32, keep_fp8=True)
     expected = np.asarray(w, np.float32) * np.repeat(np.repeat(s, 128, 0), 128, 1)[:144, :160]
     np.testing.assert_array_equal(np.asarray(deq.layers[1].mlp.experts.gate_proj.get_value()[5]).T, expected)
+    # kept in FP8: the hub tensors as they are ([out, in], weight_scale_inv), reshaped to (*O, *I) for Linear
+    experts = kept.layers[1].mlp.experts
+    assert experts.gate_proj.get_value().shape == (cfg.n_routed_experts, 144, 160)
+    np.testing.assert_array_equal(np.asarray(experts.gate_proj.get_value()[5]).view(np.uint8), w.view(np.uint8))
+    np.testing.assert_array_equal(np.asarray(experts.gate_proj_scale_inv.get_value()[5]), s)
+    q_b = kept.layers[1].self_attn.q_b_proj
+    hub_q_b = t["model.layers.1.self_attn.q_b_proj.weight"]
+    assert q_b.kernel.get_value().shape == (cfg.num_attention_heads, cfg.qk_head_dim, 136)
+    np.testing.assert_array_equal(np.asarray(q_b.kernel.get_value()).reshape(hub_q_b.shape).view(np.uint8),
+                                  hub_q_b.view(np.uint8))
+    np.testing.assert_array_equal(np.asarray(q_b.scale_inv.get_value()),
+                                  t["model.layers.1.self_attn.q_b_proj.weight_scale_inv"])
     ids = jax.random.randint(jax.random.key(2), (2, 12), 0, cfg.vocab_size)
     np.testing.assert_allclose(deq(ids).logits, kept(ids).logits, atol=1e-5)
     np.testing.assert_allclose(deq(ids).logits, fp8(ids).logits, atol=1e-5)
