@@ -28,8 +28,8 @@ of bf16's 8. (Scaling x with XLA ops before the call instead cost a few small ke
 decoding with FP8-stored weights fell from 1.16x to 0.89x of BF16, session 16.)
 
 ``fp8_weight_swiglu(x, gq, gs, uq, us, index)`` is the SwiGLU front half of an MLP or expert in one kernel:
-``silu(x @ dequant(gq, gs)^T) * (x @ dequant(uq, us)^T)`` (``[G, M, F]``; gate and up weights of one shape), x read once,
-both float32 accumulators combined in registers: one launch instead of two GEMMs and an elementwise kernel.
+``silu(x @ dequant(gq, gs)^T) * (x @ dequant(uq, us)^T)`` (``[G, M, F]``; gate and up weights of one shape), x read
+once, both float32 accumulators combined in registers: one launch instead of two GEMMs and an elementwise kernel.
 
 Backends (``implementation=``):
 
@@ -209,8 +209,9 @@ MIN_PROGRAMS = 132
 
 
 def default_splits(g: int, n: int, k: int, bn: int = TILE_N, min_programs: int = MIN_PROGRAMS) -> int:
-    """Split-K factor for ``x [G, M, K]`` times ``w [., N, K]``: 1 when the ``G x N/bn`` grid already has ``min_programs``
-    programs, else the smallest divisor of ``K/128`` that brings it there (all of ``K/128`` if none does)."""
+    """Split-K factor for ``x [G, M, K]`` times ``w [., N, K]``: 1 when the ``G x N/bn`` grid already has
+    ``min_programs`` programs, else the smallest divisor of ``K/128`` that brings it there (all of ``K/128`` if none
+    does)."""
     programs, kb = g * (n // bn), k // BLOCK
     if programs >= min_programs:
         return 1

@@ -245,8 +245,9 @@ def test_unstacked_layers_decode_like_the_scanned_model():
 def test_unstacked_model_carries_mla_decode_copies():
     """``unstack_layers`` gives every MLA module (layers and MTP blocks) its decoding copies: ``W_UK``/``W_UV``
     equal to ``kv_b_proj``'s halves and ``qkv_a`` equal to the two down-projection kernels side by side, so the
-    decode loop re-derives neither; the forward is unchanged, an unscanned model's own modules stay untouched, and
-    a prepared model is returned as is."""
+    decode loop re-derives neither; the forward is unchanged, an unscanned model's own modules stay untouched, a
+    prepared model is returned as is, and ``decode_copies=False`` (``SamplingConfig.decode_copies``, for A/B timing)
+    leaves them out; greedy generation is the same either way."""
     from dsjax.model import unstack_layers
     from dsjax.model.layers import DecodeCopy
 
@@ -265,9 +266,17 @@ def test_unstacked_model_carries_mla_decode_copies():
                 [attn.q_a_proj.weight(), attn.kv_a_proj_with_mqa.weight()], axis=-1))
         if not scan:
             assert model.layers[0].self_attn.w_uk is None
+            assert unstack_layers(model, decode_copies=False) is model
+        else:
+            assert unstack_layers(model, decode_copies=False).layers[0].self_attn.w_uk is None
         assert unstack_layers(flat) is flat
         ids = jnp.asarray([[1, 5, 9, 22, 40, 3, 7, 8]])
         np.testing.assert_allclose(_forward(flat, ids), _forward(model, ids), atol=1e-5)
+    kw = dict(max_new_tokens=4, temperature=0.0, use_eos=False, length_bucket=8)
+    a, b = (dsjax.generate(model, [[1, 5, 9, 22, 40], [1, 7, 3]], sampling=SamplingConfig(decode_copies=c, **kw))
+            for c in (True, False))
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
 
 
 def test_unstacked_master_weights_are_copied_in_the_compute_dtype():

@@ -39,6 +39,9 @@ class SamplingConfig:
         copies those slices for the matmuls: a copy of all layer weights per decoded token. Costs a second copy
         of the layer weights in memory during the call (matmul weights in the compute dtype, so half the size of
         float32 masters) and a compile that grows with depth; set False when the weights do not fit twice.
+      decode_copies: with ``unstack_layers``, also give each MLA module the weights decoding would re-derive on
+        every step (``W_UK``/``W_UV``, the two down-projection kernels side by side: :func:`dsjax.model.
+        transformer.add_decode_copies`). False is for A/B timing.
     """
 
     max_new_tokens: int = 64
@@ -51,6 +54,7 @@ class SamplingConfig:
     prefill_chunk: int = 512
     decode_unroll: int = 1
     unstack_layers: bool = True
+    decode_copies: bool = True
 
     def __post_init__(self):
         if self.max_new_tokens < 1:

@@ -390,7 +390,7 @@ def abstract_model(cfg: ModelConfig, *, fp8: bool = False) -> Any:
 _CAST_FOR_DECODING = ("kernel", "gate_proj", "up_proj", "down_proj", "embedding")
 
 
-def unstack_layers(model: Transformer) -> Transformer:
+def unstack_layers(model: Transformer, *, decode_copies: bool = True) -> Transformer:
     """The same model with ``scan_layers=False``: layer ``i``'s variables are slice ``i`` of the stacks.
 
     For decoding loops: a layer ``lax.scan`` inside a ``while_loop`` slices every layer's weights out of the stacks
@@ -408,7 +408,8 @@ def unstack_layers(model: Transformer) -> Transformer:
     their dtype. A model built with
     ``scan_layers=False`` is copied only for that cast (else its module graph is copied, sharing the arrays). FP8
     training mode (whose GEMMs quantise the master copy) is copied as it is. Every MLA module gets its decoding
-    copies (:func:`add_decode_copies`); a model that has them is returned as is. FP8-stored weights stay FP8 (decode-sized products read them
+    copies (:func:`add_decode_copies`; ``decode_copies=False`` leaves them out); a model that has them is returned
+    as is. FP8-stored weights stay FP8 (decode-sized products read them
     through the weight-only FP8 kernels), except MLA's ``kv_a_proj_with_mqa`` and ``kv_b_proj``
     (:func:`dequantize_for_decoding`), which decoding would otherwise dequantise on every step; an unscanned FP8
     model is copied for that.
@@ -418,9 +419,12 @@ def unstack_layers(model: Transformer) -> Transformer:
         return model
     compute = dtype_of(cfg.dtype)
     cast = not cfg.fp8 and model.fp8_block is None and compute != dtype_of(cfg.param_dtype)
+    prepare = add_decode_copies if decode_copies else (lambda m: m)
     if not cfg.scan_layers and not cast:
+        if not decode_copies and model.fp8_block is None:
+            return model
         flat = nnx.merge(*nnx.split(model))          # a copy of the module graph; the arrays are shared
-        return add_decode_copies(flat if model.fp8_block is None else dequantize_for_decoding(flat))
+        return prepare(flat if model.fp8_block is None else dequantize_for_decoding(flat))
     flat_cfg = dataclasses.replace(cfg, scan_layers=False)
     graphdef, target = nnx.split(abstract_model(flat_cfg, fp8=model.fp8_block is not None))
     src = dict(nnx.to_flat_state(nnx.state(model)))
@@ -439,7 +443,7 @@ def unstack_layers(model: Transformer) -> Transformer:
             values[p] = v
     out = {path: t.replace(values[path]) for path, t in nnx.to_flat_state(target)}
     flat = nnx.merge(graphdef, nnx.State.from_flat_path(out))
-    return add_decode_copies(flat if model.fp8_block is None else dequantize_for_decoding(flat))
+    return prepare(flat if model.fp8_block is None else dequantize_for_decoding(flat))
 
 
 def _mla_modules(model: Transformer) -> list:

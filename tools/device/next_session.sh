@@ -3,8 +3,8 @@
 #           q_a|kv_a kernel made once per call) remove the per-step slices and the dot-merger concatenation from the
 #           compiled batch-32 loop? (tools/decode_hlo_ops.py: look for [256,16,64] slices and a [1024,672]
 #           concatenate inside the while body); then decoding at batch 1 and 32 against HF with BF16 and FP8-stored
-#           weights, recorded, and a batch-32 profile of both (session 16's FP8 numbers came from calls on different
-#           machines: 1.37x / 1.05x BF16 in one process).
+#           weights and, as the A/B of the copies in the same process, BF16 with sampling.decode_copies=False,
+#           recorded (session 16 measured the copies only against a call on another machine).
 #   part 2 (nvidia-h200-x2 or h100-x2: two GPUs): generation on a mesh against one device in one process
 #           (bench_decode --mesh; session 15's sharded generation is tested for equality on 2 H200s but not timed):
 #           data=2 (each GPU decodes half the rows) and expert=2 (the all-to-all per decode step).
@@ -15,11 +15,9 @@
 source tools/device/setup.sh
 if [ "$1" = 1 ]; then
   timeout 90 python3 tools/decode_hlo_ops.py small 32 > /tmp/hlo_ops.txt 2>&1
-  timeout 330 python3 -m experiments.bench_decode --batch_sizes=1,32 --fp8_weights --hf --hf_timeout_s=90 \
-      --record > /tmp/decode.txt 2>&1
+  timeout 420 python3 -m experiments.bench_decode --batch_sizes=1,32 --fp8_weights \
+      --variant=sampling.decode_copies=False --hf --hf_timeout_s=90 --record > /tmp/decode.txt 2>&1
   cp docs/benchmarks.md /tmp/bm_after_decode.md.txt
-  timeout 120 python3 -m experiments.bench_decode --batch_sizes=32 --fp8_weights --profile --profile_top=30 \
-      --repeats=1 > /tmp/decode_prof.txt 2>&1
 elif [ "$1" = 3 ]; then
   timeout 330 python3 -m experiments.bench_mla_decode --record > /tmp/mla_bench.txt 2>&1
   cp docs/benchmarks.md /tmp/bm_after_mla.md.txt
