@@ -21,7 +21,8 @@ CUPTI durations of the kernels each call launches (``experiments.timing.kernel_u
 split-K sum included, no launch or loop overhead); ``--timer=loop`` times ``--repeats`` calls inside one jitted
 ``fori_loop`` (best of 3, divided by the repeats; it carries ~11 us of loop overhead per call, session 15). TB/s
 counts the weight bytes read. The sweep covers the tile width, warps, stages, the MMA operand type (float16, the
-library's, or bfloat16) and the split-K factor (``splits``; the library's rule is ``pallas_kernels.fp8_weight_gemm.default_splits``).
+library's, or bfloat16) and the split-K factor (``splits``; the library's rule is
+``pallas_kernels.fp8_weight_gemm.default_splits``).
 """
 
 from __future__ import annotations
@@ -101,8 +102,9 @@ def _rows():
         other = "bf16" if MMA_DTYPE == "f16" else "f16"
         # the tilings, the library's tiling with the other MMA operand type, and with each split-K factor
         # dividing K/128
-        tilings = [lib] + ([(*t, MMA_DTYPE, None) for t in itertools.product((32, 64, 128), (4, 8), (2, 3, 4))
-                            if (*t, MMA_DTYPE, None) != lib] + [(TILE_N, 4, 3, other, None), (TILE_N, 8, 3, other, None)]
+        grid = [(*t, MMA_DTYPE, None) for t in itertools.product((32, 64, 128), (4, 8), (2, 3, 4))]
+        tilings = [lib] + ([t for t in grid if t != lib]
+                           + [(TILE_N, 4, 3, other, None), (TILE_N, 8, 3, other, None)]
                            + [(TILE_N, 4, 3, MMA_DTYPE, sp) for sp in (1, 2, 4, 8, 16) if kb % sp == 0]
                            if FLAGS.sweep else [])
         timed = []

@@ -144,7 +144,7 @@ _F16_TOP = 15          # a scaled row's largest magnitude lies in [2^14, 2^15), 
 
 
 def _f16_operand(xk: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(xk * 2^e` in float16, 2^-e [rows] float32)`` with one power of two ``2^e`` per row of the x tile
+    """``(xk * 2^e`` in float16, ``2^-e [rows]`` float32) with one power of two ``2^e`` per row of the x tile
     ``xk [Mp, 128]`` that puts the row's largest magnitude in ``[2^14, 2^15)``, read off the float32 exponent
     bits (jnp ops the Triton lowering takes; ``2^e`` clipped to ``[2^-126, 2^126]``, all-zero rows included).
     Exact: only exponents change (values below ``2^-24`` of the row's maximum become float16 subnormals)."""

@@ -189,11 +189,10 @@ class MLA(nnx.Module):
         kernels (its dot merger) inside the decode loop, a copy of each per layer and step: it does not hoist slices
         out of loops. Memory: one more copy of those three weights while the decode model lives (V3: ~64 MB per layer
         in bf16, ~4 GB over 61 layers). Returns the new variables (to pass through one ``optimization_barrier``)."""
-        w = self.kv_b_proj.weight()
-        c = self.cfg.qk_nope_head_dim
+        w_uk, w_uv = self._w_uk_uv()
         axes = self.kv_b_proj.kernel_axes
-        self.w_uk = DecodeCopy(w[..., :c], logical_axes=axes)
-        self.w_uv = DecodeCopy(w[..., c:], logical_axes=axes)
+        self.w_uk = DecodeCopy(w_uk, logical_axes=axes)
+        self.w_uv = DecodeCopy(w_uv, logical_axes=axes)
         made = [self.w_uk, self.w_uv]
         a, kv = self.q_a_proj, self.kv_a_proj_with_mqa
         if (a is not None and all(m.scale_inv is None and m.bias is None and not m.fp8_compute for m in (a, kv))

@@ -270,11 +270,6 @@ class RoutedExperts(nnx.Module):
         y = _permute(ys, inverse, order).reshape(t, k, -1)       # back to token order
         return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights).astype(dt)
 
-    def _w_shape(self, name: str) -> tuple[int, int]:
-        """``(in, out)`` of one expert's ``name`` matrix in the compute layout."""
-        d, f = self.cfg.hidden_size, self.cfg.moe_intermediate_size
-        return (f, d) if name == "down_proj" else (d, f)
-
     def _fp8_kernel(self, x_shape: tuple[int, int, int], name: str) -> bool:
         """Whether ``x [G, M, K]`` times the FP8-stored ``name`` weights (``[E, N, K]``) runs the weight-only FP8
         kernel."""
@@ -307,7 +302,11 @@ class RoutedExperts(nnx.Module):
             xg = jnp.broadcast_to(x.astype(dt)[:, None, None], (t, k, 1, x.shape[-1])).reshape(t * k, 1, -1)
             y = self._fp8_mm(self._fp8_swiglu(xg, flat), "down_proj", flat).reshape(t, k, -1)
             return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights).astype(dt)
-        w = lambda name: self._w(name, flat).reshape(t, k, *self._w_shape(name))  # noqa: E731
+
+        def w(name):                                             # [T, K, in, out] in the compute layout
+            v = self._w(name, flat)
+            return v.reshape(t, k, *v.shape[1:])
+
         xd = x.astype(dt)
         h = jax.nn.silu(jnp.einsum("td,tkdf->tkf", xd, w("gate_proj"))) * jnp.einsum("td,tkdf->tkf", xd,
                                                                                      w("up_proj"))

@@ -419,12 +419,22 @@ def unstack_layers(model: Transformer, *, decode_copies: bool = True) -> Transfo
         return model
     compute = dtype_of(cfg.dtype)
     cast = not cfg.fp8 and model.fp8_block is None and compute != dtype_of(cfg.param_dtype)
-    prepare = add_decode_copies if decode_copies else (lambda m: m)
     if not cfg.scan_layers and not cast:
         if not decode_copies and model.fp8_block is None:
             return model
         flat = nnx.merge(*nnx.split(model))          # a copy of the module graph; the arrays are shared
-        return prepare(flat if model.fp8_block is None else dequantize_for_decoding(flat))
+    else:
+        flat = _unstacked_copy(model, cast)
+    if model.fp8_block is not None:
+        flat = dequantize_for_decoding(flat)
+    return add_decode_copies(flat) if decode_copies else flat
+
+
+def _unstacked_copy(model: Transformer, cast: bool) -> Transformer:
+    """:func:`unstack_layers`' copy: per-layer modules holding slice ``i`` of the stacks (matmul weights cast to the
+    compute dtype when ``cast``)."""
+    cfg = model.cfg
+    compute = dtype_of(cfg.dtype)
     flat_cfg = dataclasses.replace(cfg, scan_layers=False)
     graphdef, target = nnx.split(abstract_model(flat_cfg, fp8=model.fp8_block is not None))
     src = dict(nnx.to_flat_state(nnx.state(model)))
@@ -442,8 +452,7 @@ def unstack_layers(model: Transformer, *, decode_copies: bool = True) -> Transfo
         for p, v in zip(paths, jax.lax.optimization_barrier([values[p].astype(compute) for p in paths])):
             values[p] = v
     out = {path: t.replace(values[path]) for path, t in nnx.to_flat_state(target)}
-    flat = nnx.merge(graphdef, nnx.State.from_flat_path(out))
-    return prepare(flat if model.fp8_block is None else dequantize_for_decoding(flat))
+    return nnx.merge(graphdef, nnx.State.from_flat_path(out))
 
 
 def _mla_modules(model: Transformer) -> list:
