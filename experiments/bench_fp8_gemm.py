@@ -15,7 +15,8 @@ scale-transpose). "err" is the relative Frobenius error against the f32 product 
 cost of each number format); "err vs ref" for ours is against the f32 product of the same quantised operands (the
 kernel's own error; bound 2e-3 with BF16 output). Ours is run with each ``--configs`` tiling and the best is
 reported with its tiling (config letters: tile_n, wg stacking m/n, stages, 'o' = promotion overlapped with the next
-wgmma, 'cm'/'cn' = clusters of 2 CTAs along M/N multicasting the shared operand tile, 'wN' = raster width N).
+wgmma, 'cm'/'cn' = clusters of 2 CTAs along M/N multicasting the shared operand tile, 'x' = weight-block scales
+read per column from SMEM, implied by tile_n 160/192/256; 'wN' = raster width N).
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def parse_config(spec: str):
     if "w" in spec:
         spec, w = spec.split("w")
         width = int(w)
+    cols = spec.endswith("x")                  # b_scale_cols: 1d2d weight scales read per column from SMEM
+    spec = spec[:-1] if cols else spec
     cluster = "none"
     if spec[-2:] in ("cm", "cn"):
         spec, cluster = spec[:-2], spec[-1]
@@ -71,7 +74,7 @@ def parse_config(spec: str):
     wg = "m" if "m" in s else "n"
     tile_n, stages = s.split(wg)
     return GemmConfig(tile_n=int(tile_n), wg_dim=wg, stages=int(stages), overlap=overlap, grid_width=width,
-                      cluster=cluster)
+                      cluster=cluster, b_scale_cols=cols)
 
 
 def timed(f, *args):

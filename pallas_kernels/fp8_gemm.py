@@ -41,6 +41,7 @@ __all__ = ["GemmConfig", "fit_config", "fp8_gemm", "fp8_gemm_grouped", "gemm_ref
            "mosaic_gpu_supported", "default_config"]
 
 BLOCK = 128
+TILE_NS = (64, 128, 160, 192)
 Variant = Literal["1d2d", "1d1d"]
 Implementation = Literal["auto", "xla", "pallas"]
 
@@ -56,7 +57,15 @@ class GemmConfig:
     ``overlap``: promote K step k-1 while the wgmma of step k runs. ``grid_minor``/``grid_width`` set the
     planar-snake raster order of the persistent loop. ``cluster``: ``"m"`` pairs two CTAs along M in a cluster of 2
     that multicast the shared B (weight) tile from one TMA load (half the L2->SMEM traffic for B); ``"n"`` pairs
-    them along N sharing the A tile; ``"none"``: no clusters."""
+    them along N sharing the A tile; ``"none"``: no clusters.
+
+    ``tile_n`` 160 or 192 trades registers (two ``64 x tile_n`` f32 tiles per consumer thread; 256 would need more
+    than the 232 a consumer gets) for less shared-memory traffic per FLOP and other wave counts; N need not be a
+    multiple of it (TMA zero-fills the loads of a partial edge tile and clips its store). Such a tile straddles two
+    128-wide weight blocks: the 1d2d promotion reads both blocks' scales and picks one per 32-column chunk, as
+    DeepGEMM does for its unaligned BLOCK_N. ``b_scale_cols=True`` instead reads the 1d2d weight scales per output
+    column from SMEM (the scale grid expanded 128x along N, TMA-loaded with the operands), the 1d1d path: measured
+    0.8x of the scalar-scale path at 128 (docs/benchmarks.md), kept to compare."""
     tile_n: int = 128
     wg_dim: Literal["m", "n"] = "m"
     stages: int = 4
@@ -64,10 +73,14 @@ class GemmConfig:
     grid_minor: Literal["m", "n"] = "n"
     grid_width: int = 8
     cluster: Literal["none", "m", "n"] = "none"
+    b_scale_cols: bool = False
 
     def __post_init__(self):
-        if self.tile_n not in (64, 128):
-            raise ValueError(f"GemmConfig.tile_n={self.tile_n} is unsupported; use 64 or 128")
+        if self.tile_n not in TILE_NS:
+            raise ValueError(f"GemmConfig.tile_n={self.tile_n} is unsupported; use one of {TILE_NS}")
+        if self.tile_n > 128 and self.overlap:
+            raise ValueError(f"GemmConfig(tile_n={self.tile_n}, overlap=True) needs three {self.tile_n}-wide f32 "
+                             f"tiles in registers per thread, more than Hopper has; use overlap=False or tile_n<=128")
         if self.wg_dim not in ("m", "n"):
             raise ValueError(f"GemmConfig.wg_dim={self.wg_dim!r}; use 'm' or 'n'")
         if self.grid_minor not in ("m", "n"):
@@ -84,28 +97,61 @@ class GemmConfig:
         return (128, self.tile_n) if self.wg_dim == "m" else (64, 2 * self.tile_n)
 
     @property
+    def col_scales(self) -> bool:
+        """Whether the kernel reads the 1d2d weight scales per output column (see the class docstring)."""
+        return self.b_scale_cols
+
+    @property
     def cluster_tile(self) -> tuple[int, int]:
         """The (M, N) extent of one cluster's output tile (the shape multiple the kernel needs)."""
         cm, cn = self.cta
         return (cm * (2 if self.cluster == "m" else 1), cn * (2 if self.cluster == "n" else 1))
 
 
-def default_config(m: int, n: int, k: int) -> GemmConfig:
-    """Heuristic tiling from H200 sweeps (docs/benchmarks.md): 128x128 CTA tiles for large problems, with the A
-    tile multicast to a CTA pair along N when K is long (+0.5-1% at K >= 7168, slightly slower at K = 1536);
-    64-wide N tiles when N is not a multiple of 128 or when the 128x128 grid would leave most of the SMs idle;
-    promotion overlapped with the next wgmma for small M (M <= 512: it won every such shape, and lost every large
-    one)."""
+# Relative speed of a full wave of 128 x tile_n CTA tiles (1d2d, no partial tiles), fitted to an H200 sweep of
+# M in {4096, 8192} x V3's (N, K) (docs/benchmarks.md, session 17): wider tiles move less shared memory per FLOP.
+TILE_SPEED = {128: 1.0, 160: 1.07, 192: 1.10}
+
+
+def _wave_efficiency(m: int, n: int, tile_n: int, num_sms: int) -> float:
+    """Useful fraction of the SM-time a persistent grid of 128 x tile_n tiles takes: whole waves of ``num_sms``
+    tiles, partial tiles at the N edge counted as work wasted."""
+    tiles = _cdiv(m, 128) * _cdiv(n, tile_n)
+    return m * n / (_cdiv(tiles, num_sms) * num_sms * 128 * tile_n)
+
+
+def default_config(m: int, n: int, k: int, *, variant: Variant = "1d2d", num_sms: int = 132) -> GemmConfig:
+    """Heuristic tiling from H200 sweeps (docs/benchmarks.md).
+
+    * M > 512, 1d2d: the tile width in (128, 160, 192) with the best ``TILE_SPEED x wave efficiency`` (as DeepGEMM
+      picks its BLOCK_N by waves): 160 at 4096 x 7168, 192 at N = 2112 or 24576, 128 at 4096 x 4096. 128-wide tiles
+      multicast the A tile to a CTA pair along N when K is long (+0.5-1% at K >= 7168, slightly slower at K = 1536);
+      the wider ones run without clusters (pairs were slower at 4 of 6 shapes).
+    * 1d1d (the weight gradient) stays at 128: its per-column scales cost registers a wider tile does not have.
+    * 64-wide N tiles when the 128x128 grid would leave most of the SMs idle; promotion overlapped with the next
+      wgmma for small M (M <= 512: it won every such shape, and lost every large one)."""
     small = m <= 512
-    if n % 128 or _cdiv(m, 128) * (n // 128) < 132:
+    if _cdiv(m, 128) * (n // 128) < num_sms or (n % 128 and (small or variant != "1d2d")):
         return GemmConfig(tile_n=64, wg_dim="m", overlap=small)
-    return GemmConfig(overlap=small, cluster="n" if k >= 4096 and not small else "none")
+    if small:
+        return GemmConfig(overlap=True)
+    narrow = GemmConfig(cluster="n" if k >= 4096 else "none")
+    if variant != "1d2d":
+        return narrow
+    widths = [t for t in TILE_SPEED if t > 128 or n % 128 == 0]
+    best = max(widths, key=lambda t: TILE_SPEED[t] * _wave_efficiency(m, n, t, num_sms))
+    return narrow if best == 128 else GemmConfig(tile_n=best)
 
 
 def fit_config(cfg: GemmConfig, m: int, n: int) -> GemmConfig:
     """``cfg`` adjusted to a shape: no cluster where the pair's tile does not divide N (cluster "n") or where M has
     an odd number of CTA rows (cluster "m": padding M to the pair would add a whole tile row of work); 64-wide
-    tiles along M where N is not a multiple of the CTA tile."""
+    tiles along M where N is not a multiple of the CTA tile (tiles wider than 128 are kept: the kernel runs partial
+    edge tiles)."""
+    if cfg.tile_n > 128:
+        if cfg.cluster == "m" and _cdiv(m, cfg.cta[0]) % 2:
+            cfg = dataclasses.replace(cfg, cluster="none")
+        return cfg
     if cfg.cluster == "n" and n % cfg.cluster_tile[1]:
         cfg = dataclasses.replace(cfg, cluster="none")
     if n % cfg.cta[1]:
@@ -238,7 +284,9 @@ def _num_sms() -> int:
 def _mgpu_gemm(a, sa_t, b, sb, tile_group=None, *, variant, out_dtype, cfg: GemmConfig, interpret=None, b_kn=False,
                num_sms=None, groups: int = 0):
     """a [M, K], sa_t [Kb, M], b [N, K] (or [K, N] with ``b_kn``, a test-only layout for the GPU interpreter,
-    which cannot run wgmma on a transposed SMEM view), sb [Nb, Kb] (1d2d) or sb_t [Kb, N] (1d1d).
+    which cannot run wgmma on a transposed SMEM view), sb [Nb, Kb] (1d2d) or sb_t [Kb, N] (1d1d, and 1d2d with
+    ``cfg.col_scales``: the block scales expanded per column). N need not be a multiple of the cluster tile: the
+    edge tiles are partial (TMA zero-fills their loads and clips their stores).
 
     ``groups=G`` (m-grouped, 1d2d): b stacks G weights ``[G*N, K]`` (``[K, G*N]`` with ``b_kn``), sb ``[G*Nb, Kb]``,
     and ``tile_group [M/128]`` int32 names the group of each 128-row tile of a (values in [0, G))."""
@@ -254,15 +302,19 @@ def _mgpu_gemm(a, sa_t, b, sb, tile_group=None, *, variant, out_dtype, cfg: Gemm
     tile_m, tile_n = 64, cfg.tile_n
     cta_m, cta_n = cfg.cta
     clu_m, clu_n = cfg.cluster_tile
-    if m % clu_m or n % clu_n or k % BLOCK:
-        raise ValueError(f"Mosaic GPU fp8_gemm: shape {(m, n, k)} is not a multiple of the cluster tile "
-                         f"{(clu_m, clu_n, BLOCK)}")
-    m_iters, n_iters = m // clu_m, n // clu_n
+    if m % clu_m or n % 64 or k % BLOCK:
+        raise ValueError(f"Mosaic GPU fp8_gemm: shape {(m, n, k)} needs M a multiple of the cluster tile's "
+                         f"{clu_m}, N of 64 and K of {BLOCK}")
+    col_scales = variant == "1d1d" or cfg.col_scales          # sb is then sb_t [Kb, N]: one scale per column
+    two_blocks = not col_scales and tile_n > BLOCK            # 1d2d tiles straddling two weight blocks
+    m_iters, n_iters = m // clu_m, _cdiv(n, clu_n)
     clustered = cfg.cluster != "none"
     share_b = ("cluster",) if cfg.cluster == "m" else ()     # B (and 1d1d sb) multicast to the CTA pair along M
     share_a = ("cluster",) if cfg.cluster == "n" else ()     # A and sa multicast to the CTA pair along N
     out_dtype = jnp.dtype(out_dtype)
     fp8_tr = (plgpu.TilingTransform((8, BLOCK)), plgpu.SwizzleTransform(128))  # 128 e4m3 = one 128-byte swizzle
+    kn_swz = plgpu.find_swizzle(tile_n * 8)                  # b_kn (test-only): N is the minor dim of the B tile
+    b_tr = (plgpu.TilingTransform((8, kn_swz)), plgpu.SwizzleTransform(kn_swz)) if b_kn else fp8_tr
     out_swz = plgpu.find_swizzle(tile_n * out_dtype.itemsize * 8)
     out_tr = (plgpu.TilingTransform((8, out_swz // out_dtype.itemsize)), plgpu.SwizzleTransform(out_swz))
 
@@ -271,12 +323,12 @@ def _mgpu_gemm(a, sa_t, b, sb, tile_group=None, *, variant, out_dtype, cfg: Gemm
         def get_pipeline(body, compute_context):
             specs = [
                 plgpu.BlockSpec((cta_m, BLOCK), lambda kk: (0, kk), transforms=fp8_tr, collective_axes=share_a),
-                (plgpu.BlockSpec((BLOCK, cta_n), lambda kk: (kk, 0), transforms=fp8_tr, collective_axes=share_b)
+                (plgpu.BlockSpec((BLOCK, cta_n), lambda kk: (kk, 0), transforms=b_tr, collective_axes=share_b)
                  if b_kn else
                  plgpu.BlockSpec((cta_n, BLOCK), lambda kk: (0, kk), transforms=fp8_tr, collective_axes=share_b)),
                 plgpu.BlockSpec((1, cta_m), lambda kk: (kk, 0), collective_axes=share_a),
             ]
-            if variant == "1d1d":
+            if col_scales:
                 specs.append(plgpu.BlockSpec((1, cta_n), lambda kk: (kk, 0), collective_axes=share_b))
             return plgpu.emit_pipeline_warp_specialized(
                 body, grid=(kb,), memory_registers=40, in_specs=specs, wg_axis="wg", num_compute_wgs=2,
@@ -286,7 +338,7 @@ def _mgpu_gemm(a, sa_t, b, sb, tile_group=None, *, variant, out_dtype, cfg: Gemm
         sample = [a_gmem.at[pl.ds(0, cta_m), :],
                   b_gmem.at[:, pl.ds(0, cta_n)] if b_kn else b_gmem.at[pl.ds(0, cta_n), :],
                   sa_gmem.at[:, pl.ds(0, cta_m)]]
-        if variant == "1d1d":
+        if col_scales:
             sample.append(sb_gmem.at[:, pl.ds(0, cta_n)])
 
         @functools.partial(pl.run_scoped,
@@ -312,15 +364,29 @@ def _mgpu_gemm(a, sa_t, b, sb, tile_group=None, *, variant, out_dtype, cfg: Gemm
                 # m-grouped: this tile's group selects its weight rows (and their block scales) in the stack
                 g = grp_gmem[(mi * cta_m) // BLOCK] if groups else 0
                 b_row0 = g * n + ni * cta_n
-                nb = g * (n // BLOCK) + (ni * cta_n + (wg * tile_n if cfg.wg_dim == "n" else 0)) // BLOCK
+                c0 = ni * cta_n + (wg * tile_n if cfg.wg_dim == "n" else 0)     # this warpgroup's first column
+                # (clamped: with CTA pairs along N the pair's second tile may lie wholly past N; its loads read
+                # zeros, its store is clipped, and its scale reads must stay inside sb)
+                nb = jnp.minimum(g * (n // BLOCK) + c0 // BLOCK, sb_gmem.shape[0] - 1)
+                if two_blocks:          # the tile's first `split` columns are in weight block nb, the rest in nb1
+                    split = (c0 // BLOCK + 1) * BLOCK - c0
+                    nb1 = jnp.minimum(nb + 1, sb_gmem.shape[0] - 1)
 
                 def scale_of(ki, sa_smem, sb_smem):
                     sa = sa_smem[0, wg_m]                                          # (64,) row scales
-                    if variant == "1d2d":
+                    if two_blocks:
+                        return sa * sb_gmem[nb, ki], sa * sb_gmem[nb1, ki]         # rows x either block's scale
+                    if not col_scales:
                         return sa * sb_gmem[nb, ki], None
                     return sa, sb_smem[0, wg_n]                                    # (tile_n,) column scales
 
                 def apply(part, sa, sb):
+                    if two_blocks:      # per 32-column chunk (split is a multiple of 32): one select of 2 values
+                        chunks = []
+                        for c in range(tile_n // 32):
+                            r = jnp.where(lax.broadcast_in_dim(c * 32 < split, (tile_m,), ()), sa, sb)
+                            chunks.append(part[:, c * 32:(c + 1) * 32] * lax.broadcast_in_dim(r, (tile_m, 32), (0,)))
+                        return jnp.concatenate(chunks, axis=1)
                     s = lax.broadcast_in_dim(sa, (tile_m, tile_n), (0,))
                     if sb is not None:
                         s = s * lax.broadcast_in_dim(sb, (tile_m, tile_n), (1,))
@@ -328,7 +394,7 @@ def _mgpu_gemm(a, sa_t, b, sb, tile_group=None, *, variant, out_dtype, cfg: Gemm
 
                 def body(idxs, a_smem, b_smem, sa_smem, *rest):
                     (ki,) = idxs
-                    sb_smem = rest[0] if variant == "1d1d" else None
+                    sb_smem = rest[0] if col_scales else None
                     carry = rest[-1]
                     rhs = b_smem.at[:, wg_n] if b_kn else b_smem.at[wg_n].transpose((1, 0))
                     sa, sb = scale_of(ki, sa_smem, sb_smem)
@@ -353,7 +419,7 @@ def _mgpu_gemm(a, sa_t, b, sb, tile_group=None, *, variant, out_dtype, cfg: Gemm
                 def compute_context(eval_pipeline):
                     zeros = jnp.zeros((tile_m, tile_n), jnp.float32)
                     if cfg.overlap:
-                        zsb = jnp.zeros((tile_n,), jnp.float32) if variant == "1d1d" else None
+                        zsb = jnp.zeros((tile_n,), jnp.float32) if col_scales else None
                         total, prev, prev_sa, prev_sb = eval_pipeline(
                             (zeros, zeros, jnp.zeros((tile_m,), jnp.float32), zsb))
                         acc = total + apply(prev, prev_sa, prev_sb)
@@ -369,8 +435,8 @@ def _mgpu_gemm(a, sa_t, b, sb, tile_group=None, *, variant, out_dtype, cfg: Gemm
                 args = [a_gmem.at[pl.ds(mi * cta_m, cta_m), :],
                         b_gmem.at[:, pl.ds(b_row0, cta_n)] if b_kn else b_gmem.at[pl.ds(b_row0, cta_n), :],
                         sa_gmem.at[:, pl.ds(mi * cta_m, cta_m)]]
-                if variant == "1d1d":
-                    args.append(sb_gmem.at[:, pl.ds(ni * cta_n, cta_n)])
+                if col_scales:
+                    args.append(sb_gmem.at[:, pl.ds(b_row0, cta_n)])
                 get_pipeline(body, compute_context)(*args, allocations=allocs)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -390,6 +456,16 @@ def _mgpu_gemm(a, sa_t, b, sb, tile_group=None, *, variant, out_dtype, cfg: Gemm
     )
     ins = (a, sa_t, b, sb) + ((tile_group.astype(jnp.int32),) if groups else ())
     return vary_like(f(*ins), *ins)   # typed per device inside shard_map (see vary_like)
+
+
+def _kernel_sb(sb, variant, cfg: GemmConfig, n: int):
+    """The weight scales as the Mosaic GPU kernel reads them: ``[Nb, Kb]`` (1d2d, one scalar per weight block) or
+    ``[Kb, N]`` (1d1d; 1d2d with ``cfg.col_scales``: each block's scale repeated over its 128 columns)."""
+    if variant == "1d1d":
+        return sb.T
+    if cfg.col_scales:
+        return jnp.repeat(sb, BLOCK, axis=0)[:n].T
+    return sb
 
 
 def _batchable(kernel_fn, a, sa_t, b, sb, **kw):
@@ -467,12 +543,12 @@ def fp8_gemm(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, *, varian
     sa = sa.astype(jnp.float32)
     sb = sb.astype(jnp.float32)
     if jax.default_backend() == "gpu":
-        cfg = fit_config(config or default_config(m, n, k), m, n)
+        cfg = fit_config(config or default_config(m, n, k, variant=variant, num_sms=_num_sms()), m, n)
         mp = _cdiv(m, cfg.cluster_tile[0]) * cfg.cluster_tile[0]
         if mp != m:
             a = jnp.pad(a, ((0, mp - m), (0, 0)))
             sa = jnp.pad(sa, ((0, mp - m), (0, 0)))
-        out = _batchable(_mgpu_gemm, a, sa.T, b, sb if variant == "1d2d" else sb.T, variant=variant,
+        out = _batchable(_mgpu_gemm, a, sa.T, b, _kernel_sb(sb, variant, cfg, n), variant=variant,
                          out_dtype=jnp.dtype(out_dtype), cfg=cfg)
         return out[:m]
     mp = _cdiv(m, 128) * 128
@@ -596,9 +672,10 @@ def fp8_gemm_grouped(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, t
         return _tpu_gemm_grouped(a, sa.astype(jnp.float32).T, b.reshape(g * n, k),
                                  sb.astype(jnp.float32).reshape(-1, sb.shape[2]), tile_group, groups=g,
                                  out_dtype=jnp.dtype(out_dtype), interpret=interpret or False)
-    cfg = fit_config(config or default_config(m, n, k), m, n)
+    cfg = fit_config(config or default_config(m, n, k, num_sms=_num_sms()), m, n)
     if cfg.cluster == "m":
         cfg = dataclasses.replace(cfg, cluster="none")
     return _mgpu_gemm(a, sa.astype(jnp.float32).T, b.reshape(g * n, k),
-                      sb.astype(jnp.float32).reshape(-1, sb.shape[2]), tile_group, variant="1d2d",
+                      _kernel_sb(sb.astype(jnp.float32).reshape(-1, sb.shape[2]), "1d2d", cfg, g * n), tile_group,
+                      variant="1d2d",
                       out_dtype=jnp.dtype(out_dtype), cfg=cfg, groups=g)

@@ -26,7 +26,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import (GemmConfig, act_quant, act_quant_dual, act_quant_t, dequant, fp8_gemm, fp8_linear,
                             gemm_reference, weight_quant_dual)
-from pallas_kernels.fp8_gemm import _mgpu_gemm, fit_config
+from pallas_kernels.fp8_gemm import _kernel_sb, _mgpu_gemm, default_config, fit_config
 
 NAN_INTERPRET = pltpu.InterpretParams(uninitialized_memory="nan")
 
@@ -228,25 +228,31 @@ def test_tpu_kernel_interpret(variant):
         assert _rel(out, ref) < bound
 
 
-@pytest.mark.parametrize("variant,cfg", [
-    ("1d2d", GemmConfig(tile_n=128, wg_dim="m", overlap=False)),
-    ("1d2d", GemmConfig(tile_n=64, wg_dim="n", overlap=True, stages=2)),
-    ("1d1d", GemmConfig(tile_n=128, wg_dim="m", overlap=True)),
-    ("1d1d", GemmConfig(tile_n=128, wg_dim="n", overlap=False, grid_width=2)),
-    ("1d2d", GemmConfig(tile_n=128, wg_dim="m", cluster="m")),          # B multicast to a CTA pair along M
-    ("1d1d", GemmConfig(tile_n=64, wg_dim="n", overlap=True, cluster="n")),  # A (and sa) multicast along N
+@pytest.mark.parametrize("variant,cfg,n", [
+    ("1d2d", GemmConfig(tile_n=128, wg_dim="m", overlap=False), 256),
+    ("1d2d", GemmConfig(tile_n=64, wg_dim="n", overlap=True, stages=2), 256),
+    ("1d1d", GemmConfig(tile_n=128, wg_dim="m", overlap=True), 256),
+    ("1d1d", GemmConfig(tile_n=128, wg_dim="n", overlap=False, grid_width=2), 256),
+    ("1d2d", GemmConfig(tile_n=128, wg_dim="m", cluster="m"), 256),          # B multicast to a CTA pair along M
+    ("1d1d", GemmConfig(tile_n=64, wg_dim="n", overlap=True, cluster="n"), 256),  # A (and sa) multicast along N
+    # tiles wider than a weight block, N not a multiple of them (partial edge tiles): 1d2d promotion picks one of two
+    # block scales per 32-column chunk (tile starts at 0/64 mod 128 for 192, 0/32/64/96 for 160)
+    ("1d2d", GemmConfig(tile_n=192), 448),
+    ("1d2d", GemmConfig(tile_n=160, wg_dim="n"), 704),
+    ("1d1d", GemmConfig(tile_n=160, cluster="n"), 448),        # the pair's second tile lies wholly past N
+    ("1d2d", GemmConfig(tile_n=128, b_scale_cols=True), 256),  # 1d2d scales per column from SMEM
 ])
-def test_mosaic_gpu_kernel_interpret(variant, cfg):
+def test_mosaic_gpu_kernel_interpret(variant, cfg, n):
     """The Hopper kernel in the Mosaic GPU interpreter (one CTA looping over every tile). FP8 wgmma needs the B tile
     K-major through a transposed SMEM view, which the interpreter cannot run: the test feeds B as [K, N] instead
     (``b_kn``, test-only), everything else is the production kernel. Two CTAs (one cluster of two where the config
-    asks for clusters) loop over the tiles."""
-    m, n, k = 256, 256, 384
+    asks for clusters) loop over the tiles. (1d2d with tiles wider than 128 in CTA pairs deadlocks in the jax 0.11.2
+    interpreter; the GPU check of ``experiments.bench_fp8_gemm`` runs it.)"""
+    m, k = 256, 384
     aq, sa, bq, sb, ref = _operands(m, n, k, variant, key=5)
-    sb_in = sb if variant == "1d2d" else sb.T
-    out = _mgpu_gemm(aq, sa.T, bq.T, sb_in, variant=variant, out_dtype=jnp.float32, cfg=cfg,
-                        interpret=plgpu.InterpretGPUParams(uninitialized_memory="nan"), b_kn=True, num_sms=2)
-    assert np.all(np.isfinite(np.asarray(out)))
+    out = _mgpu_gemm(aq, sa.T, bq.T, _kernel_sb(sb, variant, cfg, n), variant=variant, out_dtype=jnp.float32,
+                     cfg=cfg, interpret=plgpu.InterpretGPUParams(uninitialized_memory="nan"), b_kn=True, num_sms=2)
+    assert out.shape == (m, n) and np.all(np.isfinite(np.asarray(out)))
     assert _rel(out, ref) < 1e-5
 
 
@@ -299,13 +305,14 @@ def test_tpu_grouped_kernel_interpret():
         assert np.all(np.isfinite(np.asarray(out, np.float32))) and _rel(out, ref) < bound
 
 
-@pytest.mark.parametrize("cfg", [GemmConfig(tile_n=128, wg_dim="m"),
-                                 GemmConfig(tile_n=64, wg_dim="n", overlap=True, cluster="n")])
-def test_mosaic_gpu_grouped_kernel_interpret(cfg):
+@pytest.mark.parametrize("cfg,n", [(GemmConfig(tile_n=128, wg_dim="m"), 256),
+                                   (GemmConfig(tile_n=64, wg_dim="n", overlap=True, cluster="n"), 256),
+                                   (GemmConfig(tile_n=160), 384)])   # tiles reaching into the next group's rows
+def test_mosaic_gpu_grouped_kernel_interpret(cfg, n):
     """The m-grouped Hopper kernel in the Mosaic GPU interpreter (B fed [K, G*N], as in the plain kernel's test):
     every 128-row tile multiplies its group's weight block rows and scales; an empty group and a one-row group
     included; two CTAs loop over the tiles."""
-    aq, sa, bq, sb, tg, ref = _grouped_operands((100, 0, 200, 1), 256, 256, key=3)
+    aq, sa, bq, sb, tg, ref = _grouped_operands((100, 0, 200, 1), n, 256, key=3)
     g, n, k = bq.shape
     b_kn = jnp.concatenate([bq[i].T for i in range(g)], axis=1)                       # [K, G*N]
     out = _mgpu_gemm(aq, sa.T, b_kn, sb.reshape(-1, sb.shape[2]), tg, variant="1d2d", out_dtype=jnp.float32,
@@ -328,6 +335,20 @@ def test_mosaic_gpu_grouped_kernel_lowers_for_cuda():
     assert "mosaic_gpu" in export.export(f, platforms=["cuda"])(*args).mlir_module()
 
 
+@pytest.mark.parametrize("cfg", [GemmConfig(tile_n=192, cluster="n"), GemmConfig(tile_n=160)])
+def test_mosaic_gpu_wide_tile_kernel_lowers_for_cuda(cfg):
+    """Without a GPU: 1d2d with tiles wider than a weight block (both block scales per step, 32-column chunks) at
+    DeepSeek-V3's o_proj shape, N = 7168 not a multiple of either width; CTA pairs included (which the interpreter
+    cannot run)."""
+    from jax import export
+
+    m, n, k = 4096, 7168, 16384
+    f = jax.jit(functools.partial(_mgpu_gemm, variant="1d2d", out_dtype=jnp.bfloat16, cfg=cfg, num_sms=132))
+    args = (jax.ShapeDtypeStruct((m, k), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((k // 128, m), jnp.float32),
+            jax.ShapeDtypeStruct((n, k), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((n // 128, k // 128), jnp.float32))
+    assert "mosaic_gpu" in export.export(f, platforms=["cuda"])(*args).mlir_module()
+
+
 def test_gemm_errors():
     aq, sa, bq, sb, _ = _operands(128, 128, 256, "1d2d")
     with pytest.raises(ValueError, match="disagree on K"):
@@ -338,6 +359,8 @@ def test_gemm_errors():
         fp8_gemm(aq[:, :200], sa, bq[:, :200], sb, implementation="pallas")
     with pytest.raises(ValueError, match="unsupported"):
         GemmConfig(tile_n=96)
+    with pytest.raises(ValueError, match="registers"):
+        GemmConfig(tile_n=192, overlap=True)
     with pytest.raises(ValueError, match="cluster"):
         GemmConfig(cluster="k")
 
@@ -349,6 +372,18 @@ def test_fit_config():
     assert fit_config(GemmConfig(cluster="n"), 4096, 2112) == GemmConfig(tile_n=64, wg_dim="m")
     assert fit_config(GemmConfig(cluster="n"), 4096, 7168).cluster == "n"
     assert fit_config(GemmConfig(cluster="m"), 256, 2112) == GemmConfig(tile_n=64, wg_dim="m", cluster="m")
+    assert fit_config(GemmConfig(tile_n=192), 4096, 2112) == GemmConfig(tile_n=192)     # partial edge tiles
+
+
+def test_default_config_picks_tile_width_by_waves():
+    """The tile widths the session-17 H200 sweep found fastest (docs/benchmarks.md), from speed x wave efficiency."""
+    assert default_config(4096, 7168, 16384).tile_n == 160
+    assert default_config(4096, 2112, 7168).tile_n == 192
+    assert default_config(4096, 24576, 1536).tile_n == 192
+    assert default_config(4096, 4096, 7168) == GemmConfig(cluster="n")
+    assert default_config(4096, 7168, 16384, variant="1d1d") == GemmConfig(cluster="n")   # column scales: 128
+    assert default_config(512, 7168, 16384) == GemmConfig(overlap=True)
+    assert default_config(128, 2112, 7168) == GemmConfig(tile_n=64, overlap=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
