@@ -16,7 +16,8 @@ cost of each number format); "err vs ref" for ours is against the f32 product of
 kernel's own error; bound 2e-3 with BF16 output). Ours is run with each ``--configs`` tiling and the best is
 reported with its tiling (config letters: tile_n, wg stacking m/n, stages, 'o' = promotion overlapped with the next
 wgmma, 'cm'/'cn' = clusters of 2 CTAs along M/N multicasting the shared operand tile, 'x' = weight-block scales
-read per column from SMEM, implied by tile_n 160/192/256; 'wN' = raster width N).
+read per column from SMEM; 'wN' = raster width N; 'auto' = the library's ``default_config``, reported with what it
+picked).
 """
 
 from __future__ import annotations
@@ -57,9 +58,20 @@ QUANT_W = 7168             # square f32 weight for weight_quant_dual
 T0 = time.time()
 
 
+def config_name(cfg) -> str:
+    """The spec string of a GemmConfig (the inverse of ``parse_config``)."""
+    name = f"{cfg.tile_n}{cfg.wg_dim}{cfg.stages}{'o' if cfg.overlap else ''}"
+    name += "" if cfg.cluster == "none" else f"c{cfg.cluster}"
+    name += "x" if cfg.b_scale_cols else ""
+    return name + ("" if cfg.grid_width == 8 else f"w{cfg.grid_width}")
+
+
 def parse_config(spec: str):
+    """A tiling spec (see the module docstring); ``auto`` gives None: the library's ``default_config``."""
     from pallas_kernels.fp8_gemm import GemmConfig
 
+    if spec == "auto":
+        return None
     width = 8
     if "w" in spec:
         spec, w = spec.split("w")
@@ -231,6 +243,10 @@ def bench_gemms(shapes):
             if i > 0 and time.time() - T0 > FLAGS.time_budget_s:
                 break
             cfg = parse_config(spec)
+            if cfg is None:
+                from pallas_kernels.fp8_gemm import _num_sms, default_config, fit_config
+
+                spec = "auto=" + config_name(fit_config(default_config(m, n, k, num_sms=_num_sms()), m, n))
             try:
                 f = jax.jit(lambda a, s, b, t, cfg=cfg: fp8_gemm(a, s, b, t, implementation="pallas", config=cfg))
                 t = timed(f, aq, sa, wq, ws)
