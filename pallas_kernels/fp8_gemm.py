@@ -126,7 +126,8 @@ def default_config(m: int, n: int, k: int, *, variant: Variant = "1d2d", num_sms
     * M > 512, 1d2d: the tile width in (128, 160, 192) with the best ``TILE_SPEED x wave efficiency`` (as DeepGEMM
       picks its BLOCK_N by waves): 160 at 4096 x 7168, 192 at N = 2112 or 24576, 128 at 4096 x 4096. 128-wide tiles
       multicast the A tile to a CTA pair along N when K is long (+0.5-1% at K >= 7168, slightly slower at K = 1536);
-      the wider ones run without clusters (pairs were slower at 4 of 6 shapes).
+      the wider ones multicast the B tile to a CTA pair along M when K <= 2048 (+1-4% at K = 512-2048 on an H100,
+      session 17), and run without clusters at longer K (pairs along N were slower at 4 of 6 such shapes).
     * 1d1d (the weight gradient) stays at 128: its per-column scales cost registers a wider tile does not have.
     * 64-wide N tiles when the 128x128 grid would leave most of the SMs idle; promotion overlapped with the next
       wgmma for small M (M <= 512: it won every such shape, and lost every large one)."""
@@ -140,14 +141,29 @@ def default_config(m: int, n: int, k: int, *, variant: Variant = "1d2d", num_sms
         return narrow
     widths = [t for t in TILE_SPEED if t > 128 or n % 128 == 0]
     best = max(widths, key=lambda t: TILE_SPEED[t] * _wave_efficiency(m, n, t, num_sms))
-    return narrow if best == 128 else GemmConfig(tile_n=best)
+    return narrow if best == 128 else GemmConfig(tile_n=best, cluster="m" if k <= 2048 else "none")
 
 
-def fit_config(cfg: GemmConfig, m: int, n: int) -> GemmConfig:
+SMEM_BYTES = 232448          # Hopper's shared memory per block (the limit Mosaic GPU checks)
+
+
+def smem_bytes(cfg: GemmConfig, out_itemsize: int = 2, col_scales: bool = False) -> int:
+    """Shared memory the Mosaic GPU kernel allocates: ``stages`` x (A, B and scale tiles) + the two warpgroups'
+    output tiles (+2 KiB of barriers and alignment, measured)."""
+    cm, cn = cfg.cta
+    stage = cm * BLOCK + cn * BLOCK + 4 * cm + (4 * cn if col_scales else 0)
+    return cfg.stages * stage + 2 * 64 * cfg.tile_n * out_itemsize + 2048
+
+
+def fit_config(cfg: GemmConfig, m: int, n: int, *, out_dtype=jnp.bfloat16, variant: Variant = "1d2d") -> GemmConfig:
     """``cfg`` adjusted to a shape: no cluster where the pair's tile does not divide N (cluster "n") or where M has
     an odd number of CTA rows (cluster "m": padding M to the pair would add a whole tile row of work); 64-wide
     tiles along M where N is not a multiple of the CTA tile (tiles wider than 128 are kept: the kernel runs partial
-    edge tiles)."""
+    edge tiles); fewer pipeline stages where the output tiles would not fit in shared memory beside them (float32
+    output with 160- or 192-wide tiles: 3 stages)."""
+    col = variant == "1d1d" or cfg.col_scales
+    while cfg.stages > 2 and smem_bytes(cfg, jnp.dtype(out_dtype).itemsize, col) > SMEM_BYTES:
+        cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
     if cfg.tile_n > 128:
         if cfg.cluster == "m" and _cdiv(m, cfg.cta[0]) % 2:
             cfg = dataclasses.replace(cfg, cluster="none")
@@ -543,7 +559,8 @@ def fp8_gemm(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, *, varian
     sa = sa.astype(jnp.float32)
     sb = sb.astype(jnp.float32)
     if jax.default_backend() == "gpu":
-        cfg = fit_config(config or default_config(m, n, k, variant=variant, num_sms=_num_sms()), m, n)
+        cfg = fit_config(config or default_config(m, n, k, variant=variant, num_sms=_num_sms()), m, n,
+                         out_dtype=out_dtype, variant=variant)
         mp = _cdiv(m, cfg.cluster_tile[0]) * cfg.cluster_tile[0]
         if mp != m:
             a = jnp.pad(a, ((0, mp - m), (0, 0)))
@@ -672,7 +689,7 @@ def fp8_gemm_grouped(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, t
         return _tpu_gemm_grouped(a, sa.astype(jnp.float32).T, b.reshape(g * n, k),
                                  sb.astype(jnp.float32).reshape(-1, sb.shape[2]), tile_group, groups=g,
                                  out_dtype=jnp.dtype(out_dtype), interpret=interpret or False)
-    cfg = fit_config(config or default_config(m, n, k, num_sms=_num_sms()), m, n)
+    cfg = fit_config(config or default_config(m, n, k, num_sms=_num_sms()), m, n, out_dtype=out_dtype)
     if cfg.cluster == "m":
         cfg = dataclasses.replace(cfg, cluster="none")
     return _mgpu_gemm(a, sa.astype(jnp.float32).T, b.reshape(g * n, k),

@@ -335,15 +335,19 @@ def test_mosaic_gpu_grouped_kernel_lowers_for_cuda():
     assert "mosaic_gpu" in export.export(f, platforms=["cuda"])(*args).mlir_module()
 
 
-@pytest.mark.parametrize("cfg", [GemmConfig(tile_n=192, cluster="n"), GemmConfig(tile_n=160)])
-def test_mosaic_gpu_wide_tile_kernel_lowers_for_cuda(cfg):
+@pytest.mark.parametrize("cfg,out_dtype", [(GemmConfig(tile_n=192, cluster="n"), jnp.bfloat16),
+                                           (GemmConfig(tile_n=160), jnp.bfloat16),
+                                           (GemmConfig(tile_n=192, cluster="m"), jnp.float32)])
+def test_mosaic_gpu_wide_tile_kernel_lowers_for_cuda(cfg, out_dtype):
     """Without a GPU: 1d2d with tiles wider than a weight block (both block scales per step, 32-column chunks) at
     DeepSeek-V3's o_proj shape, N = 7168 not a multiple of either width; CTA pairs included (which the interpreter
-    cannot run)."""
+    cannot run). Float32 output fits in shared memory through ``fit_config`` (3 stages; 4 do not fit)."""
     from jax import export
 
     m, n, k = 4096, 7168, 16384
-    f = jax.jit(functools.partial(_mgpu_gemm, variant="1d2d", out_dtype=jnp.bfloat16, cfg=cfg, num_sms=132))
+    cfg = fit_config(cfg, m, n, out_dtype=out_dtype)
+    assert cfg.stages == (3 if out_dtype == jnp.float32 else 4)
+    f = jax.jit(functools.partial(_mgpu_gemm, variant="1d2d", out_dtype=out_dtype, cfg=cfg, num_sms=132))
     args = (jax.ShapeDtypeStruct((m, k), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((k // 128, m), jnp.float32),
             jax.ShapeDtypeStruct((n, k), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((n // 128, k // 128), jnp.float32))
     assert "mosaic_gpu" in export.export(f, platforms=["cuda"])(*args).mlir_module()
@@ -379,7 +383,7 @@ def test_default_config_picks_tile_width_by_waves():
     """The tile widths the session-17 H200 sweep found fastest (docs/benchmarks.md), from speed x wave efficiency."""
     assert default_config(4096, 7168, 16384).tile_n == 160
     assert default_config(4096, 2112, 7168).tile_n == 192
-    assert default_config(4096, 24576, 1536).tile_n == 192
+    assert default_config(4096, 24576, 1536) == GemmConfig(tile_n=192, cluster="m")     # short K: B multicast
     assert default_config(4096, 4096, 7168) == GemmConfig(cluster="n")
     assert default_config(4096, 7168, 16384, variant="1d1d") == GemmConfig(cluster="n")   # column scales: 128
     assert default_config(512, 7168, 16384) == GemmConfig(overlap=True)

@@ -1,10 +1,8 @@
 # Ready device calls (next session), each under a 10-minute call:
-#   part 1 (one GPU): did session 16's decode copies (unstack_layers -> add_decode_copies: W_UK/W_UV and the merged
-#           q_a|kv_a kernel made once per call) remove the per-step slices and the dot-merger concatenation from the
-#           compiled batch-32 loop? (tools/decode_hlo_ops.py: look for [256,16,64] slices and a [1024,672]
-#           concatenate inside the while body); then decoding at batch 1 and 32 against HF with BF16 and FP8-stored
-#           weights and, as the A/B of the copies in the same process, BF16 with sampling.decode_copies=False,
-#           recorded (session 16 measured the copies only against a call on another machine).
+#   part 1 (one GPU, the issue's H100: --kind nvidia-h100-x1): session 17's last FP8 GEMM changes were not run on a
+#           GPU: fit_config's fewer stages for float32 output with 160/192-wide tiles (the on-GPU check of the call
+#           before failed on shared memory for 192m4cm f32) and default_config's CTA pairs along M at K <= 2048.
+#           The check (both variants, f32 and bf16, every listed tiling) and the table with the defaults.
 #   part 2 (nvidia-h200-x2 or h100-x2: two GPUs): generation on a mesh against one device in one process
 #           (bench_decode --mesh; session 15's sharded generation is tested for equality on 2 H200s but not timed):
 #           data=2 (each GPU decodes half the rows) and expert=2 (the all-to-all per decode step).
@@ -14,10 +12,9 @@
 #        bash tools/device/poll.sh 560          (carry: .whl; copy the records out of $OUT by hand)
 source tools/device/setup.sh
 if [ "$1" = 1 ]; then
-  timeout 90 python3 tools/decode_hlo_ops.py small 32 > /tmp/hlo_ops.txt 2>&1
-  timeout 420 python3 -m experiments.bench_decode --batch_sizes=1,32 --fp8_weights \
-      --variant=sampling.decode_copies=False --hf --hf_timeout_s=90 --record > /tmp/decode.txt 2>&1
-  cp docs/benchmarks.md /tmp/bm_after_decode.md.txt
+  timeout 520 python3 -m experiments.bench_fp8_gemm --quant=false --ms=4096,8192 \
+      --nk=7168x16384,24576x1536,32768x512,2112x7168 --configs=auto,192m4cm,128m4cn --stop_s=470 \
+      --time_budget_s=480 --record > /tmp/gemm.txt 2>&1
 elif [ "$1" = 3 ]; then
   timeout 330 python3 -m experiments.bench_mla_decode --record > /tmp/mla_bench.txt 2>&1
   cp docs/benchmarks.md /tmp/bm_after_mla.md.txt
