@@ -17,10 +17,11 @@ Backends (``implementation=``):
 * ``"pallas"``: Mosaic GPU on Hopper (sm_90): a persistent, warp-specialised kernel (one TMA producer warpgroup,
   two wgmma consumer warpgroups, FP8 wgmma with a fresh f32 accumulator per 128-wide K step that is scaled and
   added to an f32 register accumulator -- optionally one K step behind the tensor cores so promotion overlaps the
-  next wgmma), planar-snake tile order, optional CTA-pair clusters that multicast the shared operand tile
-  (``GemmConfig.cluster``), epilogue through SMEM and TMA. On TPU (and on CPU, interpreted) a Mosaic TPU
-  ``pl.pallas_call`` with an f32 VMEM accumulator. Needs ``K % 128 == 0`` and ``N % 64 == 0`` (GPU) /
-  ``N % 128 == 0`` (TPU); M is padded.
+  next wgmma), CTA tiles 128 rows by 64-192 columns (wider ones straddle two weight blocks and pick one of two
+  block scales per 32-column chunk; partial edge tiles along N), planar-snake tile order, optional CTA-pair
+  clusters that multicast the shared operand tile (``GemmConfig.cluster``), epilogue through SMEM and TMA. On TPU
+  (and on CPU, interpreted) a Mosaic TPU ``pl.pallas_call`` with an f32 VMEM accumulator. Needs ``K % 128 == 0``
+  and ``N % 64 == 0`` (GPU) / ``N % 128 == 0`` (TPU); M is padded.
 * ``"auto"`` (default): Pallas where supported, XLA otherwise.
 """
 
