@@ -244,9 +244,9 @@ def bench_gemms(shapes):
                 break
             cfg = parse_config(spec)
             if cfg is None:
-                from pallas_kernels.fp8_gemm import _num_sms, default_config, fit_config
+                from pallas_kernels.fp8_gemm import resolve_config
 
-                spec = "auto=" + config_name(fit_config(default_config(m, n, k, num_sms=_num_sms()), m, n))
+                spec = "auto=" + config_name(resolve_config(m, n, k))
             try:
                 f = jax.jit(lambda a, s, b, t, cfg=cfg: fp8_gemm(a, s, b, t, implementation="pallas", config=cfg))
                 t = timed(f, aq, sa, wq, ws)

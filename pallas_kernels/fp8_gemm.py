@@ -39,7 +39,7 @@ from pallas_kernels import hardware
 from pallas_kernels.grouped_matmul import vary_like
 
 __all__ = ["GemmConfig", "fit_config", "fp8_gemm", "fp8_gemm_grouped", "gemm_reference", "grouped_gemm_reference",
-           "mosaic_gpu_supported", "default_config"]
+           "mosaic_gpu_supported", "default_config", "resolve_config"]
 
 BLOCK = 128
 TILE_NS = (64, 128, 160, 192)
@@ -96,11 +96,6 @@ class GemmConfig:
     @property
     def cta(self) -> tuple[int, int]:
         return (128, self.tile_n) if self.wg_dim == "m" else (64, 2 * self.tile_n)
-
-    @property
-    def col_scales(self) -> bool:
-        """Whether the kernel reads the 1d2d weight scales per output column (see the class docstring)."""
-        return self.b_scale_cols
 
     @property
     def cluster_tile(self) -> tuple[int, int]:
@@ -162,7 +157,7 @@ def fit_config(cfg: GemmConfig, m: int, n: int, *, out_dtype=jnp.bfloat16, varia
     tiles along M where N is not a multiple of the CTA tile (tiles wider than 128 are kept: the kernel runs partial
     edge tiles); fewer pipeline stages where the output tiles would not fit in shared memory beside them (float32
     output with 160- or 192-wide tiles: 3 stages)."""
-    col = variant == "1d1d" or cfg.col_scales
+    col = variant == "1d1d" or cfg.b_scale_cols
     while cfg.stages > 2 and smem_bytes(cfg, jnp.dtype(out_dtype).itemsize, col) > SMEM_BYTES:
         cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
     if cfg.tile_n > 128:
@@ -176,6 +171,14 @@ def fit_config(cfg: GemmConfig, m: int, n: int, *, out_dtype=jnp.bfloat16, varia
     if cfg.cluster == "m" and _cdiv(m, cfg.cta[0]) % 2:
         cfg = dataclasses.replace(cfg, cluster="none")
     return cfg
+
+
+def resolve_config(m: int, n: int, k: int, config: GemmConfig | None = None, *, variant: Variant = "1d2d",
+                   out_dtype=jnp.bfloat16, num_sms: int | None = None) -> GemmConfig:
+    """The tiling the Mosaic GPU kernel runs for this GEMM: ``config`` (or ``default_config``) through
+    ``fit_config``."""
+    cfg = config or default_config(m, n, k, variant=variant, num_sms=num_sms or _num_sms())
+    return fit_config(cfg, m, n, out_dtype=out_dtype, variant=variant)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -302,7 +305,7 @@ def _mgpu_gemm(a, sa_t, b, sb, tile_group=None, *, variant, out_dtype, cfg: Gemm
                num_sms=None, groups: int = 0):
     """a [M, K], sa_t [Kb, M], b [N, K] (or [K, N] with ``b_kn``, a test-only layout for the GPU interpreter,
     which cannot run wgmma on a transposed SMEM view), sb [Nb, Kb] (1d2d) or sb_t [Kb, N] (1d1d, and 1d2d with
-    ``cfg.col_scales``: the block scales expanded per column). N need not be a multiple of the cluster tile: the
+    ``cfg.b_scale_cols``: the block scales expanded per column). N need not be a multiple of the cluster tile: the
     edge tiles are partial (TMA zero-fills their loads and clips their stores).
 
     ``groups=G`` (m-grouped, 1d2d): b stacks G weights ``[G*N, K]`` (``[K, G*N]`` with ``b_kn``), sb ``[G*Nb, Kb]``,
@@ -322,7 +325,7 @@ def _mgpu_gemm(a, sa_t, b, sb, tile_group=None, *, variant, out_dtype, cfg: Gemm
     if m % clu_m or n % 64 or k % BLOCK:
         raise ValueError(f"Mosaic GPU fp8_gemm: shape {(m, n, k)} needs M a multiple of the cluster tile's "
                          f"{clu_m}, N of 64 and K of {BLOCK}")
-    col_scales = variant == "1d1d" or cfg.col_scales          # sb is then sb_t [Kb, N]: one scale per column
+    col_scales = variant == "1d1d" or cfg.b_scale_cols        # sb is then sb_t [Kb, N]: one scale per column
     two_blocks = not col_scales and tile_n > BLOCK            # 1d2d tiles straddling two weight blocks
     m_iters, n_iters = m // clu_m, _cdiv(n, clu_n)
     clustered = cfg.cluster != "none"
@@ -477,10 +480,10 @@ def _mgpu_gemm(a, sa_t, b, sb, tile_group=None, *, variant, out_dtype, cfg: Gemm
 
 def _kernel_sb(sb, variant, cfg: GemmConfig, n: int):
     """The weight scales as the Mosaic GPU kernel reads them: ``[Nb, Kb]`` (1d2d, one scalar per weight block) or
-    ``[Kb, N]`` (1d1d; 1d2d with ``cfg.col_scales``: each block's scale repeated over its 128 columns)."""
+    ``[Kb, N]`` (1d1d; 1d2d with ``cfg.b_scale_cols``: each block's scale repeated over its 128 columns)."""
     if variant == "1d1d":
         return sb.T
-    if cfg.col_scales:
+    if cfg.b_scale_cols:
         return jnp.repeat(sb, BLOCK, axis=0)[:n].T
     return sb
 
@@ -560,8 +563,7 @@ def fp8_gemm(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, *, varian
     sa = sa.astype(jnp.float32)
     sb = sb.astype(jnp.float32)
     if jax.default_backend() == "gpu":
-        cfg = fit_config(config or default_config(m, n, k, variant=variant, num_sms=_num_sms()), m, n,
-                         out_dtype=out_dtype, variant=variant)
+        cfg = resolve_config(m, n, k, config, variant=variant, out_dtype=out_dtype)
         mp = _cdiv(m, cfg.cluster_tile[0]) * cfg.cluster_tile[0]
         if mp != m:
             a = jnp.pad(a, ((0, mp - m), (0, 0)))
@@ -690,7 +692,7 @@ def fp8_gemm_grouped(a: jax.Array, sa: jax.Array, b: jax.Array, sb: jax.Array, t
         return _tpu_gemm_grouped(a, sa.astype(jnp.float32).T, b.reshape(g * n, k),
                                  sb.astype(jnp.float32).reshape(-1, sb.shape[2]), tile_group, groups=g,
                                  out_dtype=jnp.dtype(out_dtype), interpret=interpret or False)
-    cfg = fit_config(config or default_config(m, n, k, num_sms=_num_sms()), m, n, out_dtype=out_dtype)
+    cfg = resolve_config(m, n, k, config, out_dtype=out_dtype)
     if cfg.cluster == "m":
         cfg = dataclasses.replace(cfg, cluster="none")
     return _mgpu_gemm(a, sa.astype(jnp.float32).T, b.reshape(g * n, k),
