@@ -45,6 +45,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_attn", "save_attn_out")
 ATTENTION_IMPLS = ("auto", "einsum", "cudnn", "cudnn_mla", "cudnn_packed", "jax")
 MLA_DECODE_IMPLS = ("auto", "xla", "pallas")
+ROUTING_IMPLS = ("auto", "xla", "pallas")
 GROUPED_MATMUL_IMPLS = ("auto", "xla", "tiled", "mosaic_gpu")
 ROPE_TYPES = ("default", "yarn")
 FP8_PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj",
@@ -206,6 +207,10 @@ class ModelConfig:
     # "auto" (the fused Pallas kernel, pallas_kernels.mla_decode_attention, on GPUs where the shapes allow, else
     # XLA), "xla" (einsum scores, masked softmax, einsum values), "pallas"
     mla_decode_impl: str = "auto"
+    # the routers' expert selection (group scores, kept groups, top-k; pallas_kernels.moe_topk): "auto" (its Pallas
+    # kernel, one launch per MoE layer, on GPUs where E and E / n_group are powers of two, else XLA), "xla"
+    # (lax.top_k), "pallas". Both give the same indices bitwise.
+    routing_impl: str = "auto"
     # routed-expert grouped matmuls: "auto" (Mosaic GPU kernels on Hopper, else XLA ragged_dot), "xla", "mosaic_gpu"
     grouped_matmul_impl: str = "auto"
     # decode steps (one new token per sequence) of at most this many tokens whose (token, expert) pairs are too many
@@ -335,6 +340,8 @@ class ModelConfig:
             _fail("attention_impl", self.attention_impl, "is unknown", f"use one of {ATTENTION_IMPLS}")
         if self.mla_decode_impl not in MLA_DECODE_IMPLS:
             _fail("mla_decode_impl", self.mla_decode_impl, "is unknown", f"use one of {MLA_DECODE_IMPLS}")
+        if self.routing_impl not in ROUTING_IMPLS:
+            _fail("routing_impl", self.routing_impl, "is unknown", f"use one of {ROUTING_IMPLS}")
         if isinstance(self.attention_max_documents, bool) or not isinstance(self.attention_max_documents, int) \
                 or self.attention_max_documents < 1:
             _fail("attention_max_documents", self.attention_max_documents, "must be an int >= 1",
@@ -454,7 +461,7 @@ class ModelConfig:
         }
         skip = {"rope_scaling", "quantization_config", "dtype", "param_dtype", "scan_layers", "remat_policy",
                 "attention_impl", "attention_max_documents", "grouped_matmul_impl", "moe_dense_decode_tokens",
-                "mla_decode_impl", "eos_token_id", "fp8",
+                "mla_decode_impl", "routing_impl", "eos_token_id", "fp8",
                 "fp8_bf16_layers", "fp8_bf16_projections", "fp8_grouped_gemm"}
         for f in dataclasses.fields(self):
             if f.name not in skip:
@@ -489,6 +496,7 @@ _HF_ALIASES = {"num_mtp_layers": "num_nextn_predict_layers", "num_experts": "n_r
 # Every other key that is not a ModelConfig field (auto_map, ep_size, use_cache, ...) carries no architecture
 # information and is ignored.
 _HF_IGNORED = {"dtype", "torch_dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl", "mla_decode_impl",
+               "routing_impl",
                "attention_max_documents", "grouped_matmul_impl", "moe_dense_decode_tokens", "fp8", "fp8_bf16_layers",
                "fp8_bf16_projections", "fp8_grouped_gemm"}
 

@@ -125,7 +125,7 @@ def test_v3_router_hand_computed():
 def test_group_routing_equals_the_top_k_and_scatter_form(method):
     """The group scores as two max reductions and the kept-group mask by comparison give bitwise the routing of
     the ``top_k(., 2).sum`` / scatter formulation they replaced, ties included (scores rounded to force them)."""
-    from dsjax.model.moe import _top2_sum
+    from pallas_kernels.moe_topk import _top2_sum
 
     kw = dict(scoring_func="sigmoid") if method == "noaux_tc" else dict(scoring_func="softmax")
     cfg = configs.tiny(n_routed_experts=64, n_group=8, topk_group=4, num_experts_per_tok=6, topk_method=method,

@@ -43,12 +43,13 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from pallas_kernels import fp8_grouped_linear, grouped_matmul
+from pallas_kernels import fp8_grouped_linear, grouped_matmul, moe_topk
+from pallas_kernels.moe_topk import kernel_supported as moe_topk_kernel_supported
 
 from dsjax.configs import ModelConfig
 from dsjax.model import layers
 from dsjax.model.layers import MLP, FP8Scale, RoutingBias, dtype_of, make_param
-from dsjax.sharding import current_plan
+from dsjax.sharding import current_plan, map_shards
 
 __all__ = ["RouterOutput", "Router", "RoutedExperts", "MoE", "route"]
 
@@ -69,18 +70,12 @@ class RouterOutput:
     scores: jax.Array
 
 
-def _top2_sum(x: jax.Array) -> jax.Array:
-    """``lax.top_k(x, 2)[0].sum(-1)`` by two max reductions (XLA fuses them with their producers; top_k is a sort
-    kernel of its own): the largest value plus the largest of the rest with one instance of it removed (ties
-    count twice, as in top_k). Bitwise equal to the top_k form: the same two values, added in the same order."""
-    m1 = jnp.max(x, axis=-1)
-    first = jnp.argmax(x, axis=-1)
-    rest = jnp.where(jnp.arange(x.shape[-1]) == first[..., None], -jnp.inf, x)
-    return m1 + jnp.max(rest, axis=-1)
-
-
 def route(cfg: ModelConfig, logits: jax.Array, bias: jax.Array | None) -> RouterOutput:
-    """Applies the configured routing rule to float32 ``logits [T, E]``. Pure function; see module docstring."""
+    """Applies the configured routing rule to float32 ``logits [T, E]``. Pure function; see module docstring.
+
+    The expert selection (steps 3-4, indices only) is :func:`pallas_kernels.moe_topk`: ``cfg.routing_impl`` picks its
+    XLA reference or its Pallas kernel (the same indices, bitwise). The kernel is a custom call the partitioner
+    cannot split, so under a sharding plan it runs per device on its own tokens (``map_shards``)."""
     t, e = logits.shape
     k = cfg.num_experts_per_tok
     if cfg.scoring_func == "sigmoid":
@@ -88,26 +83,20 @@ def route(cfg: ModelConfig, logits: jax.Array, bias: jax.Array | None) -> Router
     else:
         scores = jax.nn.softmax(logits, axis=-1)
     choice = scores + bias[None, :] if bias is not None else scores
-    if cfg.uses_group_routing:
-        g = cfg.n_group
-        grouped = choice.reshape(t, g, e // g)
-        if cfg.topk_method == "noaux_tc":
-            group_scores = _top2_sum(grouped)
-            fill = -jnp.inf
-        else:  # group_limited_greedy (V2): max per group, masked experts get 0 as in HF/DeepSeek code
-            group_scores = grouped.max(-1)
-            fill = 0.0
-        _, keep = jax.lax.top_k(group_scores, cfg.topk_group)  # [T, topk_group]
-        # the kept groups as a mask by comparison (an elementwise op XLA fuses), not a scatter
-        group_mask = jnp.any(keep[:, :, None] == jnp.arange(g, dtype=keep.dtype)[None, None, :], axis=1)
-        expert_mask = jnp.repeat(group_mask, e // g, axis=1)
-        choice = jnp.where(expert_mask, choice, fill)
-    _, indices = jax.lax.top_k(choice, k)
+    n_group, topk_group = (cfg.n_group, cfg.topk_group) if cfg.uses_group_routing else (1, 1)
+    impl = cfg.routing_impl
+    if impl == "auto":
+        impl = "pallas" if moe_topk_kernel_supported(t, e, n_group) else "xla"
+    select = functools.partial(moe_topk, k=k, n_group=n_group, topk_group=topk_group, implementation=impl,
+                               group_score="top2_sum" if cfg.topk_method == "noaux_tc" else "max")
+    if impl == "pallas":
+        select = map_shards(select, (("batch", None),), ("batch", None), check_vma=False)
+    indices = select(choice)
     weights = jnp.take_along_axis(scores, indices, axis=-1)
     if cfg.norm_topk_prob and (cfg.scoring_func == "sigmoid" or k > 1):
         weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
     weights = weights * cfg.routed_scaling_factor
-    return RouterOutput(weights=weights, indices=indices.astype(jnp.int32), scores=scores)
+    return RouterOutput(weights=weights, indices=indices, scores=scores)
 
 
 class Router(nnx.Module):

@@ -1,0 +1,89 @@
+"""The routers' expert selection (``pallas_kernels.moe_topk``): its Pallas Triton kernel against the XLA reference
+(``lax.top_k`` on group scores and on the masked scores), in device time, with a check that both pick the same
+experts.
+
+    python -m experiments.bench_moe_topk --record
+
+Rows: `small`'s router (64 experts in 8 groups, keep 4, top 6) at decode batch 1 and 32, a batch-32 speculative
+verification of 4 tokens, and a training step of 8 x 2048 tokens; DeepSeek-V3's (256 in 8, keep 4, top 8) at
+batch 1 and 32 and over 16k tokens. Columns: the XLA reference and the kernel's two strategies (``"rank"``, the
+library's choice up to 64 experts; ``"rounds"``) in kernel time (CUPTI), and the reference against the library's
+kernel with ``--repeats`` calls in one jitted ``fori_loop`` (~11 us of loop overhead per iteration included). The
+input is float32 scores rounded to 1/64 so that ties occur.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+from absl import app, flags
+
+from experiments.records import append_record
+from experiments.timing import kernel_us_per_call, loop_us_per_call
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("repeats", 100, "Calls inside one jitted loop per timing.")
+flags.DEFINE_bool("record", False, "Append the table to docs/benchmarks.md.")
+
+# (name, T, E, n_group, topk_group, K)
+SHAPES = [("small, decode batch 1", 1, 64, 8, 4, 6), ("small, decode batch 32", 32, 64, 8, 4, 6),
+          ("small, verify 32 x 4", 128, 64, 8, 4, 6), ("small, train 8 x 2048", 16384, 64, 8, 4, 6),
+          ("V3, decode batch 1", 1, 256, 8, 4, 8), ("V3, decode batch 32", 32, 256, 8, 4, 8),
+          ("V3, 16k tokens", 16384, 256, 8, 4, 8)]
+
+
+def _rows():
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from pallas_kernels import hardware
+    from pallas_kernels.moe_topk import RANK_MAX_EXPERTS, _pallas, default_block_rows, moe_topk
+
+    for name, t, e, g, tg, k in SHAPES:
+        x = jnp.round(jax.random.normal(jax.random.key(t + e), (t, e), jnp.float32) * 64) / 64
+        fns = {"xla": functools.partial(moe_topk, k=k, n_group=g, topk_group=tg, implementation="xla")}
+        for strategy in ("rank", "rounds") if e <= RANK_MAX_EXPERTS else ("rounds",):
+            fns[strategy] = functools.partial(_pallas, k=k, n_group=g, topk_group=tg, group_score="top2_sum",
+                                              interpret=False, strategy=strategy)
+        want = np.asarray(jax.jit(fns["xla"])(x))
+        same = all(np.array_equal(want, np.asarray(jax.jit(f)(x))) for f in fns.values())
+        kern = {n: kernel_us_per_call(jax.jit(f), x) for n, f in fns.items()}
+        loop = {n: loop_us_per_call(f, x, repeats=FLAGS.repeats) for n, f in fns.items()}
+        lib = "rank" if e <= RANK_MAX_EXPERTS else "rounds"
+        per_prog = 1 if lib == "rank" else default_block_rows(t, e, hardware.num_sms())
+        fmt = lambda d, n: f"{d[n]:.1f}" if n in d else ""  # noqa: E731
+        yield (name, f"{t} x {e} ({g} / {tg} / {k})", fmt(kern, "xla"), fmt(kern, "rank"), fmt(kern, "rounds"),
+               f"{kern['xla'] / kern[lib]:.2f}x", f"{loop['xla']:.1f} / {loop[lib]:.1f}", f"{lib}, {per_prog}",
+               "yes" if same else "**NO**")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax
+
+    dev = jax.devices()[0]
+    print(f"device: {dev.device_kind}, jax {jax.__version__}", flush=True)
+    if jax.default_backend() != "gpu":
+        raise app.UsageError("bench_moe_topk times the Triton kernel: run it on a GPU")
+    lines = ["Kernel time per call (CUPTI durations of the kernels one call launches, summed; "
+             "experiments.timing.kernel_us_per_call), us; and the time per call with "
+             f"{FLAGS.repeats} calls in one jitted loop (loop_us_per_call: launch and loop overhead included):", "",
+             "| selection | T x E (groups / kept / K) | xla | kernel, ranks | kernel, rounds | library kernel vs xla | "
+             "in a loop: xla / library kernel | library kernel, tokens per program | same indices |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in _rows():
+        lines.append("| " + " | ".join(row) + " |")
+        print(lines[-1], flush=True)
+    table = "\n".join(lines)
+    print(table)
+    if FLAGS.record:
+        append_record(f"MoE expert selection ({datetime.date.today().isoformat()}, {dev.device_kind}, "
+                      f"jax {jax.__version__})", table + "\n", "bench_moe_topk")
+
+
+if __name__ == "__main__":
+    app.run(main)

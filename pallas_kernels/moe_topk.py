@@ -1,0 +1,261 @@
+"""DeepSeekMoE expert selection in one kernel: group-limited top-k over routing scores.
+
+``idx[t] = top_k(where(expert in kept_groups(t), choice[t], fill), k)`` with
+``kept_groups(t) = top_k(group_score(choice[t] per group), topk_group)``
+
+Letters: ``T`` tokens, ``E`` routed experts, ``G`` expert groups (``E / G`` experts each), ``K`` experts per token.
+``choice [T, E]`` float32 is what selection ranks: V3's sigmoid scores plus the selection-only bias, V2's softmax
+scores. The combine weights are not computed here: the caller gathers its unbiased scores at ``idx`` (they are
+differentiable; the indices are not).
+
+Group scores: ``"top2_sum"`` (V3's ``noaux_tc``: the sum of a group's two largest values, a tie counting twice) with
+``fill = -inf``; ``"max"`` (V2's ``group_limited_greedy``) with ``fill = 0``, as the HF and DeepSeek code mask.
+``n_group = 1``: a plain top-k over all experts.
+
+Ordering: as ``lax.top_k``, descending value and, among equal values, the lower index first; ``idx[t, 0]`` is the
+largest. The kernel reproduces the XLA reference's indices exactly (same comparisons on the same float32 values, no
+arithmetic on them beyond the top-2 sum, added in the same order), so switching backends never changes a routing
+decision.
+
+Why: XLA runs the reference as about seven kernels per MoE layer (group reductions, two ``top_k`` sorts, the
+masking selects). A decode step of `small` is a few hundred small kernels, and the router's took ~12% of its device
+time on an H200 (docs/benchmarks.md). Here one program ranks ``bt`` tokens' scores in registers: ``topk_group``
+then ``K`` rounds of "largest value not taken yet, lowest index among equals" (two reductions per round).
+
+Backends (``implementation=``):
+
+* ``"xla"``: the reference (``lax.top_k`` on group scores and on the masked scores; any platform, any shape).
+* ``"pallas"``: a Pallas Triton kernel, grid ``(T / bt,)``. Needs ``E`` and ``E / G`` powers of two (Triton's
+  tensor sizes; V3's 256 experts in 8 groups, `small`'s 64 in 8, V2-Lite's 64; not V2's 160), see
+  :func:`kernel_shapes_ok`. ``interpret=True`` runs it on the CPU.
+* ``"auto"``: Pallas on GPUs where the shapes allow, XLA otherwise.
+
+Pallas' Triton backend is deprecated in jax 0.11 (lowering warns); the project pins jax 0.11.2, where it lowers and
+runs (see ``fp8_weight_gemm.py`` for the same note).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import hardware
+
+__all__ = ["moe_topk", "moe_topk_reference", "kernel_shapes_ok", "kernel_supported", "default_block_rows"]
+
+Implementation = Literal["auto", "xla", "pallas"]
+GroupScore = Literal["top2_sum", "max"]
+_NEG_INF = float("-inf")
+RANK_MAX_EXPERTS = 64           # the rank kernel's [bt, E, E] comparison up to here; "rounds" above
+
+
+def _check(choice, k, n_group, topk_group, group_score):
+    if choice.ndim != 2:
+        raise ValueError(f"moe_topk expects choice [T, E]; got shape {choice.shape}")
+    t, e = choice.shape
+    if not 1 <= k <= e:
+        raise ValueError(f"moe_topk: k = {k} must lie in [1, E = {e}]")
+    if n_group < 1 or e % n_group:
+        raise ValueError(f"moe_topk: n_group = {n_group} must divide E = {e}")
+    if n_group > 1 and not 1 <= topk_group <= n_group:
+        raise ValueError(f"moe_topk: topk_group = {topk_group} must lie in [1, n_group = {n_group}]")
+    if group_score not in ("top2_sum", "max"):
+        raise ValueError(f"moe_topk: group_score = {group_score!r}; use 'top2_sum' (V3) or 'max' (V2)")
+
+
+def _top2_sum(x: jax.Array) -> jax.Array:
+    """``lax.top_k(x, 2)[0].sum(-1)`` by two max reductions (XLA fuses them with their producers; top_k is a sort
+    kernel of its own): the largest value plus the largest of the rest with one instance of it removed (ties
+    count twice, as in top_k). Bitwise equal to the top_k form: the same two values, added in the same order."""
+    m1 = jnp.max(x, axis=-1)
+    first = jnp.argmax(x, axis=-1)
+    rest = jnp.where(jnp.arange(x.shape[-1]) == first[..., None], -jnp.inf, x)
+    return m1 + jnp.max(rest, axis=-1)
+
+
+def moe_topk_reference(choice: jax.Array, k: int, *, n_group: int = 1, topk_group: int = 1,
+                       group_score: GroupScore = "top2_sum") -> jax.Array:
+    """The XLA path: group scores by reductions, ``lax.top_k`` over them, the kept groups as a mask by comparison
+    (an elementwise op XLA fuses, not a scatter), ``lax.top_k`` over the masked scores. ``[T, E] -> [T, K]`` int32."""
+    _check(choice, k, n_group, topk_group, group_score)
+    choice = jax.lax.stop_gradient(choice)
+    t, e = choice.shape
+    if n_group > 1:
+        grouped = choice.reshape(t, n_group, e // n_group)
+        scores, fill = (_top2_sum(grouped), _NEG_INF) if group_score == "top2_sum" else (grouped.max(-1), 0.0)
+        _, keep = jax.lax.top_k(scores, topk_group)                                     # [T, topk_group]
+        group_mask = jnp.any(keep[:, :, None] == jnp.arange(n_group, dtype=keep.dtype)[None, None, :], axis=1)
+        choice = jnp.where(jnp.repeat(group_mask, e // n_group, axis=1), choice, fill)
+    return jax.lax.top_k(choice, k)[1].astype(jnp.int32)
+
+
+def _pow2(x: int) -> bool:
+    return x >= 1 and x & (x - 1) == 0
+
+
+def kernel_shapes_ok(t: int, e: int, n_group: int = 1) -> bool:
+    """Whether the Pallas kernel takes ``choice [T, E]`` in ``n_group`` groups: ``E`` and ``E / n_group`` powers
+    of two (Triton's tensor sizes), ``E >= 2``, ``T >= 1``."""
+    return t >= 1 and e >= 2 and _pow2(e) and e % n_group == 0 and _pow2(e // n_group)
+
+
+def kernel_supported(t: int, e: int, n_group: int = 1) -> bool:
+    """Whether ``implementation="auto"`` picks the Pallas kernel: on a GPU, shapes as :func:`kernel_shapes_ok`."""
+    return jax.default_backend() == "gpu" and kernel_shapes_ok(t, e, n_group)
+
+
+def default_block_rows(t: int, e: int, num_sms: int = 132) -> int:
+    """Tokens per program: a power of two dividing ``T``, small enough that about two programs per multiprocessor
+    run (decode steps: one token each, as many programs as tokens) and that a ``[bt, E]`` tile stays at most 4,096
+    values (32 per thread of 4 warps)."""
+    bt = 1
+    while t % (2 * bt) == 0 and 2 * bt * e <= 4096 and t // (2 * bt) >= 2 * num_sms:
+        bt *= 2
+    return bt
+
+
+def _pick(x: jax.Array, taken: jax.Array, iota: jax.Array, n: int) -> jax.Array:
+    """Per row of ``x [bt, n]``: the lowest index among the largest values not yet ``taken`` (``[bt]`` int32).
+    Works when the largest remaining value is -inf: ``x == m`` then matches -inf entries, ``~taken`` the untaken
+    ones."""
+    m = jnp.max(jnp.where(taken, _NEG_INF, x), axis=1)
+    return jnp.min(jnp.where(~taken & (x == m[:, None]), iota, n), axis=1)
+
+
+def _kernel(c_ref, o_ref, *, k: int, n_group: int, topk_group: int, group_score: str):
+    """One program: ``bt`` tokens. ``c_ref [bt, E]`` float32 -> ``o_ref [bt, Kp]`` int32 (slots >= K unused)."""
+    from jax import lax
+
+    c = c_ref[...]
+    bt, e = c.shape
+    kp = o_ref.shape[1]
+    if n_group > 1:
+        gs = e // n_group
+        cg = c.reshape(bt, n_group, gs)
+        m1 = jnp.max(cg, axis=2)                                                    # [bt, G]
+        if group_score == "top2_sum":
+            giota = lax.broadcasted_iota(jnp.int32, (bt, n_group, gs), 2)
+            first = jnp.min(jnp.where(cg == m1[:, :, None], giota, gs), axis=2)   # argmax: first of the largest
+            score = m1 + jnp.max(jnp.where(giota == first[:, :, None], _NEG_INF, cg), axis=2)
+            fill = _NEG_INF
+        else:
+            score, fill = m1, 0.0
+        iota_g = lax.broadcasted_iota(jnp.int32, (bt, n_group), 1)
+        keep = iota_g < 0                                                           # all False
+        for _ in range(topk_group):
+            g = _pick(score, keep, iota_g, n_group)
+            keep = keep | (iota_g == g[:, None])
+        mask = jnp.broadcast_to(keep[:, :, None], (bt, n_group, gs)).reshape(bt, e)
+        c = jnp.where(mask, c, fill)
+    iota = lax.broadcasted_iota(jnp.int32, (bt, e), 1)
+    slot = lax.broadcasted_iota(jnp.int32, (bt, kp), 1)
+    taken = iota < 0
+    out = jnp.zeros((bt, kp), jnp.int32)
+    for s in range(k):
+        i = _pick(c, taken, iota, e)
+        taken = taken | (iota == i[:, None])
+        out = jnp.where(slot == s, i[:, None], out)
+    o_ref[...] = out
+
+
+def _before(x: jax.Array, col: jax.Array, row: jax.Array) -> jax.Array:
+    """``[bt, n, n]`` bool: entry ``j`` (last axis) comes before entry ``i`` (middle axis) in ``lax.top_k``'s order
+    of the rows of ``x [bt, n]`` (larger, or equal with a lower index)."""
+    xi, xj = x[:, :, None], x[:, None, :]
+    return (xj > xi) | ((xj == xi) & (col < row))
+
+
+def _kernel_rank(c_ref, o_ref, *, k: int, n_group: int, topk_group: int, group_score: str):
+    """The same selection by ranks (for small ``E``): each expert's position in ``top_k`` order is the count of
+    experts before it, one ``[bt, E, E]`` comparison and one sum; no chain of ``K`` dependent rounds. Groups: an
+    expert's rank within its group picks the group's top two (their sum, or the group's largest, is the group
+    score every member holds), the groups' ranks pick the kept ones."""
+    from jax import lax
+
+    c = c_ref[...]
+    bt, e = c.shape
+    kp = o_ref.shape[1]
+    row = lax.broadcasted_iota(jnp.int32, (bt, e, e), 1)
+    col = lax.broadcasted_iota(jnp.int32, (bt, e, e), 2)
+    if n_group > 1:
+        gs = e // n_group
+        same = (row // gs) == (col // gs)
+        rank_in = jnp.sum((_before(c, col, row) & same).astype(jnp.int32), axis=2)          # [bt, E]
+        top = rank_in < (2 if group_score == "top2_sum" else 1)
+        # a sum of one or two values and zeros: m1 + m2 exactly (adding +0 is exact), as the reference adds them
+        score = jnp.sum(jnp.where(same & top[:, None, :], c[:, None, :], 0.0), axis=2)       # [bt, E]
+        first = (col % gs) == 0                                                           # one column per group
+        grank = jnp.sum((_before(score, col // gs, row // gs) & first).astype(jnp.int32), axis=2)
+        c = jnp.where(grank < topk_group, c, _NEG_INF if group_score == "top2_sum" else 0.0)
+    rank = jnp.sum(_before(c, col, row).astype(jnp.int32), axis=2)                          # [bt, E]
+    slot = lax.broadcasted_iota(jnp.int32, (bt, kp, e), 1)
+    expert = lax.broadcasted_iota(jnp.int32, (bt, kp, e), 2)
+    o_ref[...] = jnp.sum(jnp.where(rank[:, None, :] == slot, expert, 0), axis=2)
+
+
+def _pallas(choice: jax.Array, k: int, *, n_group: int, topk_group: int, group_score: str, interpret: bool,
+            bt: int | None = None, num_warps: int | None = None, strategy: str | None = None) -> jax.Array:
+    """The Pallas call; ``bt``, ``num_warps`` and ``strategy`` (``"rank"`` or ``"rounds"``) are what a sweep may
+    override (default: ranks for ``E <= 64``, one token per program, 4 warps; rounds above, tokens per program by
+    :func:`default_block_rows`, 1 warp for tiles of at most 256 values, else 4)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+
+    t, e = choice.shape
+    bt = bt or default_block_rows(t, e, hardware.num_sms())
+    if t % bt:
+        raise ValueError(f"moe_topk: T = {t} is not a multiple of bt = {bt}")
+    kp = 1 << (k - 1).bit_length()                                                  # Triton: a power of two
+    strategy = strategy or ("rank" if e <= RANK_MAX_EXPERTS else "rounds")
+    if strategy not in ("rank", "rounds"):
+        raise ValueError(f"moe_topk: strategy={strategy!r}; use 'rank' or 'rounds'")
+    if strategy == "rank":
+        bt = min(bt, max(1, 4096 // (e * e)))                 # the [bt, E, E] comparison: at most 4,096 values
+    num_warps = num_warps or (4 if strategy == "rank" or bt * e > 256 else 1)
+    out = pl.pallas_call(
+        functools.partial(_kernel_rank if strategy == "rank" else _kernel, k=k, n_group=n_group,
+                          topk_group=topk_group, group_score=group_score),
+        grid=(t // bt,),
+        in_specs=[pl.BlockSpec((bt, e), lambda i: (i, 0))],
+        out_specs=pl.BlockSpec((bt, kp), lambda i: (i, 0)),
+        out_shape=jax.ShapeDtypeStruct((t, kp), jnp.int32),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+    )(jax.lax.stop_gradient(choice).astype(jnp.float32))
+    return out[:, :k] if kp != k else out
+
+
+def moe_topk(choice: jax.Array, k: int, *, n_group: int = 1, topk_group: int = 1,
+             group_score: GroupScore = "top2_sum", implementation: Implementation = "auto",
+             interpret: bool = False) -> jax.Array:
+    """The ``k`` experts each token routes to (see the module docstring).
+
+    Args:
+      choice: ``[T, E]`` float32 selection scores (V3: sigmoid scores + bias; V2: softmax scores). Not
+        differentiated through (the indices are piecewise constant).
+      k: experts per token.
+      n_group, topk_group: group-limited routing (``n_group = 1``: plain top-k).
+      group_score: ``"top2_sum"`` (V3, masked experts get -inf) or ``"max"`` (V2, masked experts get 0).
+      implementation: ``"auto"``, ``"xla"`` or ``"pallas"``.
+      interpret: run the Pallas kernel in the interpreter (CPU tests).
+
+    Returns ``[T, K]`` int32, by descending value, ties to the lower index (``lax.top_k``'s order).
+    """
+    _check(choice, k, n_group, topk_group, group_score)
+    t, e = choice.shape
+    if implementation == "auto":
+        implementation = "pallas" if kernel_supported(t, e, n_group) else "xla"
+    if implementation == "xla":
+        return moe_topk_reference(choice, k, n_group=n_group, topk_group=topk_group, group_score=group_score)
+    if implementation != "pallas":
+        raise ValueError(f"moe_topk: implementation={implementation!r}; use 'auto', 'xla' or 'pallas'")
+    if not kernel_shapes_ok(t, e, n_group):
+        raise ValueError(f"moe_topk(implementation='pallas') needs E and E / n_group powers of two; got E = {e}, "
+                         f"n_group = {n_group}. Fix: implementation='xla' or 'auto'")
+    if not interpret and jax.default_backend() != "gpu":
+        raise ValueError("moe_topk(implementation='pallas') runs on GPUs (Triton); pass interpret=True to interpret "
+                         "it elsewhere, or use implementation='xla'")
+    return _pallas(choice, k, n_group=n_group, topk_group=topk_group, group_score=group_score, interpret=interpret)

@@ -1,0 +1,145 @@
+"""Expert selection (pallas_kernels.moe_topk): the Pallas Triton kernel (in the interpreter on the CPU) gives the XLA
+reference's indices exactly, ties included; the model routes through it; its CUDA lowering and GPU run; its
+errors."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import dsjax
+from pallas_kernels import moe_topk
+from pallas_kernels.moe_topk import _pallas, default_block_rows, kernel_shapes_ok, moe_topk_reference
+
+
+def _choice(t, e, seed, ties, signed=True):
+    """Random selection scores (``signed``: some negative, as V3's sigmoid scores plus bias can be; V2's softmax
+    scores are positive); ``ties``: values rounded to quarters, so equal scores (within and across groups, and
+    equal group scores) are common and the lower-index rule decides."""
+    x = jax.random.uniform(jax.random.key(seed), (t, e), jnp.float32)
+    return jnp.round(x * 4) / 4 if ties else x - 0.5 * signed
+
+
+# (T, E, n_group, topk_group, K, group score): small's router, V3's (256 in 8, keep 4, top 8), V2-Lite's plain top-6,
+# a V2-style max-score grouping where K exceeds the kept groups' experts (the 0-filled ones are picked by index),
+# T not a multiple of any block
+CASES = [(32, 64, 8, 4, 6, "top2_sum"), (16, 256, 8, 4, 8, "top2_sum"), (12, 64, 1, 1, 6, "top2_sum"),
+         (8, 16, 4, 1, 6, "max"), (7, 32, 4, 2, 3, "top2_sum")]
+
+
+@pytest.mark.parametrize("t,e,g,tg,k,score", CASES)
+@pytest.mark.parametrize("ties", [False, True])
+def test_kernel_matches_reference_exactly(t, e, g, tg, k, score, ties):
+    x = _choice(t, e, t * e + k, ties, signed=score == "top2_sum")
+    want = np.asarray(moe_topk_reference(x, k, n_group=g, topk_group=tg, group_score=score))
+    if g == 1:     # the reference is lax.top_k's order: descending value, the lower index first among equals
+        vals = np.take_along_axis(np.asarray(x), want, axis=1)
+        assert (np.diff(vals, axis=1) <= 0).all() and ((np.diff(vals, axis=1) < 0) | (np.diff(want, axis=1) > 0)).all()
+    for strategy, bt in (("rank", 1), ("rounds", 1), ("rounds", None)):
+        got = _pallas(x, k, n_group=g, topk_group=tg, group_score=score, interpret=True, bt=bt, strategy=strategy)
+        assert got.shape == (t, k) and got.dtype == jnp.int32
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{strategy}, bt={bt}")
+
+
+def test_masked_groups_and_ties_follow_top_k():
+    """Hand-made: two groups tie on their score, the lower group wins; inside it equal experts go by index."""
+    x = jnp.asarray([[0.5, 0.5, 0.1, 0.0, 0.5, 0.5, 0.1, 0.0, 0.9, 0.0, 0.0, 0.0, 0.2, 0.2, 0.2, 0.2]], jnp.float32)
+    # groups of 4: top-2 sums 1.0, 1.0, 0.9, 0.4 -> keep 2: groups 0 and 1 (equal, lower index first over group 2)
+    want = [[0, 1, 4, 5, 2, 6]]
+    for impl in ("xla", "rank", "rounds"):
+        got = (moe_topk(x, 6, n_group=4, topk_group=2) if impl == "xla" else
+               _pallas(x, 6, n_group=4, topk_group=2, group_score="top2_sum", interpret=True, strategy=impl))
+        assert np.asarray(got).tolist() == want, impl
+
+
+def test_default_block_rows():
+    assert default_block_rows(32, 64) == 1                   # a decode step: one token per program
+    assert default_block_rows(16384, 64) == 32               # training: 512 programs of 32 tokens (2,048 values)
+    assert default_block_rows(16384, 256) == 16              # tiles of at most 4,096 values
+    assert default_block_rows(12, 64, num_sms=1) == 4        # only powers of two dividing T
+    assert 16384 % default_block_rows(16384, 64) == 0
+    assert kernel_shapes_ok(32, 256, 8) and kernel_shapes_ok(1, 64, 1)
+    assert not kernel_shapes_ok(32, 160, 8) and not kernel_shapes_ok(32, 96, 4)   # V2's 160 experts: XLA
+
+
+def test_model_routes_through_the_kernel(monkeypatch):
+    """A tiny V3-style model's forward pass and generation with ``routing_impl="pallas"`` (the kernel interpreted)
+    equal the XLA selection's bitwise."""
+    from dsjax.inference import SamplingConfig
+    from dsjax.model import moe as moe_mod
+
+    cfg = dsjax.configs.tiny(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4,
+                             routing_impl="xla")
+    model = dsjax.Transformer(cfg, rngs=nnx.Rngs(0))
+    calls = []
+
+    def interpreted(choice, k, **kw):
+        assert kw.pop("implementation") == "pallas"
+        calls.append(choice.shape)
+        return _pallas(choice, k, interpret=True, **kw)
+
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 3, cfg.vocab_size)
+    ref = model(tokens)
+    prompts = [[1, 5, 9, 22, 40], [1, 7, 3]]
+    sc = SamplingConfig(max_new_tokens=4, temperature=0.0, use_eos=False, length_bucket=8)
+    ref_gen = dsjax.generate(model, prompts, sampling=sc)
+    monkeypatch.setattr(moe_mod, "moe_topk", interpreted)
+    kmodel = dsjax.Transformer(cfg.replace(routing_impl="pallas"), rngs=nnx.Rngs(0))
+    got = kmodel(tokens)
+    assert calls, "the router did not reach the kernel"
+    np.testing.assert_array_equal(np.asarray(got.logits), np.asarray(ref.logits))
+    got_gen = dsjax.generate(kmodel, prompts, sampling=sc)
+    np.testing.assert_array_equal(got_gen.tokens, ref_gen.tokens)
+
+
+def test_kernel_lowers_for_cuda():
+    """Without a GPU: the Triton lowering at `small`'s decode and training shapes and V3's."""
+    from jax._src.mesh import AbstractDevice
+
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
+        device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"))
+    for t, e, g, tg, k, strategy in [(32, 64, 8, 4, 6, "rank"), (16384, 64, 8, 4, 6, "rank"),
+                                     (32, 64, 8, 4, 6, "rounds"), (16384, 64, 8, 4, 6, "rounds"),
+                                     (1, 256, 8, 4, 8, None), (64, 64, 1, 1, 6, None)]:
+        fn = functools.partial(_pallas, k=k, n_group=g, topk_group=tg, group_score="top2_sum", interpret=False,
+                               strategy=strategy)
+        with jax.sharding.use_abstract_mesh(mesh):
+            text = jax.jit(fn).trace(jax.ShapeDtypeStruct((t, e), jnp.float32)).lower(
+                lowering_platforms=("cuda",)).as_text()
+        assert "xla.gpu.triton" in text
+
+
+def test_errors():
+    x = _choice(4, 64, 0, False)
+    with pytest.raises(ValueError, match="n_group"):
+        moe_topk(x, 6, n_group=5)
+    with pytest.raises(ValueError, match="topk_group"):
+        moe_topk(x, 6, n_group=8, topk_group=9)
+    with pytest.raises(ValueError, match="k = 65"):
+        moe_topk(x, 65)
+    with pytest.raises(ValueError, match="powers of two"):
+        moe_topk(_choice(4, 48, 0, False), 6, n_group=8, implementation="pallas", interpret=True)
+    with pytest.raises(ValueError, match="interpret=True"):
+        moe_topk(x, 6, implementation="pallas")
+    with pytest.raises(ValueError, match="implementation"):
+        moe_topk(x, 6, implementation="triton")
+    with pytest.raises(dsjax.ConfigError, match="routing_impl"):
+        dsjax.configs.tiny(routing_impl="cuda")
+    np.testing.assert_array_equal(moe_topk(x, 6), moe_topk(x, 6, implementation="xla"))   # "auto" on the CPU
+
+
+@pytest.mark.gpu
+def test_kernel_on_gpu():
+    """The compiled Triton kernel gives the reference's indices at decode, training and V3 shapes, ties included."""
+    for t, e, g, tg, k in [(32, 64, 8, 4, 6), (1, 64, 8, 4, 6), (16384, 64, 8, 4, 6), (256, 256, 8, 4, 8),
+                           (64, 64, 1, 1, 6)]:
+        for ties in (False, True):
+            x = _choice(t, e, t + e, ties)
+            want = moe_topk(x, k, n_group=g, topk_group=tg, implementation="xla")
+            got = jax.jit(functools.partial(moe_topk, k=k, n_group=g, topk_group=tg, implementation="pallas"))(x)
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=str((t, e, ties)))
