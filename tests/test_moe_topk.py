@@ -40,10 +40,10 @@ def test_kernel_matches_reference_exactly(t, e, g, tg, k, score, ties):
     if g == 1:     # the reference is lax.top_k's order: descending value, the lower index first among equals
         vals = np.take_along_axis(np.asarray(x), want, axis=1)
         assert (np.diff(vals, axis=1) <= 0).all() and ((np.diff(vals, axis=1) < 0) | (np.diff(want, axis=1) > 0)).all()
-    for strategy, bt in (("rank", 1), ("rounds", 1), ("rounds", None)):
-        got = _pallas(x, k, n_group=g, topk_group=tg, group_score=score, interpret=True, bt=bt, strategy=strategy)
+    for bt in (1, None):
+        got = _pallas(x, k, n_group=g, topk_group=tg, group_score=score, interpret=True, bt=bt)
         assert got.shape == (t, k) and got.dtype == jnp.int32
-        np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{strategy}, bt={bt}")
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"bt={bt}")
 
 
 def test_masked_groups_and_ties_follow_top_k():
@@ -51,9 +51,9 @@ def test_masked_groups_and_ties_follow_top_k():
     x = jnp.asarray([[0.5, 0.5, 0.1, 0.0, 0.5, 0.5, 0.1, 0.0, 0.9, 0.0, 0.0, 0.0, 0.2, 0.2, 0.2, 0.2]], jnp.float32)
     # groups of 4: top-2 sums 1.0, 1.0, 0.9, 0.4 -> keep 2: groups 0 and 1 (equal, lower index first over group 2)
     want = [[0, 1, 4, 5, 2, 6]]
-    for impl in ("xla", "rank", "rounds"):
+    for impl in ("xla", "interpret"):
         got = (moe_topk(x, 6, n_group=4, topk_group=2) if impl == "xla" else
-               _pallas(x, 6, n_group=4, topk_group=2, group_score="top2_sum", interpret=True, strategy=impl))
+               _pallas(x, 6, n_group=4, topk_group=2, group_score="top2_sum", interpret=True))
         assert np.asarray(got).tolist() == want, impl
 
 
@@ -103,11 +103,8 @@ def test_kernel_lowers_for_cuda():
 
     mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
         device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"))
-    for t, e, g, tg, k, strategy in [(32, 64, 8, 4, 6, "rank"), (16384, 64, 8, 4, 6, "rank"),
-                                     (32, 64, 8, 4, 6, "rounds"), (16384, 64, 8, 4, 6, "rounds"),
-                                     (1, 256, 8, 4, 8, None), (64, 64, 1, 1, 6, None)]:
-        fn = functools.partial(_pallas, k=k, n_group=g, topk_group=tg, group_score="top2_sum", interpret=False,
-                               strategy=strategy)
+    for t, e, g, tg, k in [(32, 64, 8, 4, 6), (16384, 64, 8, 4, 6), (1, 256, 8, 4, 8), (64, 64, 1, 1, 6)]:
+        fn = functools.partial(_pallas, k=k, n_group=g, topk_group=tg, group_score="top2_sum", interpret=False)
         with jax.sharding.use_abstract_mesh(mesh):
             text = jax.jit(fn).trace(jax.ShapeDtypeStruct((t, e), jnp.float32)).lower(
                 lowering_platforms=("cuda",)).as_text()
