@@ -1,7 +1,8 @@
 """Generation on a device mesh (8 fake CPU devices): sharded greedy decoding equals one device, the layouts are the
 ones documented (state by the rules table, rows of inputs, outputs and the latent cache over the batch axes), uneven
 batches are padded or refused clearly, speculative decoding under a plan equals plain greedy, and the Pallas decode
-kernels are either run per device (MLA attention, inside ``shard_map``) or left for XLA (FP8 weight-only GEMM).
+kernels are either run per device (MLA attention and the routers' selection, inside ``shard_map``) or left for XLA
+(FP8 weight-only GEMM).
 
 Model: ``tiny`` with 2 layers (1 dense + 1 MoE, 16 experts) in float32, ``qk_rope_head_dim=16`` so that the MLA
 decode kernel takes its shapes. Tolerance on log-probs: 1e-5 absolute (float32; only summation orders differ: the
@@ -150,6 +151,26 @@ def test_decode_kernel_runs_per_device_under_a_plan(model, reference, monkeypatc
     kernel_model = dsjax.Transformer(_cfg(mla_decode_impl="pallas"), rngs=nnx.Rngs(0))
     out = dsjax.generate(kernel_model, PROMPTS, sampling=SAMPLING, plan=_plan((2, 1, 2, 2)))
     assert calls and all(q[0] == 2 and q[2] == 2 and c[0] == 2 for q, c in calls), calls
+    _same(out, reference)
+
+
+def test_routing_kernel_runs_per_device_under_a_plan(model, reference, monkeypatch):
+    """The routers' expert selection through the (interpreted) Pallas kernel under a data x expert plan: each device
+    selects for its own tokens (a decode step: 2 of the 8 rows, 2 tokens) and generation equals one device."""
+    from dsjax.model import moe as moe_mod
+    from pallas_kernels.moe_topk import _pallas
+
+    calls = []
+
+    def through_kernel(choice, k, *, implementation, **kw):
+        assert implementation == "pallas"
+        calls.append(choice.shape)
+        return _pallas(choice, k, interpret=True, **kw)
+
+    monkeypatch.setattr(moe_mod, "moe_topk", through_kernel)
+    kernel_model = dsjax.Transformer(_cfg(routing_impl="pallas"), rngs=nnx.Rngs(0))
+    out = dsjax.generate(kernel_model, PROMPTS, sampling=SAMPLING, plan=_plan((2, 1, 2, 1), 4))
+    assert (2, 16) in calls and all(t % 2 == 0 and t <= 2 * SAMPLING.length_bucket for t, _ in calls), calls
     _same(out, reference)
 
 
