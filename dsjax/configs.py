@@ -241,6 +241,12 @@ class ModelConfig:
     # dequantised operands); "auto": "fp8" where its Mosaic GPU kernel runs (Hopper), else "bf16". On an H200 the
     # FP8 `small` train step took 175 ms with "fp8" against 208 ms with "bf16" (docs/benchmarks.md).
     fp8_grouped_gemm: str = "auto"
+    # FP8-stored checkpoints (load_hf(keep_fp8=True)) decoding on a GPU: decode-sized products with fewer rows per
+    # group than this take XLA's form of the same maths (dequantise, then an einsum: for one row a matrix-vector
+    # reduction that reads the E4M3 weights, K contiguous), the others the weight-only FP8 kernel
+    # (pallas_kernels.fp8_weight_gemm). 1.6 us for batch 1's q_b_proj where the kernel path (x padded to 16 rows,
+    # the kernel, the split-K sum) took 3.9 (CUPTI, H200, session 16). 1 = the kernel always.
+    fp8_weight_kernel_min_rows: int = 2
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self):
@@ -340,6 +346,10 @@ class ModelConfig:
             _fail("attention_impl", self.attention_impl, "is unknown", f"use one of {ATTENTION_IMPLS}")
         if self.mla_decode_impl not in MLA_DECODE_IMPLS:
             _fail("mla_decode_impl", self.mla_decode_impl, "is unknown", f"use one of {MLA_DECODE_IMPLS}")
+        if isinstance(self.fp8_weight_kernel_min_rows, bool) or not isinstance(self.fp8_weight_kernel_min_rows, int) \
+                or self.fp8_weight_kernel_min_rows < 1:
+            _fail("fp8_weight_kernel_min_rows", self.fp8_weight_kernel_min_rows, "must be an int >= 1",
+                  "use 1 (the weight-only FP8 kernel for every decode-sized product) or more")
         if self.routing_impl not in ROUTING_IMPLS:
             _fail("routing_impl", self.routing_impl, "is unknown", f"use one of {ROUTING_IMPLS}")
         if isinstance(self.attention_max_documents, bool) or not isinstance(self.attention_max_documents, int) \
@@ -462,7 +472,7 @@ class ModelConfig:
         skip = {"rope_scaling", "quantization_config", "dtype", "param_dtype", "scan_layers", "remat_policy",
                 "attention_impl", "attention_max_documents", "grouped_matmul_impl", "moe_dense_decode_tokens",
                 "mla_decode_impl", "routing_impl", "eos_token_id", "fp8",
-                "fp8_bf16_layers", "fp8_bf16_projections", "fp8_grouped_gemm"}
+                "fp8_bf16_layers", "fp8_bf16_projections", "fp8_grouped_gemm", "fp8_weight_kernel_min_rows"}
         for f in dataclasses.fields(self):
             if f.name not in skip:
                 d[f.name] = getattr(self, f.name)
@@ -495,10 +505,9 @@ _HF_ALIASES = {"num_mtp_layers": "num_nextn_predict_layers", "num_experts": "n_r
 # not the compute dtype, so it never overrides ModelConfig.dtype (pass dtype=... to from_hf_config instead).
 # Every other key that is not a ModelConfig field (auto_map, ep_size, use_cache, ...) carries no architecture
 # information and is ignored.
-_HF_IGNORED = {"dtype", "torch_dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl", "mla_decode_impl",
-               "routing_impl",
-               "attention_max_documents", "grouped_matmul_impl", "moe_dense_decode_tokens", "fp8", "fp8_bf16_layers",
-               "fp8_bf16_projections", "fp8_grouped_gemm"}
+_HF_IGNORED = {"dtype", "torch_dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
+               "mla_decode_impl", "routing_impl", "attention_max_documents", "grouped_matmul_impl", "moe_dense_decode_tokens", "fp8",
+               "fp8_bf16_layers", "fp8_bf16_projections", "fp8_grouped_gemm", "fp8_weight_kernel_min_rows"}
 
 
 def _parse_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:

@@ -46,7 +46,7 @@ flags.DEFINE_bool("fp8_weights", False, "Also time the same model with its MLA, 
                   "saved as a hub folder and loaded with load_hf(keep_fp8=True). Its roof counts those weights at "
                   "1 byte + scales.")
 flags.DEFINE_multi_integer("fp8_kernel_min_rows", [], "With --fp8_weights: time the FP8 model once per value of "
-                           "dsjax.model.layers.FP8_KERNEL_MIN_ROWS (products with fewer rows per group take XLA's "
+                           "ModelConfig.fp8_weight_kernel_min_rows (products with fewer rows per group take XLA's "
                            "dequantise + einsum instead of the weight-only kernel; 1 = the kernel always) instead of "
                            "once at the library's value.")
 flags.DEFINE_string("mesh", "", "Also time generation on a device mesh, e.g. 'data=2' or 'expert=2' (MeshConfig "
@@ -113,26 +113,8 @@ def _row(impl: str, cfg, b: int, t_pre: float, t_all: float, **extra) -> dict:
             **extra}
 
 
-def bench_dsjax(model, b: int, label: str = "dsjax", sampling_overrides: list[str] = (), fp8_min_rows=None) -> dict:
-    """One row: ``model`` generating at batch ``b``; ``fp8_min_rows`` sets ``layers.FP8_KERNEL_MIN_ROWS`` for this
-    row (jit caches cleared before and after: the setting is read when a step is traced)."""
-    import jax
-
-    from dsjax.model import layers
-
-    if fp8_min_rows is None:
-        return _bench_dsjax(model, b, label, sampling_overrides)
-    saved = layers.FP8_KERNEL_MIN_ROWS
-    layers.FP8_KERNEL_MIN_ROWS = fp8_min_rows
-    jax.clear_caches()
-    try:
-        return _bench_dsjax(model, b, label, sampling_overrides)
-    finally:
-        layers.FP8_KERNEL_MIN_ROWS = saved
-        jax.clear_caches()
-
-
-def _bench_dsjax(model, b: int, label: str, sampling_overrides) -> dict:
+def bench_dsjax(model, b: int, label: str = "dsjax", sampling_overrides: list[str] = ()) -> dict:
+    """One row: ``model`` generating at batch ``b`` (``sampling_overrides``: ``key=value`` SamplingConfig fields)."""
     import jax
     from flax import nnx
 
@@ -235,8 +217,9 @@ def bench_hf(b: int) -> dict:
 FP8_LABEL = "dsjax, FP8 weights"
 
 
-def fp8_weights_model(model):
-    """``model`` with its MLA, MLP and expert weights in FP8 (128x128 blocks), by a hub-folder round trip."""
+def fp8_weights_model(model, **config_overrides):
+    """``model`` with its MLA, MLP and expert weights in FP8 (128x128 blocks), by a hub-folder round trip;
+    ``config_overrides``: other ModelConfig fields of the loaded model (``fp8_weight_kernel_min_rows=1``)."""
     import tempfile
 
     import jax.numpy as jnp
@@ -246,7 +229,7 @@ def fp8_weights_model(model):
     with tempfile.TemporaryDirectory() as d:
         dsjax.save_hf(model, None, d)
         return dsjax.load_hf(d, dtype=jnp.dtype(model.cfg.dtype), keep_fp8=True, mtp=False,
-                             scan_layers=model.cfg.scan_layers)
+                             scan_layers=model.cfg.scan_layers, config_overrides=config_overrides)
 
 
 def main(argv):
@@ -264,11 +247,12 @@ def main(argv):
     for text in FLAGS.variant:
         model_over, sampling_over = split_variant(text)
         variants.append((f"dsjax, {text}", dsjax.Transformer(apply_overrides(cfg, model_over), rngs=nnx.Rngs(0))
-                         if model_over else model, sampling_over, None))
+                         if model_over else model, sampling_over))
     if FLAGS.fp8_weights:
-        fp8_model = fp8_weights_model(model)
         for rows in FLAGS.fp8_kernel_min_rows or [None]:
-            variants.append((FP8_LABEL + ("" if rows is None else f", kernel from {rows} rows"), fp8_model, [], rows))
+            over = {} if rows is None else {"fp8_weight_kernel_min_rows": rows}
+            variants.append((FP8_LABEL + ("" if rows is None else f", kernel from {rows} rows"),
+                             fp8_weights_model(model, **over), []))
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind}, jax {jax.__version__}", flush=True)
     bw = copy_bandwidth()   # first, so the table follows the last row at once (a limit once struck in between)
@@ -279,9 +263,9 @@ def main(argv):
         except Exception as e:  # noqa: BLE001
             rows.append({"impl": "dsjax", "batch": b, "error": f"{type(e).__name__}: {str(e)[:300]}"})
         print(json.dumps(rows[-1]), flush=True)
-        for label, variant, sampling_over, fp8_min_rows in variants:
+        for label, variant, sampling_over in variants:
             try:
-                rows.append(bench_dsjax(variant, b, label, sampling_over, fp8_min_rows))
+                rows.append(bench_dsjax(variant, b, label, sampling_over))
             except Exception as e:  # noqa: BLE001
                 rows.append({"impl": label, "batch": b, "error": f"{type(e).__name__}: {e}"[:300]})
             print(json.dumps(rows[-1]), flush=True)

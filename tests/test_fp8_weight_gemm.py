@@ -251,9 +251,10 @@ def _force_kernels(monkeypatch, implementation="pallas"):
     calls, fused = [], []
     monkeypatch.setattr(layers, "use_fp8_weight_kernel",
                         lambda x, w, block: block == (128, 128) and fp8_weight_kernel_shapes_ok(x, w))
-    monkeypatch.setattr(layers, "fp8_weight_dot", lambda *a: calls.append(a[0].shape) or fp8_weight_matmul(*a, **kw))
+    monkeypatch.setattr(layers, "fp8_weight_dot",
+                        lambda *a, min_rows: calls.append(a[0].shape) or fp8_weight_matmul(*a, **kw))
     monkeypatch.setattr(layers, "fp8_weight_swiglu_dot",
-                        lambda *a: fused.append(a[0].shape) or fp8_weight_swiglu(*a, **kw))
+                        lambda *a, min_rows: fused.append(a[0].shape) or fp8_weight_swiglu(*a, **kw))
     return calls, fused
 
 
@@ -330,9 +331,13 @@ def test_unstacking_an_fp8_model_dequantizes_what_decoding_would_every_step(tmp_
 
 
 def test_single_row_fp8_products_take_xla_and_larger_ones_the_kernel(monkeypatch):
-    """``layers.FP8_KERNEL_MIN_ROWS``: a decode-sized FP8 product with one row per group (batch-1 decoding) takes the
-    XLA form (a matrix-vector reduction that reads the E4M3 weights), two or more rows the weight-only kernel; 1
-    sends every product to the kernel. Both forms compute the same maths (the kernel tests above)."""
+    """``ModelConfig.fp8_weight_kernel_min_rows`` (default 2): a decode-sized FP8 product with one row per group
+    (batch-1 decoding) takes the XLA form (a matrix-vector reduction that reads the E4M3 weights), two or more rows
+    the weight-only kernel; 1 sends every product to the kernel. The config reaches every FP8 projection of a model
+    (MLA, MLPs, experts). Both forms compute the same maths (the kernel tests above)."""
+    from flax import nnx
+
+    import dsjax
     from dsjax.model import layers
 
     seen = []
@@ -344,7 +349,13 @@ def test_single_row_fp8_products_take_xla_and_larger_ones_the_kernel(monkeypatch
         layers.fp8_weight_dot(x, w, s)
         layers.fp8_weight_swiglu_dot(x, w, s, w, s)
     assert seen == ["xla"] * 2 + ["pallas"] * 4
-    monkeypatch.setattr(layers, "FP8_KERNEL_MIN_ROWS", 1)
     seen.clear()
-    layers.fp8_weight_dot(jnp.zeros((1, 1, 128), jnp.bfloat16), w, s)
+    layers.fp8_weight_dot(jnp.zeros((1, 1, 128), jnp.bfloat16), w, s, min_rows=1)
     assert seen == ["pallas"]
+    cfg = dsjax.configs.tiny(fp8_weight_kernel_min_rows=3)
+    model = dsjax.Transformer(cfg, rngs=nnx.Rngs(0), fp8=True)
+    found = [m.fp8_kernel_min_rows for _, m in nnx.iter_graph(model) if isinstance(m, layers.Linear)
+             and m.fp8_block is not None]
+    assert found and set(found) == {3}
+    with pytest.raises(dsjax.ConfigError, match="fp8_weight_kernel_min_rows"):
+        dsjax.configs.tiny(fp8_weight_kernel_min_rows=0)

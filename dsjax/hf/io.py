@@ -149,7 +149,8 @@ def _report(missing, unexpected, mismatched, path) -> None:
 
 def load_hf(path: str | os.PathLike, *, dtype=jnp.bfloat16, compute_dtype=None, keep_fp8: bool = False,
             mtp: bool = True, scan_layers: bool = False, remat_policy: str = "none",
-            sharding_fn: Callable[[tuple, Any], Any] | None = None, plan: Any = None) -> Transformer:
+            sharding_fn: Callable[[tuple, Any], Any] | None = None, plan: Any = None,
+            config_overrides: dict[str, Any] | None = None) -> Transformer:
     """Builds a :class:`~dsjax.Transformer` from a local hub-layout folder.
 
     Args:
@@ -164,6 +165,8 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.bfloat16, compute_dtype=None, 
       sharding_fn: optional ``(leaf_path, abstract_variable) -> jax.sharding.Sharding``; tensors are placed with
         it as they are read (shard by shard), so the model never materialises on one device.
       plan: a :class:`dsjax.sharding.Plan`: shorthand for ``sharding_fn`` from its mesh and rules table.
+      config_overrides: other :class:`~dsjax.configs.ModelConfig` fields of the built model, e.g. its runtime
+        choices (``{"routing_impl": "xla", "fp8_weight_kernel_min_rows": 1}``); unknown names raise.
     """
     _enable_numpy_ml_dtypes()
     from safetensors import safe_open
@@ -171,7 +174,7 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.bfloat16, compute_dtype=None, 
     path = pathlib.Path(path)
     dtype_name = jnp.dtype(dtype).name
     cfg = ModelConfig.from_hf_config(path, dtype=jnp.dtype(compute_dtype or dtype).name, param_dtype=dtype_name,
-                                     scan_layers=scan_layers, remat_policy=remat_policy)
+                                     scan_layers=scan_layers, remat_policy=remat_policy, **(config_overrides or {}))
     ckpt_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
     if not mtp:
         cfg = cfg.replace(num_nextn_predict_layers=0)

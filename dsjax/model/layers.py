@@ -123,31 +123,26 @@ def use_fp8_weight_kernel(x_shape: tuple[int, int, int], w_shape: tuple[int, int
             and fp8_weight_kernel_supported(x_shape, w_shape))
 
 
-# Decode-sized FP8 products with fewer rows per group than this take the XLA form of the same maths
-# (``implementation="xla"``: dequantise, then an einsum), the others the weight-only kernel. With one row (batch-1
-# decoding) the einsum is a matrix-vector product, which XLA emits as one reduction that reads the E4M3 weights and
-# dequantises them on the way, K contiguous in the [out, in] layout: 1.6 us for batch 1's q_b_proj where the kernel
-# path (x padded to 16 rows, the kernel, the split-K sum) took 3.9 (CUPTI, H200, session 16). 1 = the kernel always.
-FP8_KERNEL_MIN_ROWS = 2
+def _fp8_implementation(x: jax.Array, min_rows: int) -> str:
+    """The weight-only kernel from ``min_rows`` rows per group (``ModelConfig.fp8_weight_kernel_min_rows``), else
+    XLA's form of the same maths."""
+    return "pallas" if x.shape[1] >= min_rows else "xla"
 
 
-def _fp8_implementation(x: jax.Array) -> str:
-    return "pallas" if x.shape[1] >= FP8_KERNEL_MIN_ROWS else "xla"
-
-
-def fp8_weight_dot(x: jax.Array, wq: jax.Array, scale: jax.Array, index: jax.Array | None = None) -> jax.Array:
+def fp8_weight_dot(x: jax.Array, wq: jax.Array, scale: jax.Array, index: jax.Array | None = None, *,
+                   min_rows: int = 2) -> jax.Array:
     """``x [G, M, K] @ dequant(wq [E, N, K], scale [E, N/128, K/128])^T -> [G, M, N]`` through the weight-only FP8
-    kernel, or XLA's fused matrix-vector form for single rows (``FP8_KERNEL_MIN_ROWS``; call it where
-    :func:`use_fp8_weight_kernel` holds)."""
-    return fp8_weight_matmul(x, wq, scale, index, implementation=_fp8_implementation(x))
+    kernel, or XLA's fused matrix-vector form for fewer than ``min_rows`` rows per group
+    (``ModelConfig.fp8_weight_kernel_min_rows``; call it where :func:`use_fp8_weight_kernel` holds)."""
+    return fp8_weight_matmul(x, wq, scale, index, implementation=_fp8_implementation(x, min_rows))
 
 
 def fp8_weight_swiglu_dot(x: jax.Array, gq: jax.Array, gs: jax.Array, uq: jax.Array, us: jax.Array,
-                          index: jax.Array | None = None) -> jax.Array:
+                          index: jax.Array | None = None, *, min_rows: int = 2) -> jax.Array:
     """``silu(x @ dequant(gq, gs)^T) * (x @ dequant(uq, us)^T) -> [G, M, F]``: gate, up and SwiGLU in one weight-only
     FP8 kernel launch (or XLA's form for single rows, as :func:`fp8_weight_dot`; call it where
     :func:`use_fp8_weight_kernel` holds for the gate)."""
-    return fp8_weight_swiglu(x, gq, gs, uq, us, index, implementation=_fp8_implementation(x))
+    return fp8_weight_swiglu(x, gq, gs, uq, us, index, implementation=_fp8_implementation(x, min_rows))
 
 
 class Linear(nnx.Module):
@@ -167,12 +162,13 @@ class Linear(nnx.Module):
     def __init__(self, in_features: Sequence[int] | int, out_features: Sequence[int] | int, *,
                  in_axes: Sequence[str], out_axes: Sequence[str], param_dtype, dtype, rngs: nnx.Rngs,
                  use_bias: bool = False, init_std: float = 0.02, fp8_block: tuple[int, int] | None = None,
-                 fp8_compute: bool = False):
+                 fp8_compute: bool = False, fp8_kernel_min_rows: int = 2):
         self.in_features = (in_features,) if isinstance(in_features, int) else tuple(in_features)
         self.out_features = (out_features,) if isinstance(out_features, int) else tuple(out_features)
         self.dtype = dtype
         self.fp8_block = fp8_block
         self.fp8_compute = fp8_compute
+        self.fp8_kernel_min_rows = fp8_kernel_min_rows
         shape = self.in_features + self.out_features
         self.kernel_axes = tuple(in_axes) + tuple(out_axes)          # of the (*I, *O) compute-layout kernel
         if fp8_block is None:
@@ -220,7 +216,8 @@ class Linear(nnx.Module):
             return y if self.bias is None else y + self.bias.get_value().astype(y.dtype)
         operands = self.fp8_decode_operands(x) if out_dtype in (None, self.dtype) else None
         if operands is not None:                                       # decode: FP8 bytes read, no BF16 copy
-            y = fp8_weight_dot(*operands).reshape(*x.shape[:x.ndim - n_in], *self.out_features)
+            y = fp8_weight_dot(*operands, min_rows=self.fp8_kernel_min_rows)
+            y = y.reshape(*x.shape[:x.ndim - n_in], *self.out_features)
             return y if self.bias is None else y + self.bias.get_value().astype(y.dtype)
         if (out_dtype == jnp.float32 and n_in == 1 and len(self.out_features) == 1
                 and jnp.dtype(self.dtype).itemsize < 4):
@@ -262,7 +259,8 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, intermediate_size: int, *, rngs: nnx.Rngs, mlp_axis: str = "mlp",
                  fp8_block: tuple[int, int] | None = None):
         kw = dict(param_dtype=dtype_of(cfg.param_dtype), dtype=dtype_of(cfg.dtype), rngs=rngs,
-                  use_bias=cfg.mlp_bias, init_std=cfg.initializer_range, fp8_block=fp8_block)
+                  use_bias=cfg.mlp_bias, init_std=cfg.initializer_range, fp8_block=fp8_block,
+                  fp8_kernel_min_rows=cfg.fp8_weight_kernel_min_rows)
         d, f = cfg.hidden_size, intermediate_size
         self.gate_proj = Linear(d, f, in_axes=("embed",), out_axes=(mlp_axis,),
                                 fp8_compute=cfg.fp8_compute("gate_proj"), **kw)
@@ -276,6 +274,6 @@ class MLP(nnx.Module):
         if g.bias is None and u.bias is None:
             gate, up = g.fp8_decode_operands(x), u.fp8_decode_operands(x)
             if gate is not None and up is not None:          # decode-sized, FP8-stored: gate, up, SwiGLU in one launch
-                h = fp8_weight_swiglu_dot(*gate, *up[1:])
+                h = fp8_weight_swiglu_dot(*gate, *up[1:], min_rows=g.fp8_kernel_min_rows)
                 return self.down_proj(h.reshape(*x.shape[:-1], -1))
         return self.down_proj(jax.nn.silu(g(x)) * u(x))

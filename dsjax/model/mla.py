@@ -154,7 +154,8 @@ class MLA(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, fp8_block: tuple[int, int] | None = None):
         self.cfg = cfg
         pd, dt = dtype_of(cfg.param_dtype), dtype_of(cfg.dtype)
-        kw = dict(param_dtype=pd, dtype=dt, rngs=rngs, init_std=cfg.initializer_range, fp8_block=fp8_block)
+        kw = dict(param_dtype=pd, dtype=dt, rngs=rngs, init_std=cfg.initializer_range, fp8_block=fp8_block,
+                  fp8_kernel_min_rows=cfg.fp8_weight_kernel_min_rows)
         d, n = cfg.hidden_size, cfg.num_attention_heads
         if cfg.q_lora_rank is None:
             self.q_proj = Linear(d, (n, cfg.qk_head_dim), in_axes=("embed",), out_axes=("heads", "qk_head"),

@@ -268,13 +268,15 @@ class RoutedExperts(nnx.Module):
     def _fp8_mm(self, x: jax.Array, name: str, index: jax.Array | None = None) -> jax.Array:
         """``x [G, M, K] @`` the FP8-stored ``name`` weights of each group (``index`` picks them from the stack)."""
         return layers.fp8_weight_dot(x, getattr(self, name).get_value(),
-                                     getattr(self, name + "_scale_inv").get_value(), index)
+                                     getattr(self, name + "_scale_inv").get_value(), index,
+                                     min_rows=self.cfg.fp8_weight_kernel_min_rows)
 
     def _fp8_swiglu(self, x: jax.Array, index: jax.Array | None = None) -> jax.Array:
         """``silu(x @ gate) * (x @ up)`` of the FP8-stored experts, one kernel launch (``[G, M, F]``)."""
         v = lambda name: getattr(self, name).get_value()  # noqa: E731
         return layers.fp8_weight_swiglu_dot(x, v("gate_proj"), v("gate_proj_scale_inv"), v("up_proj"),
-                                            v("up_proj_scale_inv"), index)
+                                            v("up_proj_scale_inv"), index,
+                                            min_rows=self.cfg.fp8_weight_kernel_min_rows)
 
     def _gathered(self, x: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:
         """Few (token, expert) pairs, as in decoding (``2*T*K <= E``): gather each pair's expert weights and apply
