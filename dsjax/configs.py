@@ -506,8 +506,9 @@ _HF_ALIASES = {"num_mtp_layers": "num_nextn_predict_layers", "num_experts": "n_r
 # Every other key that is not a ModelConfig field (auto_map, ep_size, use_cache, ...) carries no architecture
 # information and is ignored.
 _HF_IGNORED = {"dtype", "torch_dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
-               "mla_decode_impl", "routing_impl", "attention_max_documents", "grouped_matmul_impl", "moe_dense_decode_tokens", "fp8",
-               "fp8_bf16_layers", "fp8_bf16_projections", "fp8_grouped_gemm", "fp8_weight_kernel_min_rows"}
+               "mla_decode_impl", "routing_impl", "attention_max_documents", "grouped_matmul_impl",
+               "moe_dense_decode_tokens", "fp8", "fp8_bf16_layers", "fp8_bf16_projections", "fp8_grouped_gemm",
+               "fp8_weight_kernel_min_rows"}
 
 
 def _parse_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
