@@ -1,8 +1,8 @@
 # Ready device calls (next session), each under a 10-minute call:
-#   part 1 (one GPU, the issue's H100: --kind nvidia-h100-x1): session 17's last FP8 GEMM changes were not run on a
-#           GPU: fit_config's fewer stages for float32 output with 160/192-wide tiles (the on-GPU check of the call
-#           before failed on shared memory for 192m4cm f32) and default_config's CTA pairs along M at K <= 2048.
-#           The check (both variants, f32 and bf16, every listed tiling) and the table with the defaults.
+#   part 1 (one GPU, the issue's H100: --kind nvidia-h100-x1): session 18's routing kernel (pallas_kernels.moe_topk)
+#           was A/B-timed without HF and without the FP8-stored rows (1.09x / 1.06x at batch 1 / 32); this times
+#           both again (BF16 against routing_impl=xla), the FP8-stored rows and HF for the issue's ratios, after the
+#           GPU test of the kernel.
 #   part 2 (nvidia-h200-x2 or h100-x2: two GPUs): generation on a mesh against one device in one process
 #           (bench_decode --mesh; session 15's sharded generation is tested for equality on 2 H200s but not timed):
 #           data=2 (each GPU decodes half the rows) and expert=2 (the all-to-all per decode step).
@@ -12,9 +12,10 @@
 #        bash tools/device/poll.sh 560          (carry: .whl; copy the records out of $OUT by hand)
 source tools/device/setup.sh
 if [ "$1" = 1 ]; then
-  timeout 520 python3 -m experiments.bench_fp8_gemm --quant=false --ms=4096,8192 \
-      --nk=7168x16384,24576x1536,32768x512,2112x7168 --configs=auto,192m4cm,128m4cn --stop_s=470 \
-      --time_budget_s=480 --record > /tmp/gemm.txt 2>&1
+  JAX_PLATFORMS=cuda timeout 100 python3 -m pytest -q -m gpu tests/test_moe_topk.py -p no:warnings -rs \
+      > /tmp/gputest.txt 2>&1
+  timeout 420 python3 -m experiments.bench_decode --batch_sizes=1,32 --repeats=3 --fp8_weights \
+      --variant=routing_impl=xla --hf --hf_timeout_s=90 --record > /tmp/decode.txt 2>&1
 elif [ "$1" = 3 ]; then
   timeout 330 python3 -m experiments.bench_mla_decode --record > /tmp/mla_bench.txt 2>&1
   cp docs/benchmarks.md /tmp/bm_after_mla.md.txt
