@@ -15,7 +15,8 @@ Group scores: ``"top2_sum"`` (V3's ``noaux_tc``: the sum of a group's two larges
 Ordering: as ``lax.top_k``, descending value and, among equal values, the lower index first; ``idx[t, 0]`` is the
 largest. The kernel reproduces the XLA reference's indices exactly (same comparisons on the same float32 values, no
 arithmetic on them beyond the top-2 sum, added in the same order), so switching backends never changes a routing
-decision.
+decision -- for finite scores: the kernel ranks a NaN as -inf and always returns indices in range and distinct
+per token, where ``lax.top_k`` orders NaNs its own way (a step with NaN scores is one training skips).
 
 Why: XLA runs the reference as about seven kernels per MoE layer (group reductions, two ``top_k`` sorts, the
 masking selects). A decode step of `small` is a few hundred small kernels, and the router's took ~12% of its device
@@ -123,9 +124,9 @@ def default_block_rows(t: int, e: int, num_sms: int = 132) -> int:
 def _pick(x: jax.Array, taken: jax.Array, iota: jax.Array, n: int) -> jax.Array:
     """Per row of ``x [bt, n]``: the lowest index among the largest values not yet ``taken`` (``[bt]`` int32).
     Works when the largest remaining value is -inf: ``x == m`` then matches -inf entries, ``~taken`` the untaken
-    ones."""
+    ones. Clamped to ``n - 1``, so that even a NaN that slipped through gives an index in range."""
     m = jnp.max(jnp.where(taken, _NEG_INF, x), axis=1)
-    return jnp.min(jnp.where(~taken & (x == m[:, None]), iota, n), axis=1)
+    return jnp.minimum(jnp.min(jnp.where(~taken & (x == m[:, None]), iota, n), axis=1), n - 1)
 
 
 def _kernel(c_ref, o_ref, *, k: int, n_group: int, topk_group: int, group_score: str):
@@ -133,6 +134,7 @@ def _kernel(c_ref, o_ref, *, k: int, n_group: int, topk_group: int, group_score:
     from jax import lax
 
     c = c_ref[...]
+    c = jnp.where(c == c, c, _NEG_INF)                 # NaN ranks as -inf (lax.top_k ranks it otherwise; see docs)
     bt, e = c.shape
     kp = o_ref.shape[1]
     if n_group > 1:

@@ -57,6 +57,17 @@ def test_masked_groups_and_ties_follow_top_k():
         assert np.asarray(got).tolist() == want, impl
 
 
+def test_nan_scores_give_distinct_indices_in_range():
+    """A NaN score ranks as -inf in the kernel: the token still gets K distinct experts in range (the other tokens
+    are unaffected and equal the reference)."""
+    x = _choice(4, 64, 3, False).at[1, 5].set(jnp.nan).at[2].set(jnp.nan)
+    got = np.asarray(_pallas(x, 6, n_group=8, topk_group=4, group_score="top2_sum", interpret=True))
+    assert ((got >= 0) & (got < 64)).all() and all(len(set(row)) == 6 for row in got.tolist())
+    assert 5 not in got[1]
+    want = np.asarray(moe_topk_reference(x, 6, n_group=8, topk_group=4))
+    np.testing.assert_array_equal(got[[0, 3]], want[[0, 3]])
+
+
 def test_default_block_rows():
     assert default_block_rows(32, 64) == 1                   # a decode step: one token per program
     assert default_block_rows(16384, 64) == 32               # training: 512 programs of 32 tokens (2,048 values)
