@@ -1,6 +1,6 @@
 """Expert selection (pallas_kernels.moe_topk): the Pallas Triton kernel (in the interpreter on the CPU) gives the XLA
-reference's indices exactly, ties included; the model routes through it; its CUDA lowering and GPU run; its
-errors."""
+reference's indices exactly, ties included; the model routes and trains through it, alone and under a plan; its
+CUDA lowering and GPU run; its errors."""
 
 from __future__ import annotations
 
@@ -106,6 +106,39 @@ def test_model_routes_through_the_kernel(monkeypatch):
     np.testing.assert_array_equal(np.asarray(got.logits), np.asarray(ref.logits))
     got_gen = dsjax.generate(kmodel, prompts, sampling=sc)
     np.testing.assert_array_equal(got_gen.tokens, ref_gen.tokens)
+
+
+def test_gradients_through_the_kernel_alone_and_under_a_plan(monkeypatch):
+    """Training through the kernel: the indices carry no gradient (``stop_gradient`` on its input), so a loss's
+    parameter gradients equal the XLA selection's bitwise on one device, and to float32 summation order under a
+    data x expert plan, where each device selects for its own tokens inside ``shard_map``."""
+    from dsjax.model import moe as moe_mod
+    from dsjax.sharding import MeshConfig, make_plan, use_plan
+
+    cfg = dsjax.configs.tiny(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4,
+                             routing_impl="xla")
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 3, cfg.vocab_size)
+
+    def grads(c):
+        graphdef, params, rest = nnx.split(dsjax.Transformer(c, rngs=nnx.Rngs(0)), nnx.Param, ...)
+
+        def loss(p):
+            return jnp.mean(nnx.merge(graphdef, p, rest)(tokens).logits.astype(jnp.float32) ** 2)
+        return jax.tree.leaves(jax.jit(jax.grad(loss))(params))
+
+    ref = grads(cfg)
+    calls = []
+    monkeypatch.setattr(moe_mod, "moe_topk", lambda choice, k, *, implementation, **kw: calls.append(choice.shape)
+                        or _pallas(choice, k, interpret=True, **kw))
+    for a, b in zip(ref, grads(cfg.replace(routing_impl="pallas"))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert calls and set(calls) == {(24, 16)}, calls
+    calls.clear()
+    with use_plan(make_plan(MeshConfig(data=2, expert=2), jax.devices()[:4])):
+        got = grads(cfg.replace(routing_impl="pallas"))
+    assert calls and set(calls) == {(6, 16)}, calls          # 24 tokens over the 4 devices of the batch axes
+    for a, b in zip(ref, got):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 def test_kernel_lowers_for_cuda():
