@@ -208,7 +208,7 @@ class ModelConfig:
     # XLA), "xla" (einsum scores, masked softmax, einsum values), "pallas"
     mla_decode_impl: str = "auto"
     # the routers' expert selection (group scores, kept groups, top-k; pallas_kernels.moe_topk): "auto" (its Pallas
-    # kernel, one launch per MoE layer, on GPUs where E and E / n_group are powers of two, else XLA), "xla"
+    # kernel, one launch per MoE layer, on GPUs where its shape rule holds: every preset; else XLA), "xla"
     # (lax.top_k), "pallas". Both give the same indices bitwise.
     routing_impl: str = "auto"
     # routed-expert grouped matmuls: "auto" (Mosaic GPU kernels on Hopper, else XLA ragged_dot), "xla", "mosaic_gpu"

@@ -30,9 +30,10 @@ slower at every size (4.0-5.3 us when decoding, 180 us at 16k tokens) and was dr
 Backends (``implementation=``):
 
 * ``"xla"``: the reference (``lax.top_k`` on group scores and on the masked scores; any platform, any shape).
-* ``"pallas"``: a Pallas Triton kernel, grid ``(T / bt,)``. Needs ``E`` and ``E / G`` powers of two (Triton's
-  tensor sizes; V3's 256 experts in 8 groups, `small`'s 64 in 8, V2-Lite's 64; not V2's 160), see
-  :func:`kernel_shapes_ok`. ``interpret=True`` runs it on the CPU.
+* ``"pallas"``: a Pallas Triton kernel, grid ``(T / bt,)``. Triton's tensor sizes are powers of two: V3's 256
+  experts in 8 groups, `small`'s 64 in 8 and V2-Lite's 64 run as they are; V2's 160 in 8 groups are padded to 8 x 32
+  with -inf columns (one XLA pad before the kernel, the ids mapped back after), exact while ``G`` is a power of two
+  and the picks fit in the kept groups (:func:`kernel_shapes_ok`). ``interpret=True`` runs it on the CPU.
 * ``"auto"``: Pallas on GPUs where the shapes allow, XLA otherwise.
 
 Pallas' Triton backend is deprecated in jax 0.11 (lowering warns); the project pins jax 0.11.2, where it lowers and
@@ -100,15 +101,27 @@ def _pow2(x: int) -> bool:
     return x >= 1 and x & (x - 1) == 0
 
 
-def kernel_shapes_ok(t: int, e: int, n_group: int = 1) -> bool:
-    """Whether the Pallas kernel takes ``choice [T, E]`` in ``n_group`` groups: ``E`` and ``E / n_group`` powers
-    of two (Triton's tensor sizes), ``E >= 2``, ``T >= 1``."""
-    return t >= 1 and e >= 2 and _pow2(e) and e % n_group == 0 and _pow2(e // n_group)
+def _next_pow2(x: int) -> int:
+    return 1 << (x - 1).bit_length()
 
 
-def kernel_supported(t: int, e: int, n_group: int = 1) -> bool:
+def kernel_shapes_ok(t: int, e: int, n_group: int = 1, k: int = 1, topk_group: int = 1) -> bool:
+    """Whether the Pallas kernel takes ``choice [T, E]`` in ``n_group`` groups. Triton's tensors are powers of two:
+    without groups any ``E`` (padded to the next power of two with -inf columns, which rank after every real expert
+    by index); with groups ``n_group`` a power of two and each group padded to one (V2's 160 experts: 8 groups of
+    20 -> 32), which stays exact while the ``k`` picks fit in the kept groups' real experts
+    (``k <= topk_group * E / n_group``: padded columns can then tie with masked experts only after every kept
+    expert is taken)."""
+    if t < 1 or e < 2 or n_group < 1 or e % n_group:
+        return False
+    if n_group == 1:
+        return True
+    return _pow2(n_group) and (_pow2(e // n_group) or k <= topk_group * (e // n_group))
+
+
+def kernel_supported(t: int, e: int, n_group: int = 1, k: int = 1, topk_group: int = 1) -> bool:
     """Whether ``implementation="auto"`` picks the Pallas kernel: on a GPU, shapes as :func:`kernel_shapes_ok`."""
-    return jax.default_backend() == "gpu" and kernel_shapes_ok(t, e, n_group)
+    return jax.default_backend() == "gpu" and kernel_shapes_ok(t, e, n_group, k, topk_group)
 
 
 def default_block_rows(t: int, e: int, num_sms: int = 132) -> int:
@@ -129,8 +142,9 @@ def _pick(x: jax.Array, taken: jax.Array, iota: jax.Array, n: int) -> jax.Array:
     return jnp.minimum(jnp.min(jnp.where(~taken & (x == m[:, None]), iota, n), axis=1), n - 1)
 
 
-def _kernel(c_ref, o_ref, *, k: int, n_group: int, topk_group: int, group_score: str):
-    """One program: ``bt`` tokens. ``c_ref [bt, E]`` float32 -> ``o_ref [bt, Kp]`` int32 (slots >= K unused)."""
+def _kernel(c_ref, o_ref, *, k: int, n_group: int, topk_group: int, group_score: str, real: int):
+    """One program: ``bt`` tokens. ``c_ref [bt, E]`` float32 -> ``o_ref [bt, Kp]`` int32 (slots >= K unused).
+    ``real``: the real experts per group (the rest of each ``E / n_group`` columns is padding, -inf)."""
     from jax import lax
 
     c = c_ref[...]
@@ -156,6 +170,8 @@ def _kernel(c_ref, o_ref, *, k: int, n_group: int, topk_group: int, group_score:
         mask = jnp.broadcast_to(keep[:, :, None], (bt, n_group, gs)).reshape(bt, e)
         c = jnp.where(mask, c, fill)
     iota = lax.broadcasted_iota(jnp.int32, (bt, e), 1)
+    if real != e // n_group:                           # padding stays below every real expert, masked ones included
+        c = jnp.where(iota % (e // n_group) < real, c, _NEG_INF)
     slot = lax.broadcasted_iota(jnp.int32, (bt, kp), 1)
     taken = iota < 0
     out = jnp.zeros((bt, kp), jnp.int32)
@@ -174,21 +190,29 @@ def _pallas(choice: jax.Array, k: int, *, n_group: int, topk_group: int, group_s
     from jax.experimental.pallas import triton as pltriton
 
     t, e = choice.shape
-    bt = bt or default_block_rows(t, e, hardware.num_sms())
+    choice = jax.lax.stop_gradient(choice).astype(jnp.float32)
+    gs = e // n_group
+    gsp = _next_pow2(gs)                       # Triton's sizes: each group (or, without groups, E) padded with -inf
+    if gsp != gs:
+        choice = jnp.pad(choice.reshape(t, n_group, gs), ((0, 0), (0, 0), (0, gsp - gs)),
+                         constant_values=-jnp.inf).reshape(t, n_group * gsp)
+    ep = n_group * gsp
+    bt = bt or default_block_rows(t, ep, hardware.num_sms())
     if t % bt:
         raise ValueError(f"moe_topk: T = {t} is not a multiple of bt = {bt}")
-    kp = 1 << (k - 1).bit_length()                                                  # Triton: a power of two
-    num_warps = num_warps or (1 if bt * e <= 256 else 4)
+    kp = _next_pow2(k)                                                              # Triton: a power of two
+    num_warps = num_warps or (1 if bt * ep <= 256 else 4)
     out = pl.pallas_call(
-        functools.partial(_kernel, k=k, n_group=n_group, topk_group=topk_group, group_score=group_score),
+        functools.partial(_kernel, k=k, n_group=n_group, topk_group=topk_group, group_score=group_score, real=gs),
         grid=(t // bt,),
-        in_specs=[pl.BlockSpec((bt, e), lambda i: (i, 0))],
+        in_specs=[pl.BlockSpec((bt, ep), lambda i: (i, 0))],
         out_specs=pl.BlockSpec((bt, kp), lambda i: (i, 0)),
         out_shape=jax.ShapeDtypeStruct((t, kp), jnp.int32),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
-    )(jax.lax.stop_gradient(choice).astype(jnp.float32))
-    return out[:, :k] if kp != k else out
+    )(choice)
+    out = out[:, :k] if kp != k else out
+    return out if gsp == gs else (out // gsp) * gs + out % gsp                     # padded -> real expert ids
 
 
 def moe_topk(choice: jax.Array, k: int, *, n_group: int = 1, topk_group: int = 1,
@@ -210,14 +234,15 @@ def moe_topk(choice: jax.Array, k: int, *, n_group: int = 1, topk_group: int = 1
     _check(choice, k, n_group, topk_group, group_score)
     t, e = choice.shape
     if implementation == "auto":
-        implementation = "pallas" if kernel_supported(t, e, n_group) else "xla"
+        implementation = "pallas" if kernel_supported(t, e, n_group, k, topk_group) else "xla"
     if implementation == "xla":
         return moe_topk_reference(choice, k, n_group=n_group, topk_group=topk_group, group_score=group_score)
     if implementation != "pallas":
         raise ValueError(f"moe_topk: implementation={implementation!r}; use 'auto', 'xla' or 'pallas'")
-    if not kernel_shapes_ok(t, e, n_group):
-        raise ValueError(f"moe_topk(implementation='pallas') needs E and E / n_group powers of two; got E = {e}, "
-                         f"n_group = {n_group}. Fix: implementation='xla' or 'auto'")
+    if not kernel_shapes_ok(t, e, n_group, k, topk_group):
+        raise ValueError(f"moe_topk(implementation='pallas') needs n_group a power of two and, where E / n_group is "
+                         f"not one (groups padded), k <= topk_group * E / n_group; got E = {e}, n_group = {n_group}, "
+                         f"topk_group = {topk_group}, k = {k}. Fix: implementation='xla' or 'auto'")
     if not interpret and jax.default_backend() != "gpu":
         raise ValueError("moe_topk(implementation='pallas') runs on GPUs (Triton); pass interpret=True to interpret "
                          "it elsewhere, or use implementation='xla'")

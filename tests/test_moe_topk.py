@@ -27,9 +27,11 @@ def _choice(t, e, seed, ties, signed=True):
 
 # (T, E, n_group, topk_group, K, group score): small's router, V3's (256 in 8, keep 4, top 8), V2-Lite's plain top-6,
 # a V2-style max-score grouping where K exceeds the kept groups' experts (the 0-filled ones are picked by index),
-# T not a multiple of any block
+# T not a multiple of any block; padded to powers of two: V2's router (160 in 8 groups of 20, keep 3, top 6, max
+# scores), a top2_sum grouping of 48 in 4 groups of 12, a plain top-6 of 96
 CASES = [(32, 64, 8, 4, 6, "top2_sum"), (16, 256, 8, 4, 8, "top2_sum"), (12, 64, 1, 1, 6, "top2_sum"),
-         (8, 16, 4, 1, 6, "max"), (7, 32, 4, 2, 3, "top2_sum")]
+         (8, 16, 4, 1, 6, "max"), (7, 32, 4, 2, 3, "top2_sum"), (9, 160, 8, 3, 6, "max"),
+         (10, 48, 4, 2, 8, "top2_sum"), (5, 96, 1, 1, 6, "top2_sum")]
 
 
 @pytest.mark.parametrize("t,e,g,tg,k,score", CASES)
@@ -74,8 +76,10 @@ def test_default_block_rows():
     assert default_block_rows(16384, 256) == 16              # tiles of at most 4,096 values
     assert default_block_rows(12, 64, num_sms=1) == 4        # only powers of two dividing T
     assert 16384 % default_block_rows(16384, 64) == 0
-    assert kernel_shapes_ok(32, 256, 8) and kernel_shapes_ok(1, 64, 1)
-    assert not kernel_shapes_ok(32, 160, 8) and not kernel_shapes_ok(32, 96, 4)   # V2's 160 experts: XLA
+    assert kernel_shapes_ok(32, 256, 8) and kernel_shapes_ok(1, 64, 1) and kernel_shapes_ok(1, 96, 1)
+    assert kernel_shapes_ok(32, 160, 8, k=6, topk_group=3)                     # V2: 8 groups of 20, padded to 32
+    assert not kernel_shapes_ok(32, 96, 3)                                     # groups: a power of two of them
+    assert not kernel_shapes_ok(32, 160, 8, k=21, topk_group=1)                # picks beyond the kept 20 experts
 
 
 def test_model_routes_through_the_kernel(monkeypatch):
@@ -142,13 +146,15 @@ def test_gradients_through_the_kernel_alone_and_under_a_plan(monkeypatch):
 
 
 def test_kernel_lowers_for_cuda():
-    """Without a GPU: the Triton lowering at `small`'s decode and training shapes and V3's."""
+    """Without a GPU: the Triton lowering at `small`'s decode and training shapes, V3's and V2's (padded groups)."""
     from jax._src.mesh import AbstractDevice
 
     mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
         device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"))
-    for t, e, g, tg, k in [(32, 64, 8, 4, 6), (16384, 64, 8, 4, 6), (1, 256, 8, 4, 8), (64, 64, 1, 1, 6)]:
-        fn = functools.partial(_pallas, k=k, n_group=g, topk_group=tg, group_score="top2_sum", interpret=False)
+    for t, e, g, tg, k, score in [(32, 64, 8, 4, 6, "top2_sum"), (16384, 64, 8, 4, 6, "top2_sum"),
+                                  (1, 256, 8, 4, 8, "top2_sum"), (64, 64, 1, 1, 6, "top2_sum"),
+                                  (32, 160, 8, 3, 6, "max")]:
+        fn = functools.partial(_pallas, k=k, n_group=g, topk_group=tg, group_score=score, interpret=False)
         with jax.sharding.use_abstract_mesh(mesh):
             text = jax.jit(fn).trace(jax.ShapeDtypeStruct((t, e), jnp.float32)).lower(
                 lowering_platforms=("cuda",)).as_text()
@@ -163,8 +169,8 @@ def test_errors():
         moe_topk(x, 6, n_group=8, topk_group=9)
     with pytest.raises(ValueError, match="k = 65"):
         moe_topk(x, 65)
-    with pytest.raises(ValueError, match="powers of two"):
-        moe_topk(_choice(4, 48, 0, False), 6, n_group=8, implementation="pallas", interpret=True)
+    with pytest.raises(ValueError, match="n_group a power of two"):
+        moe_topk(_choice(4, 48, 0, False), 6, n_group=3, implementation="pallas", interpret=True)
     with pytest.raises(ValueError, match="interpret=True"):
         moe_topk(x, 6, implementation="pallas")
     with pytest.raises(ValueError, match="implementation"):
@@ -176,11 +182,14 @@ def test_errors():
 
 @pytest.mark.gpu
 def test_kernel_on_gpu():
-    """The compiled Triton kernel gives the reference's indices at decode, training and V3 shapes, ties included."""
-    for t, e, g, tg, k in [(32, 64, 8, 4, 6), (1, 64, 8, 4, 6), (16384, 64, 8, 4, 6), (256, 256, 8, 4, 8),
-                           (64, 64, 1, 1, 6)]:
+    """The compiled Triton kernel gives the reference's indices at decode, training, V3 and V2 (padded) shapes, ties
+    included."""
+    for t, e, g, tg, k, score in [(32, 64, 8, 4, 6, "top2_sum"), (1, 64, 8, 4, 6, "top2_sum"),
+                                  (16384, 64, 8, 4, 6, "top2_sum"), (256, 256, 8, 4, 8, "top2_sum"),
+                                  (64, 64, 1, 1, 6, "top2_sum"), (32, 160, 8, 3, 6, "max")]:
         for ties in (False, True):
-            x = _choice(t, e, t + e, ties)
-            want = moe_topk(x, k, n_group=g, topk_group=tg, implementation="xla")
-            got = jax.jit(functools.partial(moe_topk, k=k, n_group=g, topk_group=tg, implementation="pallas"))(x)
+            x = _choice(t, e, t + e, ties, signed=score == "top2_sum")
+            want = moe_topk(x, k, n_group=g, topk_group=tg, group_score=score, implementation="xla")
+            got = jax.jit(functools.partial(moe_topk, k=k, n_group=g, topk_group=tg, group_score=score,
+                                            implementation="pallas"))(x)
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=str((t, e, ties)))

@@ -86,7 +86,7 @@ def route(cfg: ModelConfig, logits: jax.Array, bias: jax.Array | None) -> Router
     n_group, topk_group = (cfg.n_group, cfg.topk_group) if cfg.uses_group_routing else (1, 1)
     impl = cfg.routing_impl
     if impl == "auto":
-        impl = "pallas" if moe_topk_kernel_supported(t, e, n_group) else "xla"
+        impl = "pallas" if moe_topk_kernel_supported(t, e, n_group, k, topk_group) else "xla"
     select = functools.partial(moe_topk, k=k, n_group=n_group, topk_group=topk_group, implementation=impl,
                                group_score="top2_sum" if cfg.topk_method == "noaux_tc" else "max")
     if impl == "pallas":
