@@ -346,10 +346,7 @@ class ModelConfig:
             _fail("attention_impl", self.attention_impl, "is unknown", f"use one of {ATTENTION_IMPLS}")
         if self.mla_decode_impl not in MLA_DECODE_IMPLS:
             _fail("mla_decode_impl", self.mla_decode_impl, "is unknown", f"use one of {MLA_DECODE_IMPLS}")
-        if isinstance(self.fp8_weight_kernel_min_rows, bool) or not isinstance(self.fp8_weight_kernel_min_rows, int) \
-                or self.fp8_weight_kernel_min_rows < 1:
-            _fail("fp8_weight_kernel_min_rows", self.fp8_weight_kernel_min_rows, "must be an int >= 1",
-                  "use 1 (the weight-only FP8 kernel for every decode-sized product) or more")
+        _require_positive(self, "fp8_weight_kernel_min_rows")
         if self.routing_impl not in ROUTING_IMPLS:
             _fail("routing_impl", self.routing_impl, "is unknown", f"use one of {ROUTING_IMPLS}")
         if isinstance(self.attention_max_documents, bool) or not isinstance(self.attention_max_documents, int) \
