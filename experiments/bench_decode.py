@@ -49,6 +49,9 @@ flags.DEFINE_multi_integer("fp8_kernel_min_rows", [], "With --fp8_weights: time 
                            "ModelConfig.fp8_weight_kernel_min_rows (products with fewer rows per group take XLA's "
                            "dequantise + einsum instead of the weight-only kernel; 1 = the kernel always) instead of "
                            "once at the library's value.")
+flags.DEFINE_multi_string("fp8_variant", [], "With --fp8_weights: also time the FP8 model with these "
+                          "comma-separated SamplingConfig overrides, prefixed 'sampling.' as in --variant (e.g. "
+                          "sampling.fold_shared_experts=False).")
 flags.DEFINE_string("mesh", "", "Also time generation on a device mesh, e.g. 'data=2' or 'expert=2' (MeshConfig "
                     "fields, comma-separated; dsjax.generate's plan= path, jit_generate). Its prefill column is a "
                     "generate of one new token; its decode rate the difference to the full generate.")
@@ -251,8 +254,14 @@ def main(argv):
     if FLAGS.fp8_weights:
         for rows in FLAGS.fp8_kernel_min_rows or [None]:
             over = {} if rows is None else {"fp8_weight_kernel_min_rows": rows}
-            variants.append((FP8_LABEL + ("" if rows is None else f", kernel from {rows} rows"),
-                             fp8_weights_model(model, **over), []))
+            fp8_model = fp8_weights_model(model, **over)
+            label = FP8_LABEL + ("" if rows is None else f", kernel from {rows} rows")
+            variants.append((label, fp8_model, []))
+            for text in FLAGS.fp8_variant:
+                model_over, sampling_over = split_variant(text)
+                if model_over:
+                    raise app.UsageError(f"--fp8_variant={text!r}: only 'sampling.' overrides apply to the FP8 model")
+                variants.append((f"{label}, {text}", fp8_model, sampling_over))
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind}, jax {jax.__version__}", flush=True)
     bw = copy_bandwidth()   # first, so the table follows the last row at once (a limit once struck in between)

@@ -235,11 +235,15 @@ def _hub(path, mtp_layers=0):
     return path
 
 
-def _fp8_tiny_model(tmp_path):
-    """:func:`_hub`'s model loaded with FP8 weights (hub round trip, 128x128 blocks), its layers unstacked."""
+def _fp8_tiny_model(tmp_path, fold_shared_experts=False):
+    """:func:`_hub`'s model loaded with FP8 weights (hub round trip, 128x128 blocks), its layers unstacked (the
+    shared experts folded into the routed stacks with ``fold_shared_experts``: loaded scanned, as unstacking then
+    copies the weights)."""
     import dsjax
 
-    return dsjax.model.unstack_layers(dsjax.load_hf(_hub(tmp_path), dtype=jnp.bfloat16, keep_fp8=True, mtp=False))
+    model = dsjax.load_hf(_hub(tmp_path), dtype=jnp.bfloat16, keep_fp8=True, mtp=False,
+                          scan_layers=fold_shared_experts)
+    return dsjax.model.unstack_layers(model, fold_shared_experts=fold_shared_experts)
 
 
 def _force_kernels(monkeypatch, implementation="pallas"):
@@ -275,6 +279,30 @@ def test_model_with_fp8_weights_uses_the_kernel_when_decoding(monkeypatch, tmp_p
     # layer 0 (dense MLP), layer 1 (routed + shared experts): 3 fused launches and their 3 down projections; MLA's
     # q_a, q_b and o per layer (unstack_layers dequantised kv_a_proj_with_mqa and kv_b_proj once)
     assert len(fused) == 3 and len(calls) == 3 + 2 * 3, (fused, calls)
+    assert float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)) < 1e-2
+
+
+@pytest.mark.parametrize("batch", [2, 8])
+def test_fp8_shared_experts_fold_into_the_routed_kernel_launch(monkeypatch, tmp_path, batch):
+    """Unstacking a scanned FP8-stored model folds the shared experts into the routed FP8 stacks (weights and their
+    128x128 block scales): a decode step then runs shared and routed experts in one fused gate/up/SwiGLU launch and
+    one down launch (2 + 2 instead of 3 + 3 over the dense and the MoE layer), with the logits of the unfolded
+    model (same kernels, interpreted) to bf16 rounding."""
+    apart = _fp8_tiny_model(tmp_path / "a")
+    flat = _fp8_tiny_model(tmp_path / "b", fold_shared_experts=True)
+    experts = flat.layers[1].mlp.experts
+    assert flat.layers[1].mlp.shared_experts is None and experts.n_folded == 1
+    assert experts.gate_proj[...].dtype == jnp.float8_e4m3fn and experts.gate_proj_scale_inv[...].shape[0] == 9
+    shared = apart.layers[1].mlp.shared_experts
+    np.testing.assert_array_equal(experts.down_proj[...][8], shared.down_proj.kernel[...])
+    np.testing.assert_array_equal(experts.down_proj_scale_inv[...][8], shared.down_proj.scale_inv[...])
+    ids = jax.random.randint(jax.random.key(3), (batch, 1), 3, flat.cfg.vocab_size)
+    calls, fused = _force_kernels(monkeypatch)
+    ref = apart(ids).logits.astype(jnp.float32)
+    assert len(fused) == 3 and len(calls) == 3 + 2 * 3
+    del calls[:], fused[:]
+    got = flat(ids).logits.astype(jnp.float32)
+    assert len(fused) == 2 and len(calls) == 2 + 2 * 3, (fused, calls)
     assert float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)) < 1e-2
 
 

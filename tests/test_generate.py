@@ -227,7 +227,8 @@ def test_unstacked_layers_decode_like_the_scanned_model():
     assert flat.cfg.scan_layers is False and flat.dense_layers is None
     assert len(flat.layers) == model.cfg.num_hidden_layers
     k = model.cfg.first_k_dense_replace
-    np.testing.assert_array_equal(flat.layers[k + 1].mlp.experts.gate_proj[...],
+    e = model.cfg.n_routed_experts            # (the shared expert folded in after them: the next test)
+    np.testing.assert_array_equal(flat.layers[k + 1].mlp.experts.gate_proj[...][:e],
                                   model.moe_layers.mlp.experts.gate_proj[...][1])
     np.testing.assert_array_equal(flat.layers[k + 1].mlp.gate.e_score_correction_bias[...],
                                   model.moe_layers.mlp.gate.e_score_correction_bias[...][1])
@@ -240,6 +241,51 @@ def test_unstacked_layers_decode_like_the_scanned_model():
     b = dsjax.generate(model, prompts, sampling=SamplingConfig(unstack_layers=False, **kw))
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_shared", [1, 2])
+def test_unstacked_model_folds_shared_experts_into_the_routed_stacks(n_shared):
+    """Where unstacking copies the layer weights (a scanned model), each MoE layer's shared experts (``n_shared``
+    of them: the shared MLP split into experts of ``moe_intermediate_size``) become the routed stacks' last experts,
+    chosen by every token with weight 1: the stacks hold the shared MLP's kernel slices, the shared MLP is gone, and
+    the logits equal the unfolded copy's (float32: summation order apart) on every expert path -- gathered (1-2
+    tokens), dense decode (8 tokens, 4 per row) and grouped (a prompt) -- and so do greedy generation and MTP
+    speculative decoding. ``fold_shared_experts=False`` (``SamplingConfig.fold_shared_experts``) keeps them apart; an
+    unscanned model (whose arrays unstacking shares) and a model under a sharding plan are not folded."""
+    from dsjax.model import unstack_layers
+    from dsjax.sharding import MeshConfig, make_plan, use_plan
+
+    cfg = dsjax.configs.tiny(scan_layers=True, n_shared_experts=n_shared, num_nextn_predict_layers=1)
+    model = dsjax.Transformer(cfg, rngs=nnx.Rngs(6))
+    flat, apart = unstack_layers(model), unstack_layers(model, fold_shared_experts=False)
+    e, f = cfg.n_routed_experts, cfg.moe_intermediate_size
+    for moe in [flat.layers[cfg.first_k_dense_replace].mlp, flat.mtp[0].block.mlp]:
+        assert moe.shared_experts is None and moe.experts.n_folded == n_shared
+        assert moe.experts.gate_proj[...].shape[0] == e + n_shared
+    moe, ref = flat.layers[-1].mlp, apart.layers[-1].mlp
+    assert ref.shared_experts is not None and ref.experts.n_folded == 0
+    for i in range(n_shared):
+        np.testing.assert_array_equal(moe.experts.gate_proj[...][e + i],
+                                      ref.shared_experts.gate_proj.kernel[...][:, i * f:(i + 1) * f])
+        np.testing.assert_array_equal(moe.experts.down_proj[...][e + i],
+                                      ref.shared_experts.down_proj.kernel[...][i * f:(i + 1) * f])
+    for shape in [(1, 1), (2, 1), (8, 1), (2, 4), (3, 17)]:
+        ids = jax.random.randint(jax.random.key(sum(shape)), shape, 3, cfg.vocab_size)
+        np.testing.assert_allclose(_forward(flat, ids), _forward(apart, ids), atol=2e-6, err_msg=str(shape))
+    prompts = [[1, 5, 9, 22, 40], [1, 7, 3]]
+    kw = dict(max_new_tokens=6, temperature=0.0, use_eos=False, length_bucket=8)
+    a, b = (dsjax.generate(model, prompts, sampling=SamplingConfig(fold_shared_experts=c, **kw)) for c in (True, False))
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+    from dsjax.inference import speculative_generate
+
+    s = speculative_generate(model, prompts, sampling=SamplingConfig(**kw))
+    np.testing.assert_array_equal(s.output.tokens, b.tokens)
+
+    unscanned = dsjax.Transformer(cfg.replace(scan_layers=False), rngs=nnx.Rngs(6))
+    assert unstack_layers(unscanned).layers[-1].mlp.shared_experts is not None
+    with use_plan(make_plan(MeshConfig(data=-1))):
+        assert unstack_layers(model).layers[-1].mlp.shared_experts is not None
 
 
 def test_unstacked_model_carries_mla_decode_copies():
@@ -293,7 +339,7 @@ def test_unstacked_master_weights_are_copied_in_the_compute_dtype():
     assert layer.mlp.experts.down_proj[...].dtype == jnp.bfloat16
     assert layer.self_attn.kv_b_proj.kernel[...].dtype == jnp.bfloat16
     assert layer.mlp.gate.weight[...].dtype == jnp.float32 and layer.input_layernorm.weight[...].dtype == jnp.float32
-    np.testing.assert_array_equal(layer.mlp.experts.down_proj[...],
+    np.testing.assert_array_equal(layer.mlp.experts.down_proj[...][:model.cfg.n_routed_experts],
                                   model.moe_layers.mlp.experts.down_proj[...][0].astype(jnp.bfloat16))
     ids = jnp.asarray([[1, 5, 9, 22, 40, 3, 7, 8]])
     np.testing.assert_allclose(np.asarray(_forward(flat, ids), np.float32),

@@ -126,7 +126,8 @@ def generate_tokens(graphdef: Any, state: Any, prompts: jax.Array, prompt_length
     tok, lp = sample_tokens(logits, step_keys(0), cfg)
     if cfg.unstack_layers:
         with jax.named_scope("unstack"):
-            model = unstack_layers(model, decode_copies=cfg.decode_copies)  # once, before the loop (SamplingConfig)
+            model = unstack_layers(model, decode_copies=cfg.decode_copies,  # once, before the loop (SamplingConfig)
+                                   fold_shared_experts=cfg.fold_shared_experts)
 
     out_tok = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok)
     out_lp = jnp.zeros((b, n), jnp.float32).at[:, 0].set(lp)

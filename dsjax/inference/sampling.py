@@ -42,6 +42,10 @@ class SamplingConfig:
       decode_copies: with ``unstack_layers``, also give each MLA module the weights decoding would re-derive on
         every step (``W_UK``/``W_UV``, the two down-projection kernels side by side: :func:`dsjax.model.
         transformer.add_decode_copies`). False is for A/B timing.
+      fold_shared_experts: with ``unstack_layers``, where that copies the layer weights anyway (a model built with
+        ``scan_layers=True``, or a cast), fold each MoE layer's shared experts into its routed-expert stacks as
+        always-chosen experts of weight 1 (:func:`dsjax.model.moe.fold_shared_experts`): one set of expert GEMMs
+        per decode step instead of two. Same maths (float32 sums in another order). False is for A/B timing.
     """
 
     max_new_tokens: int = 64
@@ -55,6 +59,7 @@ class SamplingConfig:
     decode_unroll: int = 1
     unstack_layers: bool = True
     decode_copies: bool = True
+    fold_shared_experts: bool = True
 
     def __post_init__(self):
         if self.max_new_tokens < 1:

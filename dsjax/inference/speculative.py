@@ -189,7 +189,8 @@ def speculative_generate_tokens(graphdef: Any, state: Any, prompts: jax.Array, p
     drafts0 = jnp.stack([draft, *more], axis=1)                          # [B, k]
     logq0 = jnp.stack([logq, *more_q], axis=1)                           # [B, k, V]
     if cfg.unstack_layers:
-        model = unstack_layers(model, decode_copies=cfg.decode_copies)  # once, before the loop (SamplingConfig)
+        model = unstack_layers(model, decode_copies=cfg.decode_copies,  # once, before the loop (SamplingConfig)
+                                   fold_shared_experts=cfg.fold_shared_experts)
 
     rows = jnp.arange(b)
     out_tok = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(first)

@@ -51,7 +51,7 @@ from dsjax.model import layers
 from dsjax.model.layers import MLP, FP8Scale, RoutingBias, dtype_of, make_param
 from dsjax.sharding import current_plan, map_shards
 
-__all__ = ["RouterOutput", "Router", "RoutedExperts", "MoE", "route"]
+__all__ = ["RouterOutput", "Router", "RoutedExperts", "MoE", "route", "fold_shared_experts", "can_fold_shared_experts"]
 
 
 @jax.tree_util.register_dataclass
@@ -191,6 +191,48 @@ def expert_ffn(xs: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array, group
     return gmm(h.astype(dtype), wd)
 
 
+def can_fold_shared_experts(cfg: ModelConfig, fp8_block: tuple[int, int] | None) -> bool:
+    """Whether :func:`fold_shared_experts` applies: shared experts present, no MLP bias, not FP8 *training* (whose
+    GEMMs quantise the master weights per step), no active sharding plan (the routed stacks are split over the
+    ``expert`` axis there; one more expert would not divide it), and FP8-stored weights whose 128x128 blocks do not
+    straddle two shared experts (``moe_intermediate_size`` a multiple of the block)."""
+    f = cfg.moe_intermediate_size
+    return (cfg.n_shared_experts > 0 and not cfg.mlp_bias and not cfg.fp8 and current_plan() is None
+            and (fp8_block is None or (f % fp8_block[0] == 0 and f % fp8_block[1] == 0)))
+
+
+def fold_shared_experts(routed: dict[str, jax.Array], shared: dict[str, jax.Array], n_shared: int,
+                        fp8_block: tuple[int, int] | None) -> dict[str, jax.Array]:
+    """The routed-expert stacks with the shared experts appended as experts ``E .. E + n_shared - 1``.
+
+    A shared MLP of width ``n_shared * F`` is ``n_shared`` SwiGLU experts of width F side by side (SwiGLU is
+    elementwise over the hidden units; the down projection sums over them), so ``Shared(x)`` equals the sum of
+    those pseudo-experts with weight 1: a decode step then runs the shared and routed experts in the same expert
+    GEMMs (the FP8 weight-only kernels, the dense or gathered decode einsums) instead of separate launches
+    (:meth:`MoE.__call__` appends their ids with weight 1 to every token's routing).
+
+    ``routed``: :class:`RoutedExperts`' arrays (``gate_proj``, ``up_proj``, ``down_proj`` and, FP8-stored, their
+    ``*_scale_inv``); ``shared``: the shared :class:`~dsjax.model.layers.MLP`'s ``Linear`` kernels under the same
+    names (and scales). Layouts: plain ``[E, D, F]`` / ``[E, F, D]`` against kernels ``[D, nF]`` / ``[nF, D]``;
+    FP8-stored ``[E, F, D]`` / ``[E, D, F]`` against ``[nF, D]`` / ``[D, nF]`` with block scales split alike
+    (:func:`can_fold_shared_experts` checks the blocks align). Returns the same keys as ``routed``, each with
+    ``E + n_shared`` experts."""
+    n = n_shared
+    out = {}
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        w = shared[name]
+        down = name == "down_proj"
+        # the weight's [n*F] axis comes first (plain down; FP8 gate/up) or last (plain gate/up; FP8 down)
+        f_first = down == (fp8_block is None)
+        split = lambda a: (a.reshape(n, a.shape[0] // n, *a.shape[1:]) if f_first  # noqa: E731
+                           else jnp.moveaxis(a.reshape(a.shape[0], n, a.shape[1] // n), 1, 0))
+        out[name] = jnp.concatenate([routed[name], split(w).astype(routed[name].dtype)], axis=0)
+        if fp8_block is not None:
+            s = shared[name + "_scale_inv"]
+            out[name + "_scale_inv"] = jnp.concatenate([routed[name + "_scale_inv"], split(s)], axis=0)
+    return out
+
+
 class RoutedExperts(nnx.Module):
     """E SwiGLU experts stored as ``gate_proj/up_proj [E, D, F]`` and ``down_proj [E, F, D]``.
 
@@ -203,6 +245,8 @@ class RoutedExperts(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, fp8_block: tuple[int, int] | None = None):
         self.cfg = cfg
         self.fp8_block = fp8_block
+        # shared experts folded in as the stacks' last experts (decoding copies: dsjax.model.unstack_layers)
+        self.n_folded = 0
         e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
         init = jax.nn.initializers.normal(cfg.initializer_range)
         shapes = {"gate_proj": ((e, d, f), ("expert", "embed", "moe_mlp")),
@@ -239,7 +283,7 @@ class RoutedExperts(nnx.Module):
         ``decode``: the T tokens are a decode step (at most ``DECODE_TOKENS_PER_ROW`` per sequence: one new token,
         or a speculative verification's last token and drafts), which allows the dense path."""
         t, k = indices.shape
-        e = self.cfg.n_routed_experts
+        e = self.gate_proj.get_value().shape[0]                 # n_routed_experts (+ folded shared experts)
         dt = dtype_of(self.cfg.dtype)
         fp8_training = self.cfg.fp8 and self.fp8_block is None      # FP8 training: always the grouped path
         if 2 * t * k <= e and not fp8_training:
@@ -310,7 +354,7 @@ class RoutedExperts(nnx.Module):
         ``etd,te->td`` with the routing weights spread to ``[T, E]`` by a one-hot (zero for unchosen experts, so
         they add exact zeros). Same maths as the grouped path. FP8-stored experts on a GPU go through the weight-only
         FP8 kernel (FP8 bytes read, no BF16 copy of the weights)."""
-        e = self.cfg.n_routed_experts
+        e = self.gate_proj.get_value().shape[0]
         dt = dtype_of(self.cfg.dtype)
         xe = jnp.broadcast_to(x.astype(dt)[None], (e, *x.shape))                      # [E, T, D]
         if self._fp8_kernel(xe.shape, "gate_proj") and self._fp8_kernel(
@@ -351,9 +395,20 @@ class MoE(nnx.Module):
         with jax.named_scope("router"):
             r = self.gate(flat_x)
         plan = current_plan()
+        n_f = self.experts.n_folded
+        if n_f and plan is not None:
+            raise ValueError("MoE: shared experts folded into the routed stacks (a decoding copy from "
+                             "unstack_layers made without a sharding plan) cannot run under one. Fix: unstack under "
+                             "the plan, where they are not folded")
         with jax.named_scope("routed_experts"):
             if plan is None:   # s <= 4: a decode step (one new token per sequence, or a verification's k + 1)
-                y = self.experts(flat_x, r.indices, r.weights, decode=s <= DECODE_TOKENS_PER_ROW).reshape(b, s, d)
+                idx, w = r.indices, r.weights
+                if n_f:        # the folded shared experts: every token's last n_f picks, weight 1
+                    e = self.cfg.n_routed_experts
+                    idx = jnp.concatenate([idx, jnp.broadcast_to(jnp.arange(e, e + n_f, dtype=idx.dtype),
+                                                                 (b * s, n_f))], axis=1)
+                    w = jnp.concatenate([w, jnp.ones((b * s, n_f), w.dtype)], axis=1)
+                y = self.experts(flat_x, idx, w, decode=s <= DECODE_TOKENS_PER_ROW).reshape(b, s, d)
             else:  # on a mesh: shard_map, tokens travel to their experts (dsjax.model.moe_ep)
                 from dsjax.model.moe_ep import expert_parallel
 

@@ -31,7 +31,7 @@ from dsjax.configs import ModelConfig
 from dsjax.model.cache import LatentCache, write_rows
 from dsjax.model.layers import MLP, Embed, Linear, RMSNorm, dtype_of
 from dsjax.model.mla import MLA, DocumentMask, MLAImpl, describes_documents
-from dsjax.model.moe import MoE
+from dsjax.model.moe import MoE, can_fold_shared_experts, fold_shared_experts
 from dsjax.model.rope import rope_cos_sin
 
 __all__ = ["DecoderLayer", "MTPModule", "Transformer", "ModelOutput", "make_attention_mask", "mtp_draft_step"]
@@ -390,7 +390,8 @@ def abstract_model(cfg: ModelConfig, *, fp8: bool = False) -> Any:
 _CAST_FOR_DECODING = ("kernel", "gate_proj", "up_proj", "down_proj", "embedding")
 
 
-def unstack_layers(model: Transformer, *, decode_copies: bool = True) -> Transformer:
+def unstack_layers(model: Transformer, *, decode_copies: bool = True, fold_shared_experts: bool = True
+                   ) -> Transformer:
     """The same model with ``scan_layers=False``: layer ``i``'s variables are slice ``i`` of the stacks.
 
     For decoding loops: a layer ``lax.scan`` inside a ``while_loop`` slices every layer's weights out of the stacks
@@ -413,6 +414,12 @@ def unstack_layers(model: Transformer, *, decode_copies: bool = True) -> Transfo
     through the weight-only FP8 kernels), except MLA's ``kv_a_proj_with_mqa`` and ``kv_b_proj``
     (:func:`dequantize_for_decoding`), which decoding would otherwise dequantise on every step; an unscanned FP8
     model is copied for that.
+
+    ``fold_shared_experts``: where the layer weights are copied anyway (a scanned model, or a cast), each MoE
+    layer's shared experts are folded into its routed-expert stacks as experts ``E ..`` with routing weight 1
+    (:func:`dsjax.model.moe.fold_shared_experts`): the copy is made with them appended, no extra memory, and a
+    decode step runs shared and routed experts in the same expert GEMMs instead of separate launches. Not on a
+    sharding plan, nor where :func:`~dsjax.model.moe.can_fold_shared_experts` says no; the copy is then as before.
     """
     cfg = model.cfg
     if _has_decode_copies(model):
@@ -424,15 +431,16 @@ def unstack_layers(model: Transformer, *, decode_copies: bool = True) -> Transfo
             return model
         flat = nnx.merge(*nnx.split(model))          # a copy of the module graph; the arrays are shared
     else:
-        flat = _unstacked_copy(model, cast)
+        fold = fold_shared_experts and can_fold_shared_experts(cfg, model.fp8_block)
+        flat = _unstacked_copy(model, cast, fold)
     if model.fp8_block is not None:
         flat = dequantize_for_decoding(flat)
     return add_decode_copies(flat) if decode_copies else flat
 
 
-def _unstacked_copy(model: Transformer, cast: bool) -> Transformer:
+def _unstacked_copy(model: Transformer, cast: bool, fold: bool = False) -> Transformer:
     """:func:`unstack_layers`' copy: per-layer modules holding slice ``i`` of the stacks (matmul weights cast to the
-    compute dtype when ``cast``)."""
+    compute dtype when ``cast``; shared experts folded into the routed stacks when ``fold``)."""
     cfg = model.cfg
     compute = dtype_of(cfg.dtype)
     flat_cfg = dataclasses.replace(cfg, scan_layers=False)
@@ -447,12 +455,42 @@ def _unstacked_copy(model: Transformer, cast: bool) -> Transformer:
             values[path] = src[(stack, *path[2:])].get_value()[j]
         else:
             values[path] = src[path].get_value()
+    folded = _fold_values(values, cfg, model.fp8_block) if fold else []
+    unused = {p for p in values if any(p[:len(m) + 1] == (*m, "shared_experts") for m in folded)}
     if cast:
-        paths = [p for p in values if p[-1] in _CAST_FOR_DECODING]
+        paths = [p for p in values if p[-1] in _CAST_FOR_DECODING and p not in unused]
         for p, v in zip(paths, jax.lax.optimization_barrier([values[p].astype(compute) for p in paths])):
             values[p] = v
+    elif folded:   # the concatenated stacks made once, before any loop (XLA would not hoist them back out)
+        paths = [p for p in values if any(p[:len(m) + 1] == (*m, "experts") for m in folded)]
+        for p, v in zip(paths, jax.lax.optimization_barrier([values[p] for p in paths])):
+            values[p] = v
     out = {path: t.replace(values[path]) for path, t in nnx.to_flat_state(target)}
-    return nnx.merge(graphdef, nnx.State.from_flat_path(out))
+    flat = nnx.merge(graphdef, nnx.State.from_flat_path(out))
+    for prefix in folded:
+        moe = flat
+        for key in prefix:
+            moe = moe[key] if isinstance(key, int) else getattr(moe, key)
+        moe.experts.n_folded = cfg.n_shared_experts
+        moe.shared_experts = None
+    return flat
+
+
+def _fold_values(values: dict, cfg, fp8_block) -> list[tuple]:
+    """Folds, in ``values`` (flat state paths -> arrays), every MoE module's shared experts into its routed stacks
+    (:func:`~dsjax.model.moe.fold_shared_experts`); returns the MoE modules' paths."""
+    names = ("gate_proj", "up_proj", "down_proj")
+    scales = () if fp8_block is None else tuple(n + "_scale_inv" for n in names)
+    prefixes = [p[:-2] for p in values if p[-2:] == ("experts", "gate_proj")
+                and (*p[:-2], "shared_experts", "gate_proj", "kernel") in values]
+    for m in prefixes:
+        routed = {n: values[(*m, "experts", n)] for n in names + scales}
+        shared = {n: values[(*m, "shared_experts", n, "kernel")] for n in names}
+        if fp8_block is not None:
+            shared.update({n + "_scale_inv": values[(*m, "shared_experts", n, "scale_inv")] for n in names})
+        for n, v in fold_shared_experts(routed, shared, cfg.n_shared_experts, fp8_block).items():
+            values[(*m, "experts", n)] = v
+    return prefixes
 
 
 def _mla_modules(model: Transformer) -> list:
