@@ -6,7 +6,9 @@ Letters: ``B`` batch, ``S`` query tokens per row (1 for a decode step, k + 1 for
 ``N`` heads, ``T`` cache slots, ``R`` kv_lora_rank (the latent: keys *and* values), ``P`` qk_rope_head_dim.
 ``q_lat [B, S, N, R]`` (the query with W_UK folded in), ``q_rot [B, S, N, P]``, ``c_kv [B, T, R]``,
 ``k_rot [B, T, P]``, ``mask [B, S, T]`` bool (True = attend) -> ``o [B, S, N, R]`` in c_kv's dtype (W_UV is applied
-after, outside).
+after, outside). ``layer=``: the cache is a model's stacked one, ``c_kv [L, B, T, R]``, ``k_rot [L, B, T, P]``, and
+layer ``layer`` is attended: the kernel reads that layer in place (a slice passed to a custom call is a copy: on an H100
+at `small`'s batch 32, every layer's cache copied out of the stack was ~4% of a decode step).
 
 Why: XLA runs this as two batched GEMMs with the masked softmax between them (scores written and re-read in
 float32), plus the casts: on an H200 at `small`'s batch 32 the attention core took 17% of a decode step's device
@@ -49,7 +51,12 @@ Implementation = Literal["auto", "xla", "pallas"]
 _NEG_INF = float("-inf")
 
 
-def _check(q_lat, q_rot, c_kv, k_rot, mask):
+def _check(q_lat, q_rot, c_kv, k_rot, mask, stacked: bool = False):
+    if stacked:
+        if c_kv.ndim != 4 or k_rot.ndim != 4 or c_kv.shape[0] != k_rot.shape[0]:
+            raise ValueError(f"mla_decode_attention(layer=...) expects stacked caches c_kv [L,B,T,R] and k_rot "
+                             f"[L,B,T,P]; got {c_kv.shape}, {k_rot.shape}")
+        c_kv, k_rot = c_kv[0], k_rot[0]
     if q_lat.ndim != 4 or q_rot.ndim != 4 or c_kv.ndim != 3 or k_rot.ndim != 3 or mask.ndim != 3:
         raise ValueError(f"mla_decode_attention expects q_lat [B,S,N,R], q_rot [B,S,N,P], c_kv [B,T,R], "
                          f"k_rot [B,T,P], mask [B,S,T]; got {q_lat.shape}, {q_rot.shape}, {c_kv.shape}, "
@@ -108,14 +115,15 @@ def default_tiling(b: int, s: int, n: int, r: int, t: int, num_sms: int = 132) -
     return bh, bt, splits
 
 
-def _kernel(ql_ref, qr_ref, ckv_ref, kr_ref, mask_ref, *out_refs, scale: float, bh: int, bt: int, tiles: int,
-            split: bool):
+def _kernel(layer_ref, ql_ref, qr_ref, ckv_ref, kr_ref, mask_ref, *out_refs, scale: float, bh: int, bt: int,
+            tiles: int, split: bool):
     """One program: heads ``[h*bh, (h+1)*bh)`` of query token ``s`` of row ``b``, over cache tiles
-    ``[c*tiles, (c+1)*tiles)``, online softmax in float32."""
+    ``[c*tiles, (c+1)*tiles)`` of layer ``layer_ref[0]`` of the stacked cache, online softmax in float32."""
     from jax import lax
     from jax.experimental import pallas as pl
 
     b, s, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
+    layer = layer_ref[0]
     heads = pl.ds(h * bh, bh)
     q = ql_ref[b, s, heads, :]                                             # [bh, R]
     qr = qr_ref[b, s, heads, :]                                            # [bh, P]
@@ -124,8 +132,8 @@ def _kernel(ql_ref, qr_ref, ckv_ref, kr_ref, mask_ref, *out_refs, scale: float, 
     def body(i, carry):
         m, l, acc = carry
         t0 = (c * tiles + i) * bt
-        kv = ckv_ref[b, pl.ds(t0, bt), :]                                  # [bt, R]
-        kr = kr_ref[b, pl.ds(t0, bt), :]                                   # [bt, P]
+        kv = ckv_ref[layer, b, pl.ds(t0, bt), :]                           # [bt, R]
+        kr = kr_ref[layer, b, pl.ds(t0, bt), :]                            # [bt, P]
         sc = (jnp.dot(q, kv.T, preferred_element_type=jnp.float32)
               + jnp.dot(qr, kr.T, preferred_element_type=jnp.float32)) * scale      # [bh, bt]
         keep = mask_ref[b, s, pl.ds(t0, bt)] != 0                          # [bt]
@@ -151,15 +159,18 @@ def _kernel(ql_ref, qr_ref, ckv_ref, kr_ref, mask_ref, *out_refs, scale: float, 
         out_refs[0][b, s, heads, :] = o.astype(out_refs[0].dtype)
 
 
-def _pallas(q_lat, q_rot, c_kv, k_rot, mask, *, scale: float, interpret: bool, bh: int | None = None,
+def _pallas(q_lat, q_rot, c_kv, k_rot, mask, *, scale: float, interpret: bool, layer=None, bh: int | None = None,
             bt: int | None = None, splits: int | None = None, num_warps: int = 4, num_stages: int = 2):
     """The Pallas call; ``bh``, ``bt``, ``splits``, ``num_warps`` and ``num_stages`` are what a sweep may override
-    (default :func:`default_tiling`)."""
+    (default :func:`default_tiling`). ``layer``: ``c_kv``/``k_rot`` are stacked caches, read at that layer."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
+    if layer is None:                                                      # one layer: a stack of one (a bitcast)
+        c_kv, k_rot, layer = c_kv[None], k_rot[None], 0
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
     b, s, n, r = q_lat.shape
-    t = c_kv.shape[1]
+    t = c_kv.shape[2]
     d_bh, d_bt, d_splits = default_tiling(b, s, n, r, t, hardware.num_sms())
     bh, bt, splits = bh or d_bh, bt or d_bt, splits or d_splits
     if t % (bt * splits):
@@ -180,7 +191,7 @@ def _pallas(q_lat, q_rot, c_kv, k_rot, mask, *, scale: float, interpret: bool, b
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
     )
-    out = call(q_lat, q_rot.astype(q_lat.dtype), c_kv, k_rot.astype(c_kv.dtype), mask.astype(jnp.int8))
+    out = call(layer, q_lat, q_rot.astype(q_lat.dtype), c_kv, k_rot.astype(c_kv.dtype), mask.astype(jnp.int8))
     if split:                                  # merge the splits' softmaxes: weights exp(lse_c - max lse)
         o_part, lse = out
         mx = jnp.max(lse, axis=2, keepdims=True)
@@ -191,33 +202,39 @@ def _pallas(q_lat, q_rot, c_kv, k_rot, mask, *, scale: float, interpret: bool, b
 
 
 def mla_decode_attention(q_lat: jax.Array, q_rot: jax.Array, c_kv: jax.Array, k_rot: jax.Array, mask: jax.Array, *,
-                         scale: float, implementation: Implementation = "auto", interpret: bool = False
-                         ) -> jax.Array:
+                         scale: float, layer: jax.Array | int | None = None, implementation: Implementation = "auto",
+                         interpret: bool = False) -> jax.Array:
     """Absorbed MLA attention of ``S`` query tokens per row over a latent cache (see the module docstring).
 
     Args:
       q_lat: ``[B, S, N, R]`` queries with W_UK folded in (the compute dtype).
       q_rot: ``[B, S, N, P]`` RoPE'd query parts.
-      c_kv, k_rot: the cache, ``[B, T, R]`` and ``[B, T, P]``.
+      c_kv, k_rot: the cache, ``[B, T, R]`` and ``[B, T, P]``; with ``layer``, a stacked cache ``[L, B, T, R]`` and
+        ``[L, B, T, P]``.
       mask: ``[B, S, T]`` bool, True where query s may attend slot t (every row needs one True).
       scale: the softmax scale.
+      layer: the layer of a stacked cache to attend (an int or an int32 scalar); the kernel reads it in place.
       implementation: ``"auto"``, ``"xla"`` or ``"pallas"``.
       interpret: run the Pallas kernel in the interpreter (CPU tests).
 
     Returns ``[B, S, N, R]`` in c_kv's dtype.
     """
-    _check(q_lat, q_rot, c_kv, k_rot, mask)
+    _check(q_lat, q_rot, c_kv, k_rot, mask, stacked=layer is not None)
+    one = c_kv.shape[-3:]                                                  # [B, T, R] of one layer
     if implementation == "auto":
-        implementation = "pallas" if kernel_supported(q_lat.shape, q_rot.shape, c_kv.shape) else "xla"
+        implementation = "pallas" if kernel_supported(q_lat.shape, q_rot.shape, one) else "xla"
     if implementation == "xla":
+        if layer is not None:
+            c_kv = jax.lax.dynamic_index_in_dim(c_kv, layer, 0, keepdims=False)
+            k_rot = jax.lax.dynamic_index_in_dim(k_rot, layer, 0, keepdims=False)
         return mla_decode_reference(q_lat, q_rot, c_kv, k_rot, mask, scale=scale)
     if implementation != "pallas":
         raise ValueError(f"mla_decode_attention: implementation={implementation!r}; use 'auto', 'xla' or 'pallas'")
-    if not kernel_shapes_ok(q_lat.shape, q_rot.shape, c_kv.shape):
+    if not kernel_shapes_ok(q_lat.shape, q_rot.shape, one):
         raise ValueError(f"mla_decode_attention(implementation='pallas') needs R and P powers of two >= 16 and T a "
                          f"multiple of 16; got q_lat {q_lat.shape}, q_rot {q_rot.shape}, c_kv {c_kv.shape}. Fix: "
                          f"implementation='xla' or 'auto'")
     if not interpret and jax.default_backend() != "gpu":
         raise ValueError("mla_decode_attention(implementation='pallas') runs on GPUs (Triton); pass interpret=True "
                          "to interpret it elsewhere, or use implementation='xla'")
-    return _pallas(q_lat, q_rot, c_kv, k_rot, mask, scale=scale, interpret=interpret)
+    return _pallas(q_lat, q_rot, c_kv, k_rot, mask, scale=scale, interpret=interpret, layer=layer)

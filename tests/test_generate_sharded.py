@@ -10,6 +10,8 @@ expert-parallel combine and the tensor-split partial sums; measured <= 5e-7).
 """
 
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,10 +143,11 @@ def test_decode_kernel_runs_per_device_under_a_plan(model, reference, monkeypatc
 
     calls = []
 
-    def through_kernel(q_lat, q_rot, c_kv, k_rot, mask, *, scale, implementation):
-        assert kernel_shapes_ok(q_lat.shape, q_rot.shape, c_kv.shape)
-        calls.append((q_lat.shape, c_kv.shape))
-        return _pallas(q_lat, q_rot, c_kv, k_rot, mask, scale=scale, interpret=True)
+    def through_kernel(q_lat, q_rot, c_kv, k_rot, mask, *, scale, implementation, layer=None):
+        assert layer is not None and c_kv.ndim == 4          # each device's rows of the stacked cache, in place
+        assert kernel_shapes_ok(q_lat.shape, q_rot.shape, c_kv.shape[1:])
+        calls.append((q_lat.shape, c_kv.shape[1:]))
+        return _pallas(q_lat, q_rot, c_kv, k_rot, mask, scale=scale, interpret=True, layer=layer)
 
     monkeypatch.setattr(mla_mod, "mla_decode_attention", through_kernel)
     # the same weights under another config value: the generator traces again, into the patched call
@@ -190,18 +193,22 @@ def test_sharded_decode_lowers_the_kernel_per_device_for_cuda(monkeypatch):
     b, n, t = 8, cfg.num_attention_heads, 64
     bf = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)  # noqa: E731
 
-    def attend(state, *args):
+    def attend(state, *args, layer=None):
         with use_plan(plan):
-            return nnx.merge(graphdef, state).attend_absorbed(*args)
+            return nnx.merge(graphdef, state).attend_absorbed(*args, layer=layer)
 
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")           # what "auto" asks
-    args = (bf(b, 1, n, cfg.qk_nope_head_dim), bf(b, 1, n, 16), bf(b, t, 32), bf(b, t, 16),
-            jax.ShapeDtypeStruct((b, 1, t), jnp.bool_))
-    with jax.sharding.use_abstract_mesh(mesh):
-        text = jax.jit(attend).trace(state, *args).lower(lowering_platforms=("cuda",)).as_text()
-    call = next(line for line in text.splitlines() if "xla.gpu.triton" in line)
-    assert "grid_x = 2 : i32" in call, call                                # 8 rows / (data x fsdp x expert = 4)
-    assert "sdy.manual_computation" in text                                # inside the shard_map
+    q = (bf(b, 1, n, cfg.qk_nope_head_dim), bf(b, 1, n, 16))
+    mask = jax.ShapeDtypeStruct((b, 1, t), jnp.bool_)
+    # one layer's cache, and a decode step's stacked 12-layer cache read at layer 3 (its rows split, layers not)
+    for args, kw in [((*q, bf(b, t, 32), bf(b, t, 16), mask), {}),
+                     ((*q, bf(12, b, t, 32), bf(12, b, t, 16), mask), {"layer": 3})]:
+        with jax.sharding.use_abstract_mesh(mesh):
+            text = jax.jit(functools.partial(attend, **kw)).trace(state, *args).lower(
+                lowering_platforms=("cuda",)).as_text()
+        call = next(line for line in text.splitlines() if "xla.gpu.triton" in line)
+        assert "grid_x = 2 : i32" in call, call                            # 8 rows / (data x fsdp x expert = 4)
+        assert "sdy.manual_computation" in text                            # inside the shard_map
 
 
 def test_fp8_weight_kernel_is_left_to_xla_under_a_plan(monkeypatch):

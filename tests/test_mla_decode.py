@@ -68,6 +68,24 @@ def test_mla_decode_attention_matches_float64(impl, b, s, n, r, p, t, tiling):
     assert _rel(out, _oracle(*args, 0.125)) < BF16_TOL
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_stacked_cache_is_read_at_its_layer(impl):
+    """``layer=``: a stacked ``[L, B, T, .]`` cache attended at one layer (a Python int, or a traced scalar as a layer
+    scan passes it) gives, bitwise, what that layer's own ``[B, T, .]`` cache gives: the kernel indexes the stack in
+    place instead of taking a sliced copy."""
+    ql, qr, _, _, mask = _case(2, 1, 16, 64, 16, 128)
+    ckv = jax.random.normal(jax.random.key(7), (3, 2, 128, 64), jnp.bfloat16)
+    kr = jax.random.normal(jax.random.key(8), (3, 2, 128, 16), jnp.bfloat16)
+    kw = dict(scale=0.125, implementation=impl, interpret=impl == "pallas")
+    for layer in (0, 2):
+        want = mla_decode_attention(ql, qr, ckv[layer], kr[layer], mask, **kw)
+        np.testing.assert_array_equal(mla_decode_attention(ql, qr, ckv, kr, mask, layer=layer, **kw), want)
+        traced = jax.jit(lambda i: mla_decode_attention(ql, qr, ckv, kr, mask, layer=i, **kw))(jnp.int32(layer))
+        np.testing.assert_array_equal(traced, want)
+    with pytest.raises(ValueError, match="stacked caches"):
+        mla_decode_attention(ql, qr, ckv[0], kr[0], mask, layer=0, **kw)
+
+
 def test_default_tiling_fills_the_gpu():
     assert default_tiling(1, 1, 128, 512, 4096) == (32, 64, 16)     # 4 head blocks x 16 splits of 4 tiles
     assert default_tiling(1, 1, 16, 256, 256) == (16, 64, 4)        # batch 1: 4 one-tile splits, merged after
@@ -93,10 +111,11 @@ def test_model_decodes_through_the_kernel(monkeypatch):
     model = dsjax.Transformer(cfg.replace(mla_decode_impl="pallas"), rngs=nnx.Rngs(0))
     calls = []
 
-    def through_kernel(q_lat, q_rot, c_kv, k_rot, mask, *, scale, implementation):
-        assert kernel_shapes_ok(q_lat.shape, q_rot.shape, c_kv.shape)
+    def through_kernel(q_lat, q_rot, c_kv, k_rot, mask, *, scale, implementation, layer=None):
+        assert layer is not None and c_kv.ndim == 4          # decoding hands the kernel the stacked cache
+        assert kernel_shapes_ok(q_lat.shape, q_rot.shape, c_kv.shape[1:])
         calls.append(q_lat.shape)
-        return _pallas(q_lat, q_rot, c_kv, k_rot, mask, scale=scale, interpret=True)
+        return _pallas(q_lat, q_rot, c_kv, k_rot, mask, scale=scale, interpret=True, layer=layer)
 
     monkeypatch.setattr(mla_mod, "mla_decode_attention", through_kernel)
     got = dsjax.generate(model, prompts, sampling=sc)
@@ -122,9 +141,12 @@ def test_mla_decode_kernel_lowers_for_cuda():
         bf = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)  # noqa: E731
         args = [bf(b, s, n, r), bf(b, s, n, p), bf(b, t, r), bf(b, t, p), jax.ShapeDtypeStruct((b, s, t), jnp.bool_)]
         fn = functools.partial(_pallas, scale=0.1, interpret=False, splits=splits)
+        stacked = functools.partial(_pallas, scale=0.1, interpret=False, splits=splits, layer=jnp.int32(5))
+        stacked_args = [*args[:2], bf(12, b, t, r), bf(12, b, t, p), args[4]]      # a 12-layer cache, layer 5
         with jax.sharding.use_abstract_mesh(mesh):
-            text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-        assert "xla.gpu.triton" in text
+            for f, a in ((fn, args), (stacked, stacked_args)):
+                text = jax.jit(f).trace(*a).lower(lowering_platforms=("cuda",)).as_text()
+                assert "xla.gpu.triton" in text
 
 
 def test_mla_decode_attention_errors():
@@ -151,3 +173,7 @@ def test_mla_decode_kernel_on_gpu():
         args = _case(b, s, n, r, p, t)
         out = jax.jit(functools.partial(mla_decode_attention, scale=0.125, implementation="pallas"))(*args)
         assert _rel(out, _oracle(*args, 0.125)) < BF16_TOL, (b, s, n, r, p, t)
+        stack = lambda a: jnp.stack([jnp.zeros_like(a), a, -a])  # noqa: E731 - layer 1 of 3 holds the cache
+        at_layer = jax.jit(functools.partial(mla_decode_attention, scale=0.125, implementation="pallas"))(
+            *args[:2], stack(args[2]), stack(args[3]), args[4], layer=jnp.int32(1))
+        np.testing.assert_array_equal(at_layer, out)

@@ -320,26 +320,32 @@ class MLA(nnx.Module):
 
         return jax.lax.cond(docs.fits, packed, fallback, q, k, v, vp, docs.dense)
 
-    def attend_absorbed(self, q_nope, q_rot, c_kv, k_rot, mask) -> jax.Array:
-        """Attends directly over the latent (W_UK folded into q, W_UV after attention): ``O [B,S,N,V]``."""
+    def attend_absorbed(self, q_nope, q_rot, c_kv, k_rot, mask, layer=None) -> jax.Array:
+        """Attends directly over the latent (W_UK folded into q, W_UV after attention): ``O [B,S,N,V]``.
+        ``layer``: ``c_kv [L,B,T,R]``/``k_rot [L,B,T,P]`` are the stacked cache and this layer's index in it (the
+        decode kernel reads that layer in place; a slice handed to it would be a copy per layer and step)."""
         if isinstance(mask, DocumentMask):
             mask = mask.dense
         w_uk, w_uv = self._w_uk_uv()
         q_lat = jnp.einsum("bsnc,rnc->bsnr", q_nope, w_uk)
-        mask = _causal(q_lat.shape[1], c_kv.shape[1]) if mask is None else mask
+        mask = _causal(q_lat.shape[1], c_kv.shape[-2]) if mask is None else mask
         mask = jnp.broadcast_to(mask, (q_lat.shape[0], *mask.shape[1:]))
         scale, impl = self.cfg.softmax_scale, self.cfg.mla_decode_impl
+        stacked = layer is not None
+        layer = jnp.asarray(0 if layer is None else layer, jnp.int32)
 
-        def core(q_lat, q_rot, c_kv, k_rot, mask):
-            return mla_decode_attention(q_lat, q_rot, c_kv, k_rot, mask, scale=scale, implementation=impl)
+        def core(q_lat, q_rot, c_kv, k_rot, mask, layer):
+            return mla_decode_attention(q_lat, q_rot, c_kv, k_rot, mask, scale=scale, implementation=impl,
+                                        layer=layer if stacked else None)
 
         # Under a sharding plan each device attends for its own rows (and, with a tensor axis, its heads) in a
         # shard_map: the Pallas kernel is a custom call XLA's partitioner cannot split (it would gather the cache and
         # run the whole batch everywhere). Without a plan, map_shards returns `core` itself. check_vma off: a
         # pallas_call's outputs carry no varying-axes type (decoding takes no gradient through it).
         q_axes, kv_axes = ("batch", None, "act_heads", None), ("batch", None, None)
-        o_lat = map_shards(core, (q_axes, q_axes, kv_axes, kv_axes, kv_axes), q_axes, check_vma=False)(
-            q_lat, q_rot.astype(q_lat.dtype), c_kv, k_rot, mask)
+        cache_axes = (None, *kv_axes) if stacked else kv_axes
+        o_lat = map_shards(core, (q_axes, q_axes, cache_axes, cache_axes, kv_axes, ()), q_axes, check_vma=False)(
+            q_lat, q_rot.astype(q_lat.dtype), c_kv, k_rot, mask, layer)
         return jnp.einsum("bsnr,rnv->bsnv", o_lat, w_uv)
 
     # ----------------------------------------------------------------- layer call
@@ -361,6 +367,12 @@ class MLA(nnx.Module):
             c_all, k_all, layer = cache
             with jax.named_scope("cache_write"):
                 latent = (write_layer_rows(c_all, c_kv, layer, idx), write_layer_rows(k_all, k_rot, layer, idx))
+            dt = dtype_of(self.cfg.dtype)
+            if impl == "absorbed" and latent[0].dtype == dt and latent[1].dtype == dt:
+                with jax.named_scope("attn_core"):      # the stacked cache, read in place at this layer
+                    o = self.attend_absorbed(q_nope, q_rot, *latent, mask, layer=layer)
+                return self.o_proj(o), latent
+            with jax.named_scope("cache_write"):
                 c_kv = jax.lax.dynamic_index_in_dim(latent[0], layer, 0, keepdims=False)
                 k_rot = jax.lax.dynamic_index_in_dim(latent[1], layer, 0, keepdims=False)
         dt = dtype_of(self.cfg.dtype)
