@@ -1,8 +1,9 @@
 # Ready device calls (next session), each under a 10-minute call:
-#   part 1 (one GPU, the issue's H100: --kind nvidia-h100-x1): session 18's routing kernel (pallas_kernels.moe_topk)
-#           was A/B-timed without HF and without the FP8-stored rows (1.09x / 1.06x at batch 1 / 32); this times
-#           both again (BF16 against routing_impl=xla), the FP8-stored rows and HF for the issue's ratios, after the
-#           GPU test of the kernel and its table with V2's padded groups (added after the session's device time).
+#   part 1 (one GPU, the issue's H100: --kind nvidia-h100-x1): MTP self-speculative decoding on `small` trained 400
+#           steps, one and three drafts per forward, greedy (last GPU run: session 15 on an H200, 1.44x / 1.50x at
+#           batch 1; since then the routing kernel, the shared-expert fold and the in-place cache changed both the
+#           plain and the speculative steps), then a batch-32 FP8-weights decode profile of session 19's library
+#           (what is left after the fold and the in-place cache).
 #   part 2 (nvidia-h200-x2 or h100-x2: two GPUs): generation on a mesh against one device in one process
 #           (bench_decode --mesh; session 15's sharded generation is tested for equality on 2 H200s but not timed):
 #           data=2 (each GPU decodes half the rows) and expert=2 (the all-to-all per decode step).
@@ -12,11 +13,10 @@
 #        bash tools/device/poll.sh 560          (carry: .whl; copy the records out of $OUT by hand)
 source tools/device/setup.sh
 if [ "$1" = 1 ]; then
-  JAX_PLATFORMS=cuda timeout 100 python3 -m pytest -q -m gpu tests/test_moe_topk.py -p no:warnings -rs \
-      > /tmp/gputest.txt 2>&1
-  timeout 120 python3 -m experiments.bench_moe_topk --record > /tmp/topk.txt 2>&1
-  timeout 420 python3 -m experiments.bench_decode --batch_sizes=1,32 --repeats=3 --fp8_weights \
-      --variant=routing_impl=xla --hf --hf_timeout_s=90 --record > /tmp/decode.txt 2>&1
+  timeout 330 python3 -m experiments.bench_mtp --config=small --steps=400 --draft_tokens=1,3 --temperatures=0 \
+      --record > /tmp/mtp.txt 2>&1
+  timeout 150 python3 -m experiments.bench_decode --batch_sizes=32 --repeats=1 --fp8_weights --profile \
+      --profile_top=45 > /tmp/prof32.txt 2>&1
 elif [ "$1" = 3 ]; then
   timeout 330 python3 -m experiments.bench_mla_decode --record > /tmp/mla_bench.txt 2>&1
   cp docs/benchmarks.md /tmp/bm_after_mla.md.txt
