@@ -62,9 +62,18 @@ flags.DEFINE_integer("hf_timeout_s", 1200, "Give up on an HF subprocess after th
 flags.DEFINE_bool("profile", False, "Trace one generate call per batch size and print its device time by scope and "
                   "kernel (per decoded token: divide by new_tokens).")
 flags.DEFINE_integer("profile_top", 40, "With --profile: how many of the costliest kernels to list.")
+flags.DEFINE_float("stop_s", 1e9, "Skip the rows not started once this many seconds have passed since start-up, and "
+                   "give HF's subprocess at most the time left: the table (and --record) still gets written when a "
+                   "device call's limit is near.")
 flags.DEFINE_bool("record", False, "Append the table to docs/benchmarks.md.")
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+T0 = time.time()
+
+
+def _left() -> float:
+    """Seconds left before ``--stop_s``."""
+    return FLAGS.stop_s - (time.time() - T0)
 
 
 def split_variant(text: str) -> tuple[list[str], list[str]]:
@@ -207,10 +216,11 @@ def bench_hf(b: int) -> dict:
     cfg = configs.get(FLAGS.config)
     cmd = [sys.executable, str(ROOT / "experiments" / "bench_decode_hf.py"), json.dumps(cfg.to_hf_config()),
            str(b), str(FLAGS.prompt_len), str(FLAGS.new_tokens), str(FLAGS.repeats)]
+    limit = min(FLAGS.hf_timeout_s, max(_left(), 0.0))
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=FLAGS.hf_timeout_s)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
     except subprocess.TimeoutExpired:
-        return {"impl": "HF transformers", "batch": b, "error": f"timed out after {FLAGS.hf_timeout_s} s"}
+        return {"impl": "HF transformers", "batch": b, "error": f"timed out after {limit:.0f} s"}
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
     if res.returncode != 0 or not lines:
         return {"impl": "HF transformers", "batch": b, "error": (res.stderr or res.stdout)[-800:]}
@@ -266,28 +276,26 @@ def main(argv):
     print(f"device: {dev.device_kind}, jax {jax.__version__}", flush=True)
     bw = copy_bandwidth()   # first, so the table follows the last row at once (a limit once struck in between)
     rows = []
-    for b in [int(x) for x in FLAGS.batch_sizes.split(",")]:
-        try:
-            rows.append(bench_dsjax(model, b))
-        except Exception as e:  # noqa: BLE001
-            rows.append({"impl": "dsjax", "batch": b, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+
+    def run(impl: str, b: int, fn) -> None:
+        """One row: ``fn()``'s, an error row, or a skipped row once ``--stop_s`` has passed."""
+        if _left() <= 0:
+            rows.append({"impl": impl, "batch": b, "error": f"skipped: --stop_s={FLAGS.stop_s:g} reached"})
+        else:
+            try:
+                rows.append(fn())
+            except Exception as e:  # noqa: BLE001
+                rows.append({"impl": impl, "batch": b, "error": f"{type(e).__name__}: {e}"[:300]})
         print(json.dumps(rows[-1]), flush=True)
+
+    for b in [int(x) for x in FLAGS.batch_sizes.split(",")]:
+        run("dsjax", b, lambda: bench_dsjax(model, b))
         for label, variant, sampling_over in variants:
-            try:
-                rows.append(bench_dsjax(variant, b, label, sampling_over))
-            except Exception as e:  # noqa: BLE001
-                rows.append({"impl": label, "batch": b, "error": f"{type(e).__name__}: {e}"[:300]})
-            print(json.dumps(rows[-1]), flush=True)
+            run(label, b, lambda: bench_dsjax(variant, b, label, sampling_over))
         if FLAGS.mesh:
-            try:
-                rows.append(bench_mesh(model, b, FLAGS.mesh))
-            except Exception as e:  # noqa: BLE001
-                rows.append({"impl": f"dsjax, mesh {FLAGS.mesh}", "batch": b,
-                             "error": f"{type(e).__name__}: {e}"[:300]})
-            print(json.dumps(rows[-1]), flush=True)
+            run(f"dsjax, mesh {FLAGS.mesh}", b, lambda: bench_mesh(model, b, FLAGS.mesh))
         if FLAGS.hf:
-            rows.append(bench_hf(b))
-            print(json.dumps(rows[-1]), flush=True)
+            run("HF transformers", b, lambda: bench_hf(b))
     context = FLAGS.prompt_len + FLAGS.new_tokens / 2
     hf = {r["batch"]: r for r in rows if r["impl"] == "HF transformers" and "error" not in r}
     lines = ["| impl | batch | prefill tok/s | decode tok/s | decode vs HF | roof tok/s | % of roof | roof vs HF | "

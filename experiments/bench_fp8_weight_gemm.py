@@ -43,13 +43,15 @@ flags.DEFINE_bool("sweep", True, "Also time the kernel's other tilings.")
 flags.DEFINE_bool("record", False, "Append the table to docs/benchmarks.md.")
 
 # (name, G, M, K, N, E or None): `small` decode shapes (experts 64 x [1024, 512] / [512, 1024], top-6)
-SHAPES = [("experts, dense path, batch 32: gate/up", 64, 32, 1024, 512, None),
-          ("experts, dense path, batch 32: down", 64, 32, 512, 1024, None),
-          ("experts, gathered, batch 1: gate/up", 6, 1, 1024, 512, 64),
+# `small`'s decode GEMMs; the expert rows count the shared expert decoding folds into the routed stacks (session 19:
+# 64 + 1 experts on the dense path, 6 + 1 gathered pairs at batch 1)
+SHAPES = [("experts, dense path, batch 32: gate/up", 65, 32, 1024, 512, None),
+          ("experts, dense path, batch 32: down", 65, 32, 512, 1024, None),
+          ("experts, gathered, batch 1: gate/up", 7, 1, 1024, 512, 65),
           ("dense MLP up, batch 32", 1, 32, 1024, 2816 // 128 * 128, None),
           ("q_b_proj, batch 1", 1, 1, 384, 3072, None),
           ("o_proj, batch 1", 1, 1, 1024, 1024, None),
-          ("experts, gathered, batch 1: down", 6, 1, 512, 1024, 64)]
+          ("experts, gathered, batch 1: down", 7, 1, 512, 1024, 65)]
 
 
 def _us_per_call(fn, *args) -> float:
