@@ -8,7 +8,9 @@ Letters: ``G`` a leading batch of independent weights (routed experts; 1 for a p
 ``x [G, M, K]`` bf16/fp16, ``wq [E, N, K]`` float8_e4m3fn (``[out, in]``: the layout checkpoints store and dsjax
 keeps FP8-stored weights in), ``s [E, Nb, Kb]`` float32 (the checkpoint's ``weight_scale_inv``) -> ``[G, M, N]`` in
 x's dtype, accumulated in float32; ``E == G``, or an ``index [G]`` names the weight of each x group
-(``y[g] = x[g] @ dequant(wq[index[g]], s[index[g]])^T``).
+(``y[g] = x[g] @ dequant(wq[index[g]], s[index[g]])^T``), or ``G == 1`` without an index: one x for every weight of
+the stack (``y[e] = x[0] @ dequant(wq[e], s[e])^T``, ``[E, M, N]``; the MoE's dense decode path runs every expert on
+the same tokens, and a broadcast x handed to a custom call would be written out E times first).
 
 Why: a decode step reads every weight it touches once and does little arithmetic, so FP8 weights could halve its
 bytes; dequantising them with XLA first (``wq * s`` then a BF16 GEMM) writes and re-reads a BF16 copy and made FP8
@@ -70,9 +72,9 @@ def _check(x, wq, s, index):
         raise ValueError(f"fp8_weight_matmul expects x [G, M, K], wq [E, N, K], s [E, Nb, Kb]; got {x.shape}, "
                          f"{wq.shape}, {s.shape}")
     g, m, k = x.shape
-    if index is None and wq.shape[0] != g:
+    if index is None and wq.shape[0] != g and g != 1:
         raise ValueError(f"fp8_weight_matmul: x {x.shape} and wq {wq.shape} disagree on G; pass index [G] to pick "
-                         f"a weight of the stack per x group")
+                         f"a weight of the stack per x group, or one x group [1, M, K] for every weight")
     if index is not None and index.shape != (g,):
         raise ValueError(f"fp8_weight_matmul: index {index.shape} should be [G] = ({g},), one weight per x group")
     if wq.shape[2] != k:
@@ -95,6 +97,7 @@ def _matmul_f32(x, wq, s, index):
     """``x @ dequant(wq, s)^T`` in float32 (the references' product)."""
     if index is not None:
         wq, s = jnp.take(wq, index, axis=0), jnp.take(s, index, axis=0)
+    x = jnp.broadcast_to(x, (wq.shape[0], *x.shape[1:]))          # one x group for every weight
     n, k = wq.shape[1:]
     full = jnp.repeat(jnp.repeat(s.astype(jnp.float32), BLOCK, axis=1), BLOCK, axis=2)[:, :n, :k]
     return jnp.einsum("gmk,gnk->gmn", x.astype(jnp.float32), wq.astype(jnp.float32) * full,
@@ -157,14 +160,16 @@ def _f16_operand(xk: jax.Array) -> tuple[jax.Array, jax.Array]:
     return (xf * scale[:, None]).astype(jnp.float16), inverse
 
 
-def _kernel(*refs, kb: int, bn: int, indexed: bool, swiglu: bool = False, scaled: bool = False, splits: int = 1):
+def _kernel(*refs, kb: int, bn: int, indexed: bool, swiglu: bool = False, scaled: bool = False, splits: int = 1,
+            shared_x: bool = False):
     """One program: x group ``g`` times output rows ``j*bn...`` of its weight (gate *and* up under ``swiglu``),
     over the K blocks of split ``program_id(2)`` (``kb`` of them). The weight tile is ``[bn, 128]`` (K contiguous),
     converted to the MMA operand type: bfloat16, or float16 when ``scaled``, each x tile then scaled per row by a
     power of two (:func:`_f16_operand`) whose inverse multiplies that K block's float32 partial product along with
     the block scale.
     ``splits > 1`` (split-K): the program writes its float32 partial products (gate then up, under ``swiglu``)
-    to ``o [S, G, Mp, N or 2N]``; the caller sums the splits (and applies the SwiGLU)."""
+    to ``o [S, G, Mp, N or 2N]``; the caller sums the splits (and applies the SwiGLU). ``shared_x``: x has one
+    group, read by every program."""
     from jax.experimental import pallas as pl
 
     idx_ref, refs = (refs[0], refs[1:]) if indexed else (None, refs)
@@ -176,7 +181,7 @@ def _kernel(*refs, kb: int, bn: int, indexed: bool, swiglu: bool = False, scaled
 
     def body(t, accs):
         i = sp * kb + t                                        # the K block
-        xk = x_ref[g, :, pl.ds(i * BLOCK, BLOCK)]              # [Mp, 128]
+        xk = x_ref[0 if shared_x else g, :, pl.ds(i * BLOCK, BLOCK)]     # [Mp, 128]
         if scaled:
             xk, inverse = _f16_operand(xk)
         else:
@@ -233,6 +238,8 @@ def _pallas(x, wq, s, index=None, *, interpret: bool, bn: int = TILE_N, num_warp
     if mma_dtype not in ("f16", "bf16"):
         raise ValueError(f"fp8_weight_matmul: mma_dtype={mma_dtype!r}; use 'f16' or 'bf16'")
     g, m, k = x.shape
+    shared_x = index is None and g == 1 and wq.shape[0] != 1     # one x for every weight of the stack
+    g = wq.shape[0] if shared_x else g
     n = wq.shape[1]
     kb = k // BLOCK
     splits = default_splits(g, n, k, bn, hardware.num_sms(MIN_PROGRAMS)) if splits is None else splits
@@ -244,7 +251,7 @@ def _pallas(x, wq, s, index=None, *, interpret: bool, bn: int = TILE_N, num_warp
     out_shape = ((g, mp, n), x.dtype) if splits == 1 else ((splits, g, mp, parts * n), jnp.float32)
     call = pl.pallas_call(
         functools.partial(_kernel, kb=kb // splits, bn=bn, indexed=index is not None, swiglu=up is not None,
-                          scaled=mma_dtype == "f16", splits=splits),
+                          scaled=mma_dtype == "f16", splits=splits, shared_x=shared_x),
         grid=(g, n // bn, splits),
         out_shape=jax.ShapeDtypeStruct(*out_shape),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),

@@ -71,6 +71,29 @@ def test_fp8_weight_swiglu_matches_float64(impl, g, m, k, n, e):
         fp8_weight_swiglu(x, gq, gs, uq[:, :128], us[:, :1], index)
 
 
+@pytest.mark.parametrize("splits", [1, 2])
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_one_x_group_for_every_weight(swiglu, splits):
+    """``x [1, M, K]`` against a stack of E weights without an index (the MoE's dense decode path: every expert on the
+    same tokens): ``[E, M, N]``, bitwise what the kernel gives for x broadcast to E groups, and the oracle's bound
+    (XLA reference too)."""
+    x, wq, s, _ = _case(5, 4, 256, 256)
+    x1 = x[:1]
+    xe = jnp.broadcast_to(x1, x.shape)
+    extra = {}
+    if swiglu:
+        _, uq, us, _ = _case(5, 4, 256, 256, seed=1)
+        extra = dict(up=(uq, us))
+    got = _pallas(x1, wq, s, interpret=True, splits=splits, **extra)
+    assert got.shape == (5, 4, 256)
+    np.testing.assert_array_equal(got, _pallas(xe, wq, s, interpret=True, splits=splits, **extra))
+    want = _swiglu_oracle(xe, wq, s, uq, us, None) if swiglu else _oracle(xe, wq, s, None)
+    assert _rel(got, want) < BF16_TOL
+    ref = (fp8_weight_swiglu(x1, wq, s, uq, us, implementation="xla") if swiglu
+           else fp8_weight_matmul(x1, wq, s, implementation="xla"))
+    assert ref.shape == (5, 4, 256) and _rel(ref, want) < BF16_TOL
+
+
 def test_fp8_weight_matmul_block_scales_vary_along_k():
     """Each 128-wide K block has its own scale: a kernel that applied one scale after the K sum would fail."""
     x, wq, _, _ = _case(1, 4, 384, 128)
@@ -177,10 +200,12 @@ def test_fp8_weight_kernel_lowers_for_cuda():
         device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"))
     for g, m, k, n, indexed, swiglu in [(64, 32, 1024, 1024, False, False), (1, 1, 1024, 1536, False, False),
                                         (6, 1, 1024, 512, True, False), (64, 32, 1024, 512, False, True),
-                                        (6, 1, 1024, 512, True, True)]:
+                                        (6, 1, 1024, 512, True, True), (65, 32, 1024, 512, "x", True)]:
         w = jax.ShapeDtypeStruct((g, n, k), jnp.float8_e4m3fn)
         sc = jax.ShapeDtypeStruct((g, n // 128, k // 128), jnp.float32)
-        args = [jax.ShapeDtypeStruct((g, m, k), jnp.bfloat16), w, sc]
+        # "x": one x group for every weight of the stack (the dense decode path's experts)
+        args = [jax.ShapeDtypeStruct((1 if indexed == "x" else g, m, k), jnp.bfloat16), w, sc]
+        indexed = indexed is True
         if indexed:
             args.append(jax.ShapeDtypeStruct((g,), jnp.int32))
         fn = functools.partial(_pallas, interpret=False)
@@ -202,12 +227,18 @@ def test_fp8_weight_kernel_on_gpu():
         _, uq, us, _ = _case(g, m, k, n, e, seed=1)
         out = jax.jit(lambda *a: fp8_weight_swiglu(*a, implementation="pallas"))(x, wq, s, uq, us, index)
         assert _rel(out, _swiglu_oracle(x, wq, s, uq, us, index)) < BF16_TOL, ("swiglu", g, m, k, n)
+    # one x group for all 65 experts of the dense decode path (64 routed + the folded shared one)
+    x, gq, gs, _ = _case(65, 32, 1024, 512)
+    _, uq, us, _ = _case(65, 32, 1024, 512, seed=1)
+    swiglu = jax.jit(lambda *a: fp8_weight_swiglu(*a, implementation="pallas"))
+    np.testing.assert_array_equal(swiglu(x[:1], gq, gs, uq, us), swiglu(jnp.broadcast_to(x[:1], x.shape), gq, gs,
+                                                                         uq, us))
 
 
 def test_fp8_weight_matmul_errors():
     x, wq, s, _ = _case(2, 3, 256, 256)
     with pytest.raises(ValueError, match="disagree on G"):
-        fp8_weight_matmul(x[:1], wq, s)
+        fp8_weight_matmul(jnp.concatenate([x, x[:1]]), wq, s)          # 3 x groups, 2 weights, no index
     with pytest.raises(ValueError, match="scales"):
         fp8_weight_matmul(x, wq, s[:, :1])
     with pytest.raises(TypeError, match="float8_e4m3fn"):

@@ -359,7 +359,9 @@ class RoutedExperts(nnx.Module):
         xe = jnp.broadcast_to(x.astype(dt)[None], (e, *x.shape))                      # [E, T, D]
         if self._fp8_kernel(xe.shape, "gate_proj") and self._fp8_kernel(
                 (e, x.shape[0], self.cfg.moe_intermediate_size), "down_proj"):               # FP8-stored: no BF16 copy
-            y = self._fp8_mm(self._fp8_swiglu(xe), "down_proj")
+            # x as one group read by every expert's programs (a broadcast handed to the kernel would be written
+            # out E times first)
+            y = self._fp8_mm(self._fp8_swiglu(x.astype(dt)[None]), "down_proj")
         else:
             h = jax.nn.silu(jnp.einsum("etd,edf->etf", xe, self._w("gate_proj"))) * jnp.einsum(
                 "etd,edf->etf", xe, self._w("up_proj"))
