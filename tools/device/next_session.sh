@@ -1,5 +1,6 @@
 # Ready device calls (next session), each under a 10-minute call:
-#   part 1 (one GPU, the issue's H100: --kind nvidia-h100-x1): MTP self-speculative decoding on `small` trained 400
+#   part 1 (one GPU, the issue's H100: --kind nvidia-h100-x1): the GPU test of the weight-only FP8 kernel's shared-x
+#           form (session 19's last change, not run on a GPU), MTP self-speculative decoding on `small` trained 400
 #           steps, one and three drafts per forward, greedy (last GPU run: session 15 on an H200, 1.44x / 1.50x at
 #           batch 1; since then the routing kernel, the shared-expert fold and the in-place cache changed both the
 #           plain and the speculative steps), then a batch-32 FP8-weights decode profile of session 19's library
@@ -13,10 +14,12 @@
 #        bash tools/device/poll.sh 560          (carry: .whl; copy the records out of $OUT by hand)
 source tools/device/setup.sh
 if [ "$1" = 1 ]; then
-  timeout 330 python3 -m experiments.bench_mtp --config=small --steps=400 --draft_tokens=1,3 --temperatures=0 \
+  JAX_PLATFORMS=cuda timeout 90 python3 -m pytest -q -m gpu tests/test_fp8_weight_gemm.py -p no:warnings -rs \
+      > /tmp/gputest.txt 2>&1
+  timeout 300 python3 -m experiments.bench_mtp --config=small --steps=400 --draft_tokens=1,3 --temperatures=0 \
       --record > /tmp/mtp.txt 2>&1
   timeout 150 python3 -m experiments.bench_decode --batch_sizes=32 --repeats=1 --fp8_weights --profile \
-      --profile_top=45 > /tmp/prof32.txt 2>&1
+      --profile_top=45 --stop_s=140 > /tmp/prof32.txt 2>&1
 elif [ "$1" = 3 ]; then
   timeout 330 python3 -m experiments.bench_mla_decode --record > /tmp/mla_bench.txt 2>&1
   cp docs/benchmarks.md /tmp/bm_after_mla.md.txt
