@@ -10,7 +10,9 @@ batch 1 and 32 and over 16k tokens; DeepSeek-V2's (160 in 8, keep 3, top 6, max 
 at batch 32. Columns: the XLA reference and the kernel in kernel time (CUPTI durations,
 ``experiments.timing.kernel_us_per_call``), and both with ``--repeats`` calls in one jitted ``fori_loop``
 (``loop_us_per_call``: loop and launch overhead included, ~11 us per iteration for XLA's kernels, ~20 us with the
-Triton custom call in the loop). The input is float32 scores rounded to 1/64 so that ties occur.
+Triton custom call in the loop). The input is float32 scores rounded to 1/64 so that ties occur. The last columns
+time ``moe_topk_weights`` (selection plus the combine weights: the XLA reference's gather and renormalisation after
+the selection, against the kernel doing both) in kernel time.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def _rows():
     import numpy as np
 
     from pallas_kernels import hardware
-    from pallas_kernels.moe_topk import default_block_rows, moe_topk
+    from pallas_kernels.moe_topk import default_block_rows, moe_topk, moe_topk_weights
 
     for name, t, e, g, tg, k, score in SHAPES:
         x = jnp.round(jax.random.normal(jax.random.key(t + e), (t, e), jnp.float32) * 64) / 64
@@ -56,9 +58,18 @@ def _rows():
         same = bool(np.array_equal(np.asarray(jax.jit(fns["xla"])(x)), np.asarray(jax.jit(fns["pallas"])(x))))
         kern = {n: kernel_us_per_call(jax.jit(f), x) for n, f in fns.items()}
         loop = {n: loop_us_per_call(f, x, repeats=FLAGS.repeats) for n, f in fns.items()}
+        scores = jax.nn.sigmoid(x)
+        wfns = {impl: jax.jit(functools.partial(moe_topk_weights, k=k, n_group=g, topk_group=tg, group_score=score,
+                                                norm=True, scale=2.5, implementation=impl))
+                for impl in ("xla", "pallas")}
+        (wx, ix), (wp, ip) = (wfns[n](x, scores) for n in ("xla", "pallas"))
+        same_w = bool(np.array_equal(np.asarray(ix), np.asarray(ip))) and bool(
+            np.allclose(np.asarray(wx), np.asarray(wp), rtol=1e-6))
+        wkern = {n: kernel_us_per_call(f, x, scores) for n, f in wfns.items()}
         yield (name, f"{t} x {e} ({g} / {tg} / {k})", f"{kern['xla']:.1f}", f"{kern['pallas']:.1f}",
                f"{kern['xla'] / kern['pallas']:.2f}x", f"{loop['xla']:.1f} / {loop['pallas']:.1f}",
-               str(default_block_rows(t, e, hardware.num_sms())), "yes" if same else "**NO**")
+               str(default_block_rows(t, e, hardware.num_sms())), "yes" if same else "**NO**",
+               f"{wkern['xla']:.1f} / {wkern['pallas']:.1f}", "yes" if same_w else "**NO**")
 
 
 def main(argv):
@@ -74,8 +85,8 @@ def main(argv):
              "experiments.timing.kernel_us_per_call), us; and the time per call with "
              f"{FLAGS.repeats} calls in one jitted loop (loop_us_per_call: launch and loop overhead included):", "",
              "| selection | T x E (groups / kept / K) | xla | kernel | kernel vs xla | in a loop: xla / kernel | "
-             "tokens per program | same indices |",
-             "|---|---|---|---|---|---|---|---|"]
+             "tokens per program | same indices | with weights: xla / kernel | same (weights to 1e-6) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in _rows():
         lines.append("| " + " | ".join(row) + " |")
         print(lines[-1], flush=True)

@@ -5,8 +5,11 @@
 
 Letters: ``T`` tokens, ``E`` routed experts, ``G`` expert groups (``E / G`` experts each), ``K`` experts per token.
 ``choice [T, E]`` float32 is what selection ranks: V3's sigmoid scores plus the selection-only bias, V2's softmax
-scores. The combine weights are not computed here: the caller gathers its unbiased scores at ``idx`` (they are
-differentiable; the indices are not).
+scores. :func:`moe_topk` returns the indices only; :func:`moe_topk_weights` also the combine weights, the unbiased
+``scores [T, E]`` at ``idx`` (renormalised over the K picks when asked, times the routed scaling factor), gathered
+in the same kernel while the scores are in registers: the two XLA kernels that gather and renormalise after the
+selection go (a decode step runs them once per MoE layer). The weights are differentiable in ``scores``
+(``jax.custom_vjp``: the backward is the XLA reference's, for the kernel's indices); the indices are not.
 
 Group scores: ``"top2_sum"`` (V3's ``noaux_tc``: the sum of a group's two largest values, a tie counting twice) with
 ``fill = -inf``; ``"max"`` (V2's ``group_limited_greedy``) with ``fill = 0``, as the HF and DeepSeek code mask.
@@ -50,7 +53,8 @@ import jax.numpy as jnp
 
 from pallas_kernels import hardware
 
-__all__ = ["moe_topk", "moe_topk_reference", "kernel_shapes_ok", "kernel_supported", "default_block_rows"]
+__all__ = ["moe_topk", "moe_topk_reference", "moe_topk_weights", "moe_topk_weights_reference", "kernel_shapes_ok",
+           "kernel_supported", "default_block_rows"]
 
 Implementation = Literal["auto", "xla", "pallas"]
 GroupScore = Literal["top2_sum", "max"]
@@ -95,6 +99,22 @@ def moe_topk_reference(choice: jax.Array, k: int, *, n_group: int = 1, topk_grou
         group_mask = jnp.any(keep[:, :, None] == jnp.arange(n_group, dtype=keep.dtype)[None, None, :], axis=1)
         choice = jnp.where(jnp.repeat(group_mask, e // n_group, axis=1), choice, fill)
     return jax.lax.top_k(choice, k)[1].astype(jnp.int32)
+
+
+def _combine_weights(scores: jax.Array, idx: jax.Array, norm: bool, scale: float) -> jax.Array:
+    """``scores [T, E]`` at ``idx [T, K]``, over their sum (+ 1e-20) when ``norm``, times ``scale`` (float32)."""
+    w = jnp.take_along_axis(scores.astype(jnp.float32), idx, axis=-1)
+    if norm:
+        w = w / (w.sum(-1, keepdims=True) + 1e-20)
+    return w * scale
+
+
+def moe_topk_weights_reference(choice: jax.Array, scores: jax.Array, k: int, *, n_group: int = 1,
+                               topk_group: int = 1, group_score: GroupScore = "top2_sum", norm: bool = True,
+                               scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """The XLA path of :func:`moe_topk_weights`: ``(weights [T, K] float32, idx [T, K] int32)``."""
+    idx = moe_topk_reference(choice, k, n_group=n_group, topk_group=topk_group, group_score=group_score)
+    return _combine_weights(scores, idx, norm, scale), idx
 
 
 def _pow2(x: int) -> bool:
@@ -142,11 +162,18 @@ def _pick(x: jax.Array, taken: jax.Array, iota: jax.Array, n: int) -> jax.Array:
     return jnp.minimum(jnp.min(jnp.where(~taken & (x == m[:, None]), iota, n), axis=1), n - 1)
 
 
-def _kernel(c_ref, o_ref, *, k: int, n_group: int, topk_group: int, group_score: str, real: int):
+def _kernel(*refs, k: int, n_group: int, topk_group: int, group_score: str, real: int,
+            weights: tuple[bool, float] | None = None):
     """One program: ``bt`` tokens. ``c_ref [bt, E]`` float32 -> ``o_ref [bt, Kp]`` int32 (slots >= K unused).
-    ``real``: the real experts per group (the rest of each ``E / n_group`` columns is padding, -inf)."""
+    ``real``: the real experts per group (the rest of each ``E / n_group`` columns is padding, -inf).
+    ``weights = (norm, scale)``: also ``s_ref [bt, E]`` (the unbiased scores) in and ``w_ref [bt, Kp]`` float32 out,
+    each pick's score, over the picks' sum (+ 1e-20, added in pick order) when ``norm``, times ``scale``."""
     from jax import lax
 
+    if weights is None:
+        (c_ref, o_ref), s_ref, w_ref = refs, None, None
+    else:
+        c_ref, s_ref, o_ref, w_ref = refs
     c = c_ref[...]
     c = jnp.where(c == c, c, _NEG_INF)                 # NaN ranks as -inf (lax.top_k ranks it otherwise; see docs)
     bt, e = c.shape
@@ -175,17 +202,32 @@ def _kernel(c_ref, o_ref, *, k: int, n_group: int, topk_group: int, group_score:
     slot = lax.broadcasted_iota(jnp.int32, (bt, kp), 1)
     taken = iota < 0
     out = jnp.zeros((bt, kp), jnp.int32)
-    for s in range(k):
+    if weights is not None:
+        sc = s_ref[...]
+        w, total = jnp.zeros((bt, kp), jnp.float32), jnp.zeros((bt,), jnp.float32)
+    for j in range(k):
         i = _pick(c, taken, iota, e)
-        taken = taken | (iota == i[:, None])
-        out = jnp.where(slot == s, i[:, None], out)
+        hit = iota == i[:, None]
+        taken = taken | hit
+        out = jnp.where(slot == j, i[:, None], out)
+        if weights is not None:                        # the pick's unbiased score (exactly one column matches)
+            v = jnp.sum(jnp.where(hit, sc, 0.0), axis=1)
+            w = jnp.where(slot == j, v[:, None], w)
+            total = total + v
     o_ref[...] = out
+    if weights is not None:
+        norm, scale = weights
+        if norm:
+            w = w / (total + 1e-20)[:, None]
+        w_ref[...] = w * scale
 
 
 def _pallas(choice: jax.Array, k: int, *, n_group: int, topk_group: int, group_score: str, interpret: bool,
-            bt: int | None = None, num_warps: int | None = None) -> jax.Array:
+            bt: int | None = None, num_warps: int | None = None, scores: jax.Array | None = None,
+            norm: bool = True, scale: float = 1.0):
     """The Pallas call; ``bt`` and ``num_warps`` are what a sweep may override (default
-    :func:`default_block_rows`; 1 warp for tiles of at most 256 values, else 4)."""
+    :func:`default_block_rows`; 1 warp for tiles of at most 256 values, else 4). With ``scores``: ``(weights,
+    idx)`` (:func:`moe_topk_weights`; not differentiable here), else ``idx``."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
@@ -193,26 +235,103 @@ def _pallas(choice: jax.Array, k: int, *, n_group: int, topk_group: int, group_s
     choice = jax.lax.stop_gradient(choice).astype(jnp.float32)
     gs = e // n_group
     gsp = _next_pow2(gs)                       # Triton's sizes: each group (or, without groups, E) padded with -inf
+
+    def pad(a, value):
+        return jnp.pad(a.reshape(t, n_group, gs), ((0, 0), (0, 0), (0, gsp - gs)),
+                       constant_values=value).reshape(t, n_group * gsp)
+
     if gsp != gs:
-        choice = jnp.pad(choice.reshape(t, n_group, gs), ((0, 0), (0, 0), (0, gsp - gs)),
-                         constant_values=-jnp.inf).reshape(t, n_group * gsp)
+        choice = pad(choice, -jnp.inf)
+    inputs = [choice]
+    if scores is not None:
+        scores = jax.lax.stop_gradient(scores).astype(jnp.float32)
+        inputs.append(pad(scores, 0.0) if gsp != gs else scores)
     ep = n_group * gsp
     bt = bt or default_block_rows(t, ep, hardware.num_sms())
     if t % bt:
         raise ValueError(f"moe_topk: T = {t} is not a multiple of bt = {bt}")
     kp = _next_pow2(k)                                                              # Triton: a power of two
     num_warps = num_warps or (1 if bt * ep <= 256 else 4)
-    out = pl.pallas_call(
-        functools.partial(_kernel, k=k, n_group=n_group, topk_group=topk_group, group_score=group_score, real=gs),
+    spec_in, spec_out = pl.BlockSpec((bt, ep), lambda i: (i, 0)), pl.BlockSpec((bt, kp), lambda i: (i, 0))
+    with_w = scores is not None
+    res = pl.pallas_call(
+        functools.partial(_kernel, k=k, n_group=n_group, topk_group=topk_group, group_score=group_score, real=gs,
+                          weights=(bool(norm), float(scale)) if with_w else None),
         grid=(t // bt,),
-        in_specs=[pl.BlockSpec((bt, ep), lambda i: (i, 0))],
-        out_specs=pl.BlockSpec((bt, kp), lambda i: (i, 0)),
-        out_shape=jax.ShapeDtypeStruct((t, kp), jnp.int32),
+        in_specs=[spec_in] * len(inputs),
+        out_specs=[spec_out, spec_out] if with_w else spec_out,
+        out_shape=([jax.ShapeDtypeStruct((t, kp), jnp.int32), jax.ShapeDtypeStruct((t, kp), jnp.float32)]
+                   if with_w else jax.ShapeDtypeStruct((t, kp), jnp.int32)),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
-    )(choice)
+    )(*inputs)
+    out, w = res if with_w else (res, None)
     out = out[:, :k] if kp != k else out
-    return out if gsp == gs else (out // gsp) * gs + out % gsp                     # padded -> real expert ids
+    out = out if gsp == gs else (out // gsp) * gs + out % gsp                      # padded -> real expert ids
+    return out if w is None else (w[:, :k] if kp != k else w, out)
+
+
+def _resolve(choice, k, n_group, topk_group, group_score, implementation, interpret) -> str:
+    """``implementation`` resolved to "xla" or "pallas" (errors for impossible requests)."""
+    _check(choice, k, n_group, topk_group, group_score)
+    t, e = choice.shape
+    if implementation == "auto":
+        implementation = "pallas" if kernel_supported(t, e, n_group, k, topk_group) else "xla"
+    if implementation == "xla":
+        return "xla"
+    if implementation != "pallas":
+        raise ValueError(f"moe_topk: implementation={implementation!r}; use 'auto', 'xla' or 'pallas'")
+    if not kernel_shapes_ok(t, e, n_group, k, topk_group):
+        raise ValueError(f"moe_topk(implementation='pallas') needs n_group a power of two and, where E / n_group is "
+                         f"not one (groups padded), k <= topk_group * E / n_group; got E = {e}, n_group = {n_group}, "
+                         f"topk_group = {topk_group}, k = {k}. Fix: implementation='xla' or 'auto'")
+    if not interpret and jax.default_backend() != "gpu":
+        raise ValueError("moe_topk(implementation='pallas') runs on GPUs (Triton); pass interpret=True to interpret "
+                         "it elsewhere, or use implementation='xla'")
+    return "pallas"
+
+
+def moe_topk_weights(choice: jax.Array, scores: jax.Array, k: int, *, n_group: int = 1, topk_group: int = 1,
+                     group_score: GroupScore = "top2_sum", norm: bool = True, scale: float = 1.0,
+                     implementation: Implementation = "auto", interpret: bool = False,
+                     call_wrapper=None) -> tuple[jax.Array, jax.Array]:
+    """:func:`moe_topk` plus the combine weights: ``(weights [T, K] float32, idx [T, K] int32)`` with
+    ``weights = scores[idx]`` (over its sum + 1e-20 when ``norm``) ``* scale``.
+
+    Args as :func:`moe_topk`, and:
+      scores: ``[T, E]`` the unbiased scores the weights are gathered from (differentiable).
+      norm, scale: renormalise over the K picks; the routed scaling factor.
+      call_wrapper: applied to the kernel call ``f(choice, scores) -> (weights, idx)`` before it runs (e.g. a
+        ``shard_map`` over tokens); the backward pass is XLA's (the reference's gradient for the kernel's indices),
+        outside it.
+    """
+    if scores.shape != choice.shape:
+        raise ValueError(f"moe_topk_weights: scores {scores.shape} and choice {choice.shape} differ")
+    kw = dict(n_group=n_group, topk_group=topk_group, group_score=group_score)
+    if _resolve(choice, k, n_group, topk_group, group_score, implementation, interpret) == "xla":
+        return moe_topk_weights_reference(choice, scores, k, norm=norm, scale=scale, **kw)
+    kernel = functools.partial(_pallas, k=k, interpret=interpret, norm=norm, scale=scale, **kw)
+
+    def run(choice, scores):
+        return kernel(choice, scores=scores)
+
+    call = run if call_wrapper is None else call_wrapper(run)
+
+    @jax.custom_vjp
+    def fused(choice, scores):
+        return call(choice, scores)
+
+    def fwd(choice, scores):
+        w, idx = call(choice, scores)
+        return (w, idx), (scores, idx)
+
+    def bwd(res, ct):
+        scores, idx = res
+        _, vjp = jax.vjp(lambda s: _combine_weights(s, idx, norm, scale), scores)
+        return jnp.zeros_like(scores), vjp(ct[0])[0]                # choice ranks only: no gradient through it
+
+    fused.defvjp(fwd, bwd)
+    return fused(choice, scores)
 
 
 def moe_topk(choice: jax.Array, k: int, *, n_group: int = 1, topk_group: int = 1,
@@ -231,19 +350,6 @@ def moe_topk(choice: jax.Array, k: int, *, n_group: int = 1, topk_group: int = 1
 
     Returns ``[T, K]`` int32, by descending value, ties to the lower index (``lax.top_k``'s order).
     """
-    _check(choice, k, n_group, topk_group, group_score)
-    t, e = choice.shape
-    if implementation == "auto":
-        implementation = "pallas" if kernel_supported(t, e, n_group, k, topk_group) else "xla"
-    if implementation == "xla":
+    if _resolve(choice, k, n_group, topk_group, group_score, implementation, interpret) == "xla":
         return moe_topk_reference(choice, k, n_group=n_group, topk_group=topk_group, group_score=group_score)
-    if implementation != "pallas":
-        raise ValueError(f"moe_topk: implementation={implementation!r}; use 'auto', 'xla' or 'pallas'")
-    if not kernel_shapes_ok(t, e, n_group, k, topk_group):
-        raise ValueError(f"moe_topk(implementation='pallas') needs n_group a power of two and, where E / n_group is "
-                         f"not one (groups padded), k <= topk_group * E / n_group; got E = {e}, n_group = {n_group}, "
-                         f"topk_group = {topk_group}, k = {k}. Fix: implementation='xla' or 'auto'")
-    if not interpret and jax.default_backend() != "gpu":
-        raise ValueError("moe_topk(implementation='pallas') runs on GPUs (Triton); pass interpret=True to interpret "
-                         "it elsewhere, or use implementation='xla'")
     return _pallas(choice, k, n_group=n_group, topk_group=topk_group, group_score=group_score, interpret=interpret)

@@ -161,16 +161,17 @@ def test_routing_kernel_runs_per_device_under_a_plan(model, reference, monkeypat
     """The routers' expert selection through the (interpreted) Pallas kernel under a data x expert plan: each device
     selects for its own tokens (a decode step: 2 of the 8 rows, 2 tokens) and generation equals one device."""
     from dsjax.model import moe as moe_mod
-    from pallas_kernels.moe_topk import _pallas
+    from pallas_kernels import moe_topk_weights
 
     calls = []
 
-    def through_kernel(choice, k, *, implementation, **kw):
-        assert implementation == "pallas"
-        calls.append(choice.shape)
-        return _pallas(choice, k, interpret=True, **kw)
+    def through_kernel(choice, scores, k, *, implementation, call_wrapper, **kw):
+        assert implementation == "pallas"                    # inside the shard_map: each device's tokens
+        return moe_topk_weights(choice, scores, k, implementation=implementation, interpret=True,
+                                call_wrapper=lambda f: call_wrapper(lambda c, s: calls.append(c.shape) or f(c, s)),
+                                **kw)
 
-    monkeypatch.setattr(moe_mod, "moe_topk", through_kernel)
+    monkeypatch.setattr(moe_mod, "moe_topk_weights", through_kernel)
     kernel_model = dsjax.Transformer(_cfg(routing_impl="pallas"), rngs=nnx.Rngs(0))
     out = dsjax.generate(kernel_model, PROMPTS, sampling=SAMPLING, plan=_plan((2, 1, 2, 1), 4))
     assert (2, 16) in calls and all(t % 2 == 0 and t <= 2 * SAMPLING.length_bucket for t, _ in calls), calls

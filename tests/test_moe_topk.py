@@ -13,8 +13,9 @@ import pytest
 from flax import nnx
 
 import dsjax
-from pallas_kernels import moe_topk
-from pallas_kernels.moe_topk import _pallas, default_block_rows, kernel_shapes_ok, moe_topk_reference
+from pallas_kernels import moe_topk, moe_topk_weights
+from pallas_kernels.moe_topk import (_pallas, default_block_rows, kernel_shapes_ok, moe_topk_reference,
+                                     moe_topk_weights_reference)
 
 
 def _choice(t, e, seed, ties, signed=True):
@@ -46,6 +47,41 @@ def test_kernel_matches_reference_exactly(t, e, g, tg, k, score, ties):
         got = _pallas(x, k, n_group=g, topk_group=tg, group_score=score, interpret=True, bt=bt)
         assert got.shape == (t, k) and got.dtype == jnp.int32
         np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"bt={bt}")
+
+
+@pytest.mark.parametrize("t,e,g,tg,k,score", CASES)
+@pytest.mark.parametrize("norm", [True, False])
+def test_kernel_weights_match_reference(t, e, g, tg, k, score, norm):
+    """``moe_topk_weights``: the kernel's indices are the reference's bitwise and its combine weights (the unbiased
+    scores at the picks, renormalised and scaled in the kernel) equal the reference's gather to float32 summation
+    order, padded groups included."""
+    x = _choice(t, e, t * e + k, True, signed=score == "top2_sum")
+    scores = jax.nn.sigmoid(_choice(t, e, 7, False))
+    want_w, want_i = moe_topk_weights_reference(x, scores, k, n_group=g, topk_group=tg, group_score=score,
+                                                norm=norm, scale=2.5)
+    got_w, got_i = moe_topk_weights(x, scores, k, n_group=g, topk_group=tg, group_score=score, norm=norm, scale=2.5,
+                                    implementation="pallas", interpret=True)
+    assert got_w.shape == (t, k) and got_w.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
+    np.testing.assert_allclose(np.asarray(got_w), np.asarray(want_w), rtol=1e-6)
+
+
+def test_kernel_weights_gradient_is_the_reference_gradient():
+    """The weights' gradient: through the unbiased scores only (the selection scores rank, nothing flows through
+    them), equal to the reference's for the same indices; also under jit."""
+    x = _choice(6, 64, 3, False)
+    scores = jax.nn.sigmoid(_choice(6, 64, 4, False))
+    ct = jax.random.normal(jax.random.key(5), (6, 6))
+
+    def loss(impl, c, s):
+        w, _ = moe_topk_weights(c, s, 6, n_group=8, topk_group=4, norm=True, scale=2.5, implementation=impl,
+                                interpret=impl == "pallas")
+        return jnp.sum(w * ct)
+
+    want = jax.grad(functools.partial(loss, "xla"), argnums=(0, 1))(x, scores)
+    got = jax.jit(jax.grad(functools.partial(loss, "pallas"), argnums=(0, 1)))(x, scores)
+    assert not np.asarray(got[0]).any() and not np.asarray(want[0]).any()
+    np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-5, atol=1e-7)
 
 
 def test_masked_groups_and_ties_follow_top_k():
@@ -84,7 +120,7 @@ def test_default_block_rows():
 
 def test_model_routes_through_the_kernel(monkeypatch):
     """A tiny V3-style model's forward pass and generation with ``routing_impl="pallas"`` (the kernel interpreted)
-    equal the XLA selection's bitwise."""
+    equal the XLA selection's: the same experts, the combine weights to float32 summation order."""
     from dsjax.inference import SamplingConfig
     from dsjax.model import moe as moe_mod
 
@@ -93,29 +129,31 @@ def test_model_routes_through_the_kernel(monkeypatch):
     model = dsjax.Transformer(cfg, rngs=nnx.Rngs(0))
     calls = []
 
-    def interpreted(choice, k, **kw):
-        assert kw.pop("implementation") == "pallas"
+    def interpreted(choice, scores, k, **kw):
+        assert kw["implementation"] == "pallas"
         calls.append(choice.shape)
-        return _pallas(choice, k, interpret=True, **kw)
+        return moe_topk_weights(choice, scores, k, **kw, interpret=True)
 
     tokens = jax.random.randint(jax.random.key(1), (2, 12), 3, cfg.vocab_size)
     ref = model(tokens)
     prompts = [[1, 5, 9, 22, 40], [1, 7, 3]]
     sc = SamplingConfig(max_new_tokens=4, temperature=0.0, use_eos=False, length_bucket=8)
     ref_gen = dsjax.generate(model, prompts, sampling=sc)
-    monkeypatch.setattr(moe_mod, "moe_topk", interpreted)
+    monkeypatch.setattr(moe_mod, "moe_topk_weights", interpreted)
     kmodel = dsjax.Transformer(cfg.replace(routing_impl="pallas"), rngs=nnx.Rngs(0))
     got = kmodel(tokens)
     assert calls, "the router did not reach the kernel"
-    np.testing.assert_array_equal(np.asarray(got.logits), np.asarray(ref.logits))
+    np.testing.assert_array_equal(np.asarray(got.moe["indices"]), np.asarray(ref.moe["indices"]))
+    np.testing.assert_allclose(np.asarray(got.logits), np.asarray(ref.logits), rtol=1e-5, atol=1e-6)
     got_gen = dsjax.generate(kmodel, prompts, sampling=sc)
     np.testing.assert_array_equal(got_gen.tokens, ref_gen.tokens)
 
 
 def test_gradients_through_the_kernel_alone_and_under_a_plan(monkeypatch):
-    """Training through the kernel: the indices carry no gradient (``stop_gradient`` on its input), so a loss's
-    parameter gradients equal the XLA selection's bitwise on one device, and to float32 summation order under a
-    data x expert plan, where each device selects for its own tokens inside ``shard_map``."""
+    """Training through the kernel: the indices carry no gradient, the combine weights' backward is the reference's
+    (XLA, outside the kernel), so a loss's parameter gradients equal the XLA selection's to float32 summation order
+    on one device and under a data x expert plan, where each device selects for its own tokens inside
+    ``shard_map``."""
     from dsjax.model import moe as moe_mod
     from dsjax.sharding import MeshConfig, make_plan, use_plan
 
@@ -132,10 +170,13 @@ def test_gradients_through_the_kernel_alone_and_under_a_plan(monkeypatch):
 
     ref = grads(cfg)
     calls = []
-    monkeypatch.setattr(moe_mod, "moe_topk", lambda choice, k, *, implementation, **kw: calls.append(choice.shape)
-                        or _pallas(choice, k, interpret=True, **kw))
+    def interpreted(choice, scores, k, *, call_wrapper, **kw):      # records the shapes each kernel call sees
+        return moe_topk_weights(choice, scores, k, **kw, interpret=True,
+                                call_wrapper=lambda f: call_wrapper(lambda c, s: calls.append(c.shape) or f(c, s)))
+
+    monkeypatch.setattr(moe_mod, "moe_topk_weights", interpreted)
     for a, b in zip(ref, grads(cfg.replace(routing_impl="pallas"))):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     assert calls and set(calls) == {(24, 16)}, calls
     calls.clear()
     with use_plan(make_plan(MeshConfig(data=2, expert=2), jax.devices()[:4])):
@@ -155,10 +196,11 @@ def test_kernel_lowers_for_cuda():
                                   (1, 256, 8, 4, 8, "top2_sum"), (64, 64, 1, 1, 6, "top2_sum"),
                                   (32, 160, 8, 3, 6, "max")]:
         fn = functools.partial(_pallas, k=k, n_group=g, topk_group=tg, group_score=score, interpret=False)
+        sds = jax.ShapeDtypeStruct((t, e), jnp.float32)
         with jax.sharding.use_abstract_mesh(mesh):
-            text = jax.jit(fn).trace(jax.ShapeDtypeStruct((t, e), jnp.float32)).lower(
-                lowering_platforms=("cuda",)).as_text()
-        assert "xla.gpu.triton" in text
+            for f, args in ((fn, (sds,)), (lambda c, s, fn=fn: fn(c, scores=s, scale=2.5), (sds, sds))):
+                text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+                assert "xla.gpu.triton" in text
 
 
 def test_errors():
@@ -178,6 +220,8 @@ def test_errors():
     with pytest.raises(dsjax.ConfigError, match="routing_impl"):
         dsjax.configs.tiny(routing_impl="cuda")
     np.testing.assert_array_equal(moe_topk(x, 6), moe_topk(x, 6, implementation="xla"))   # "auto" on the CPU
+    with pytest.raises(ValueError, match="differ"):
+        moe_topk_weights(x, x[:, :32], 6)
 
 
 @pytest.mark.gpu
@@ -193,3 +237,9 @@ def test_kernel_on_gpu():
             got = jax.jit(functools.partial(moe_topk, k=k, n_group=g, topk_group=tg, group_score=score,
                                             implementation="pallas"))(x)
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=str((t, e, ties)))
+            scores = jax.nn.sigmoid(x)
+            kw = dict(n_group=g, topk_group=tg, group_score=score, norm=True, scale=2.5)
+            want_w, want_i = moe_topk_weights(x, scores, k, implementation="xla", **kw)
+            got_w, got_i = jax.jit(functools.partial(moe_topk_weights, k=k, implementation="pallas", **kw))(x, scores)
+            np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
+            np.testing.assert_allclose(np.asarray(got_w), np.asarray(want_w), rtol=1e-6)

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from pallas_kernels import fp8_grouped_linear, grouped_matmul, moe_topk
+from pallas_kernels import fp8_grouped_linear, grouped_matmul, moe_topk_weights
 from pallas_kernels.moe_topk import kernel_supported as moe_topk_kernel_supported
 
 from dsjax.configs import ModelConfig
@@ -73,8 +73,9 @@ class RouterOutput:
 def route(cfg: ModelConfig, logits: jax.Array, bias: jax.Array | None) -> RouterOutput:
     """Applies the configured routing rule to float32 ``logits [T, E]``. Pure function; see module docstring.
 
-    The expert selection (steps 3-4, indices only) is :func:`pallas_kernels.moe_topk`: ``cfg.routing_impl`` picks its
-    XLA reference or its Pallas kernel (the same indices, bitwise). The kernel is a custom call the partitioner
+    The expert selection (steps 3-4) and the combine weights are :func:`pallas_kernels.moe_topk_weights`:
+    ``cfg.routing_impl`` picks its XLA reference or its Pallas kernel (the same indices, bitwise; the weights gathered
+    and renormalised in the kernel, to float32 summation order). The kernel is a custom call the partitioner
     cannot split, so under a sharding plan it runs per device on its own tokens (``map_shards``)."""
     t, e = logits.shape
     k = cfg.num_experts_per_tok
@@ -87,15 +88,12 @@ def route(cfg: ModelConfig, logits: jax.Array, bias: jax.Array | None) -> Router
     impl = cfg.routing_impl
     if impl == "auto":
         impl = "pallas" if moe_topk_kernel_supported(t, e, n_group, k, topk_group) else "xla"
-    select = functools.partial(moe_topk, k=k, n_group=n_group, topk_group=topk_group, implementation=impl,
-                               group_score="top2_sum" if cfg.topk_method == "noaux_tc" else "max")
-    if impl == "pallas":
-        select = map_shards(select, (("batch", None),), ("batch", None), check_vma=False)
-    indices = select(choice)
-    weights = jnp.take_along_axis(scores, indices, axis=-1)
-    if cfg.norm_topk_prob and (cfg.scoring_func == "sigmoid" or k > 1):
-        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
-    weights = weights * cfg.routed_scaling_factor
+    tokens = ("batch", None)
+    weights, indices = moe_topk_weights(
+        choice, scores, k, n_group=n_group, topk_group=topk_group, implementation=impl,
+        group_score="top2_sum" if cfg.topk_method == "noaux_tc" else "max",
+        norm=cfg.norm_topk_prob and (cfg.scoring_func == "sigmoid" or k > 1), scale=cfg.routed_scaling_factor,
+        call_wrapper=lambda f: map_shards(f, (tokens, tokens), [tokens, tokens], check_vma=False))
     return RouterOutput(weights=weights, indices=indices, scores=scores)
 
 
