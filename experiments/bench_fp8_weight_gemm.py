@@ -27,12 +27,11 @@ library's, or bfloat16) and the split-K factor (``splits``; the library's rule i
 
 from __future__ import annotations
 
-import datetime
 import itertools
 
 from absl import app, flags
 
-from experiments.records import append_record
+from experiments.records import finish_table, stream_rows
 from experiments.timing import kernel_us_per_call, loop_us_per_call
 
 FLAGS = flags.FLAGS
@@ -211,27 +210,17 @@ def main(argv):
     lines = [f"{timer[0].upper()}{timer[1:]}, us:", "",
              "| GEMM | GxMxKxN | bf16 einsum | xla dequant | kernel | kernel vs bf16 | bf16 TB/s | kernel TB/s | "
              "fastest tilings (bn / warps / stages / split-K) |", "|---|---|---|---|---|---|---|---|---|"]
-    for row in _rows():
-        lines.append("| " + " | ".join(row) + " |")
-        print(lines[-1], flush=True)
+    stream_rows(lines, _rows())
     lines += ["", "Gate + up + SwiGLU (two weights of the row's shape), us per call:", "",
               "| MLP | GxMxKxN | bf16 (XLA) | kernel x2 + silu*up | fused kernel | fused vs bf16 | fused TB/s |",
               "|---|---|---|---|---|---|---|"]
-    for row in _swiglu_rows():
-        lines.append("| " + " | ".join(row) + " |")
-        print(lines[-1], flush=True)
+    stream_rows(lines, _swiglu_rows())
     lines += ["", "W8A8 (activations quantised 1x128, Mosaic GPU FP8 GEMM on the [N, K] weights) against "
               "the weight-only kernel, us per call:", "",
               "| GEMM | GxMxKxN | weight-only kernel | act_quant + FP8 GEMM | W8A8 vs weight-only | W8A8 weight TB/s | "
               "W8A8 rel. error vs weight-only reference |", "|---|---|---|---|---|---|---|"]
-    for row in _w8a8_rows():
-        lines.append("| " + " | ".join(row) + " |")
-        print(lines[-1], flush=True)
-    table = "\n".join(lines)
-    print(table)
-    if FLAGS.record:
-        append_record(f"Weight-only FP8 decode GEMM, `small` shapes ({datetime.date.today().isoformat()}, "
-                      f"{dev.device_kind}, jax {jax.__version__})", table + "\n", "bench_fp8_weight_gemm")
+    stream_rows(lines, _w8a8_rows())
+    finish_table(lines, "Weight-only FP8 decode GEMM, `small` shapes", "bench_fp8_weight_gemm", FLAGS.record)
 
 
 if __name__ == "__main__":

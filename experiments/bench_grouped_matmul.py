@@ -23,11 +23,9 @@ kernel's output is checked against the first tiling's.
 
 from __future__ import annotations
 
-import datetime
-
 from absl import app, flags
 
-from experiments.records import append_record
+from experiments.records import finish_table
 from experiments.timing import median_seconds
 
 FLAGS = flags.FLAGS
@@ -151,11 +149,7 @@ def main(argv):
                       "bm x bn x bk / stages / grid_block_n, max rel. diff vs the first tiling:", "",
                   "| kernel | tiling | ms | TFLOPS | diff |", "|---|---|---|---|---|"]
         lines += [f"| {a} | {b} | {c} | {d_} | {e} |" for a, b, c, d_, e in _sweep_rows(m, d, f, g)]
-    table = "\n".join(lines)
-    print(table)
-    if FLAGS.record:
-        append_record(f"BF16 grouped expert GEMMs, `small` shapes ({datetime.date.today().isoformat()}, "
-                      f"{dev.device_kind}, jax {jax.__version__})", table + "\n", "bench_grouped_matmul")
+    finish_table(lines, "BF16 grouped expert GEMMs, `small` shapes", "bench_grouped_matmul", FLAGS.record)
 
 
 if __name__ == "__main__":

@@ -19,12 +19,11 @@ by the repeats. TB/s counts the cache bytes one call must read (``B x T x (R + P
 
 from __future__ import annotations
 
-import datetime
 import itertools
 
 from absl import app, flags
 
-from experiments.records import append_record
+from experiments.records import finish_table, stream_rows
 from experiments.timing import loop_us_per_call
 
 FLAGS = flags.FLAGS
@@ -113,14 +112,8 @@ def main(argv):
              "| attention core | BxSxNxR+PxT | xla | kernel | kernel vs xla | xla TB/s | kernel TB/s | "
              "library tiling (heads / bt / splits) | fastest tilings (heads / bt / splits / warps / stages) |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for row in _rows():
-        lines.append("| " + " | ".join(row) + " |")
-        print(lines[-1], flush=True)
-    table = "\n".join(lines)
-    print(table)
-    if FLAGS.record:
-        append_record(f"Absorbed-MLA decode attention ({datetime.date.today().isoformat()}, {dev.device_kind}, "
-                      f"jax {jax.__version__})", table + "\n", "bench_mla_decode")
+    stream_rows(lines, _rows())
+    finish_table(lines, "Absorbed-MLA decode attention", "bench_mla_decode", FLAGS.record)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,9 @@ the selection, against the kernel doing both) in kernel time.
 
 from __future__ import annotations
 
-import datetime
-
 from absl import app, flags
 
-from experiments.records import append_record
+from experiments.records import finish_table, stream_rows
 from experiments.timing import kernel_us_per_call, loop_us_per_call
 
 FLAGS = flags.FLAGS
@@ -87,14 +85,8 @@ def main(argv):
              "| selection | T x E (groups / kept / K) | xla | kernel | kernel vs xla | in a loop: xla / kernel | "
              "tokens per program | same indices | with weights: xla / kernel | same (weights to 1e-6) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for row in _rows():
-        lines.append("| " + " | ".join(row) + " |")
-        print(lines[-1], flush=True)
-    table = "\n".join(lines)
-    print(table)
-    if FLAGS.record:
-        append_record(f"MoE expert selection ({datetime.date.today().isoformat()}, {dev.device_kind}, "
-                      f"jax {jax.__version__})", table + "\n", "bench_moe_topk")
+    stream_rows(lines, _rows())
+    finish_table(lines, "MoE expert selection", "bench_moe_topk", FLAGS.record)
 
 
 if __name__ == "__main__":

@@ -18,3 +18,25 @@ def append_record(title: str, body: str, script: str) -> None:
     cmd = f"python -m experiments.{script} " + " ".join(sys.argv[1:])
     with open(PATH, "a") as f:
         f.write(f"\n## {title}\n\nCommand: `{cmd.strip()}`\n\n{body.rstrip()}\n")
+
+
+def stream_rows(lines: list[str], rows) -> None:
+    """Appends each row (a sequence of cell strings) to ``lines`` as a table row and prints it at once, so a run cut
+    by its time limit still shows what it measured."""
+    for row in rows:
+        lines.append("| " + " | ".join(row) + " |")
+        print(lines[-1], flush=True)
+
+
+def finish_table(lines: list[str], title: str, script: str, record: bool) -> None:
+    """Prints the table ``lines`` and, with ``record``, appends it as ``title (date, device, jax version)``."""
+    import datetime
+
+    import jax
+
+    table = "\n".join(lines)
+    print(table)
+    if record:
+        dev = jax.devices()[0]
+        append_record(f"{title} ({datetime.date.today().isoformat()}, {dev.device_kind}, jax {jax.__version__})",
+                      table + "\n", script)

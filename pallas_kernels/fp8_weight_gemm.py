@@ -304,17 +304,7 @@ def _backend(implementation: str, x: jax.Array, wq: jax.Array, interpret: bool) 
     """``implementation`` resolved to "xla" or "pallas" (errors for impossible requests)."""
     if wq.dtype != jnp.float8_e4m3fn:
         raise TypeError(f"fp8_weight_matmul: wq must be float8_e4m3fn, got {wq.dtype}")
-    if implementation == "auto":
-        return "pallas" if fp8_weight_kernel_supported(x.shape, wq.shape) else "xla"
-    if implementation == "xla":
-        return "xla"
-    if implementation != "pallas":
-        raise ValueError(f"fp8_weight_matmul: implementation={implementation!r}; use 'auto', 'xla' or 'pallas'")
-    if not fp8_weight_kernel_shapes_ok(x.shape, wq.shape):
-        raise ValueError(f"fp8_weight_matmul(implementation='pallas') needs K and N multiples of 128 and "
-                         f"1 <= M <= {MAX_ROWS}; got x {x.shape}, wq {wq.shape}. Fix: implementation='xla' or "
-                         f"'auto'")
-    if not interpret and jax.default_backend() != "gpu":
-        raise ValueError("fp8_weight_matmul(implementation='pallas') runs on GPUs (Triton); pass interpret=True "
-                         "to interpret it elsewhere, or use implementation='xla'")
-    return "pallas"
+    return hardware.resolve_triton(
+        "fp8_weight_matmul", implementation, supported=fp8_weight_kernel_supported(x.shape, wq.shape),
+        shapes_ok=fp8_weight_kernel_shapes_ok(x.shape, wq.shape), interpret=interpret,
+        requirement=f"K and N multiples of 128 and 1 <= M <= {MAX_ROWS}; got x {x.shape}, wq {wq.shape}")

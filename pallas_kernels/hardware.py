@@ -10,7 +10,7 @@ import re
 
 import jax
 
-__all__ = ["gpu_compute_capability", "is_hopper", "hopper_or_newer", "num_sms"]
+__all__ = ["gpu_compute_capability", "is_hopper", "hopper_or_newer", "num_sms", "resolve_triton"]
 
 
 def gpu_compute_capability() -> tuple[int, int] | None:
@@ -44,3 +44,23 @@ def num_sms(default: int = 132) -> int:
     if gpu_compute_capability() is None:
         return default
     return int(getattr(jax.devices()[0], "core_count", 0) or default)
+
+
+def resolve_triton(op: str, implementation: str, *, supported: bool, shapes_ok: bool, requirement: str,
+                   interpret: bool) -> str:
+    """The ``implementation=`` switch of a Pallas Triton op resolved to ``"xla"`` or ``"pallas"``: ``"auto"`` takes
+    the kernel where ``supported`` (the op's GPU and shape check); an explicit ``"pallas"`` needs ``shapes_ok``
+    (else the error names ``requirement``, what the kernel needs and the inputs got) and a GPU unless
+    ``interpret``. ``op`` names the function in the errors."""
+    if implementation == "auto":
+        return "pallas" if supported else "xla"
+    if implementation == "xla":
+        return "xla"
+    if implementation != "pallas":
+        raise ValueError(f"{op}: implementation={implementation!r}; use 'auto', 'xla' or 'pallas'")
+    if not shapes_ok:
+        raise ValueError(f"{op}(implementation='pallas') needs {requirement}. Fix: implementation='xla' or 'auto'")
+    if not interpret and jax.default_backend() != "gpu":
+        raise ValueError(f"{op}(implementation='pallas') runs on GPUs (Triton); pass interpret=True to interpret it "
+                         f"elsewhere, or use implementation='xla'")
+    return "pallas"

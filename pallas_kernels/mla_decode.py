@@ -221,20 +221,14 @@ def mla_decode_attention(q_lat: jax.Array, q_rot: jax.Array, c_kv: jax.Array, k_
     """
     _check(q_lat, q_rot, c_kv, k_rot, mask, stacked=layer is not None)
     one = c_kv.shape[-3:]                                                  # [B, T, R] of one layer
-    if implementation == "auto":
-        implementation = "pallas" if kernel_supported(q_lat.shape, q_rot.shape, one) else "xla"
-    if implementation == "xla":
+    impl = hardware.resolve_triton(
+        "mla_decode_attention", implementation, supported=kernel_supported(q_lat.shape, q_rot.shape, one),
+        shapes_ok=kernel_shapes_ok(q_lat.shape, q_rot.shape, one), interpret=interpret,
+        requirement=f"R and P powers of two >= 16 and T a multiple of 16; got q_lat {q_lat.shape}, q_rot "
+                    f"{q_rot.shape}, c_kv {c_kv.shape}")
+    if impl == "xla":
         if layer is not None:
             c_kv = jax.lax.dynamic_index_in_dim(c_kv, layer, 0, keepdims=False)
             k_rot = jax.lax.dynamic_index_in_dim(k_rot, layer, 0, keepdims=False)
         return mla_decode_reference(q_lat, q_rot, c_kv, k_rot, mask, scale=scale)
-    if implementation != "pallas":
-        raise ValueError(f"mla_decode_attention: implementation={implementation!r}; use 'auto', 'xla' or 'pallas'")
-    if not kernel_shapes_ok(q_lat.shape, q_rot.shape, one):
-        raise ValueError(f"mla_decode_attention(implementation='pallas') needs R and P powers of two >= 16 and T a "
-                         f"multiple of 16; got q_lat {q_lat.shape}, q_rot {q_rot.shape}, c_kv {c_kv.shape}. Fix: "
-                         f"implementation='xla' or 'auto'")
-    if not interpret and jax.default_backend() != "gpu":
-        raise ValueError("mla_decode_attention(implementation='pallas') runs on GPUs (Triton); pass interpret=True "
-                         "to interpret it elsewhere, or use implementation='xla'")
     return _pallas(q_lat, q_rot, c_kv, k_rot, mask, scale=scale, interpret=interpret, layer=layer)

@@ -275,20 +275,11 @@ def _resolve(choice, k, n_group, topk_group, group_score, implementation, interp
     """``implementation`` resolved to "xla" or "pallas" (errors for impossible requests)."""
     _check(choice, k, n_group, topk_group, group_score)
     t, e = choice.shape
-    if implementation == "auto":
-        implementation = "pallas" if kernel_supported(t, e, n_group, k, topk_group) else "xla"
-    if implementation == "xla":
-        return "xla"
-    if implementation != "pallas":
-        raise ValueError(f"moe_topk: implementation={implementation!r}; use 'auto', 'xla' or 'pallas'")
-    if not kernel_shapes_ok(t, e, n_group, k, topk_group):
-        raise ValueError(f"moe_topk(implementation='pallas') needs n_group a power of two and, where E / n_group is "
-                         f"not one (groups padded), k <= topk_group * E / n_group; got E = {e}, n_group = {n_group}, "
-                         f"topk_group = {topk_group}, k = {k}. Fix: implementation='xla' or 'auto'")
-    if not interpret and jax.default_backend() != "gpu":
-        raise ValueError("moe_topk(implementation='pallas') runs on GPUs (Triton); pass interpret=True to interpret "
-                         "it elsewhere, or use implementation='xla'")
-    return "pallas"
+    return hardware.resolve_triton(
+        "moe_topk", implementation, supported=kernel_supported(t, e, n_group, k, topk_group),
+        shapes_ok=kernel_shapes_ok(t, e, n_group, k, topk_group), interpret=interpret,
+        requirement=f"n_group a power of two and, where E / n_group is not one (groups padded), k <= topk_group * "
+                    f"E / n_group; got E = {e}, n_group = {n_group}, topk_group = {topk_group}, k = {k}")
 
 
 def moe_topk_weights(choice: jax.Array, scores: jax.Array, k: int, *, n_group: int = 1, topk_group: int = 1,

@@ -331,19 +331,20 @@ class MLA(nnx.Module):
         mask = _causal(q_lat.shape[1], c_kv.shape[-2]) if mask is None else mask
         mask = jnp.broadcast_to(mask, (q_lat.shape[0], *mask.shape[1:]))
         scale, impl = self.cfg.softmax_scale, self.cfg.mla_decode_impl
-        stacked = layer is not None
-        layer = jnp.asarray(0 if layer is None else layer, jnp.int32)
+        if layer is None:                                   # one layer's cache: a stack of one (a bitcast)
+            c_kv, k_rot, layer = c_kv[None], k_rot[None], 0
+        layer = jnp.asarray(layer, jnp.int32)
 
         def core(q_lat, q_rot, c_kv, k_rot, mask, layer):
             return mla_decode_attention(q_lat, q_rot, c_kv, k_rot, mask, scale=scale, implementation=impl,
-                                        layer=layer if stacked else None)
+                                        layer=layer)
 
         # Under a sharding plan each device attends for its own rows (and, with a tensor axis, its heads) in a
         # shard_map: the Pallas kernel is a custom call XLA's partitioner cannot split (it would gather the cache and
         # run the whole batch everywhere). Without a plan, map_shards returns `core` itself. check_vma off: a
         # pallas_call's outputs carry no varying-axes type (decoding takes no gradient through it).
         q_axes, kv_axes = ("batch", None, "act_heads", None), ("batch", None, None)
-        cache_axes = (None, *kv_axes) if stacked else kv_axes
+        cache_axes = (None, *kv_axes)
         o_lat = map_shards(core, (q_axes, q_axes, cache_axes, cache_axes, kv_axes, ()), q_axes, check_vma=False)(
             q_lat, q_rot.astype(q_lat.dtype), c_kv, k_rot, mask, layer)
         return jnp.einsum("bsnr,rnv->bsnv", o_lat, w_uv)
@@ -362,12 +363,12 @@ class MLA(nnx.Module):
         """
         (q_nope, q_rot), (c_kv, k_rot) = self._project(x, cos, sin)
         latent = (c_kv, k_rot)
+        dt = dtype_of(self.cfg.dtype)
         if cache is not None:
             idx = 0 if cache_index is None else cache_index
             c_all, k_all, layer = cache
             with jax.named_scope("cache_write"):
                 latent = (write_layer_rows(c_all, c_kv, layer, idx), write_layer_rows(k_all, k_rot, layer, idx))
-            dt = dtype_of(self.cfg.dtype)
             if impl == "absorbed" and latent[0].dtype == dt and latent[1].dtype == dt:
                 with jax.named_scope("attn_core"):      # the stacked cache, read in place at this layer
                     o = self.attend_absorbed(q_nope, q_rot, *latent, mask, layer=layer)
@@ -375,7 +376,6 @@ class MLA(nnx.Module):
             with jax.named_scope("cache_write"):
                 c_kv = jax.lax.dynamic_index_in_dim(latent[0], layer, 0, keepdims=False)
                 k_rot = jax.lax.dynamic_index_in_dim(latent[1], layer, 0, keepdims=False)
-        dt = dtype_of(self.cfg.dtype)
         with jax.named_scope("attn_core"):
             o = self._attend_impl(impl, q_nope, q_rot, c_kv.astype(dt), k_rot.astype(dt), mask, cache is None)
         return self.o_proj(o), latent

@@ -354,13 +354,13 @@ class RoutedExperts(nnx.Module):
         FP8 kernel (FP8 bytes read, no BF16 copy of the weights)."""
         e = self.gate_proj.get_value().shape[0]
         dt = dtype_of(self.cfg.dtype)
-        xe = jnp.broadcast_to(x.astype(dt)[None], (e, *x.shape))                      # [E, T, D]
-        if self._fp8_kernel(xe.shape, "gate_proj") and self._fp8_kernel(
+        if self._fp8_kernel((e, *x.shape), "gate_proj") and self._fp8_kernel(
                 (e, x.shape[0], self.cfg.moe_intermediate_size), "down_proj"):               # FP8-stored: no BF16 copy
             # x as one group read by every expert's programs (a broadcast handed to the kernel would be written
             # out E times first)
             y = self._fp8_mm(self._fp8_swiglu(x.astype(dt)[None]), "down_proj")
         else:
+            xe = jnp.broadcast_to(x.astype(dt)[None], (e, *x.shape))                  # [E, T, D]
             h = jax.nn.silu(jnp.einsum("etd,edf->etf", xe, self._w("gate_proj"))) * jnp.einsum(
                 "etd,edf->etf", xe, self._w("up_proj"))
             y = jnp.einsum("etf,efd->etd", h.astype(dt), self._w("down_proj"))         # [E, T, D]
